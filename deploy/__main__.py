@@ -1,0 +1,4 @@
+"""`python -m detdeploy` runs the CLI."""
+from detdeploy.cli import main
+
+main()

@@ -1,0 +1,20 @@
+"""Errors a user can cause: each carries a one-line message; the CLI turns them into exit code 2.
+
+Bugs stay ordinary exceptions. This module imports nothing, so every subpackage may use it.
+"""
+
+
+class DetdeployError(Exception):
+    """Base class of user-facing errors (bad input, bad flags, files that don't fit)."""
+
+
+class UnknownModelError(DetdeployError):
+    """A model name that is not in the registry."""
+
+
+class CheckpointError(DetdeployError):
+    """A checkpoint that cannot be read, is unsafe to read, or does not fit the architecture."""
+
+
+class ImageError(DetdeployError):
+    """An image that cannot be read or converted."""

@@ -1,0 +1,141 @@
+"""Host-side image handling in numpy: read, keep-ratio resize, pad, normalise, rescale boxes back.
+
+Reproduces MMDetection's RTMDet test pipeline (mmcv `imrescale` with OpenCV bilinear
+interpolation, `Pad`, `DetDataPreprocessor`) without torch or OpenCV, so a deployment needs only
+numpy and Pillow. Model execution and NMS are elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from detdeploy.errors import ImageError
+
+RESIZE_COEF_BITS = 11                   # OpenCV's fixed-point precision for 8-bit bilinear
+RESIZE_COEF_SCALE = 1 << RESIZE_COEF_BITS
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes the network input; stored in exported files' metadata."""
+    input_size: tuple[int, int] = (640, 640)        # network input (height, width)
+    channel_order: str = 'bgr'                       # channel order the network expects
+    mean: tuple[float, float, float] = (103.53, 116.28, 123.675)   # in channel_order
+    std: tuple[float, float, float] = (57.375, 57.12, 58.395)
+    pad_value: float = 114.0                         # raw pixel value of the padding
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> 'PreprocessConfig':
+        return cls(input_size=tuple(values['input_size']), channel_order=values['channel_order'],
+                   mean=tuple(values['mean']), std=tuple(values['std']),
+                   pad_value=float(values['pad_value']))
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """Geometry of one image through preprocessing, needed to map boxes back."""
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    scale_wh: tuple[float, float]      # resized / original, per axis, as MMDetection's scale_factor
+
+
+def read_image(source: str | Path | np.ndarray, array_order: str = 'bgr') -> np.ndarray:
+    """An image as an HxWx3 uint8 RGB array.
+
+    Files are read with Pillow (EXIF orientation applied; grayscale, palette and RGBA converted).
+    Arrays are HxW (gray), HxWx1, HxWx3 or HxWx4 uint8 in `array_order` ('bgr' as OpenCV
+    gives them, or 'rgb'); alpha is dropped.
+    """
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source, array_order)
+    path = Path(source)
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            return np.asarray(image.convert('RGB'))
+    except FileNotFoundError:
+        raise ImageError(f'image not found: {path}') from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f'cannot read image {path}: {exc}') from None
+
+
+def _array_to_rgb(array: np.ndarray, array_order: str) -> np.ndarray:
+    if array.dtype != np.uint8:
+        raise ImageError(f'image arrays must be uint8, got {array.dtype}')
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape[:2]:
+        raise ImageError(f'image array of shape {array.shape} is not HxW, HxWx1, HxWx3 or HxWx4')
+    if array.shape[2] == 1:
+        return np.repeat(array, 3, axis=2)
+    rgb = array[:, :, :3]
+    return np.ascontiguousarray(rgb[:, :, ::-1] if array_order == 'bgr' else rgb)
+
+
+def keep_ratio_size(original_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
+    """mmcv `rescale_size`: the largest scale that fits the long side into the target's long
+    side and the short side into its short side; sides rounded half up."""
+    height, width = original_hw
+    scale = min(max(target_hw) / max(height, width), min(target_hw) / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def _linear_taps(src_len: int, dst_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and fixed-point weights of OpenCV's INTER_LINEAR along one axis."""
+    dst = np.arange(dst_len, dtype=np.float64)
+    pos = ((dst + 0.5) * (src_len / dst_len) - 0.5).astype(np.float32)
+    left = np.floor(pos).astype(np.int64)
+    frac = pos - left
+    frac[left < 0] = 0.0                            # OpenCV replicates the edge pixel
+    left = np.clip(left, 0, src_len - 1)
+    frac[left >= src_len - 1] = 0.0
+    right = np.minimum(left + 1, src_len - 1)
+    weight_right = np.rint(frac * RESIZE_COEF_SCALE).astype(np.int64)
+    weight_left = np.rint((1.0 - frac) * RESIZE_COEF_SCALE).astype(np.int64)
+    return left, right, np.stack([weight_left, weight_right])
+
+
+def resize_bilinear(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a uint8 HxWxC image with OpenCV's pixel mapping and 11-bit weights."""
+    src_h, src_w = image.shape[:2]
+    if (src_h, src_w) == tuple(size_hw):
+        return image.copy()
+    top, bottom, wy = _linear_taps(src_h, size_hw[0])
+    left, right, wx = _linear_taps(src_w, size_hw[1])
+    pixels = image.astype(np.int64)
+    rows = pixels[:, left] * wx[0][None, :, None] + pixels[:, right] * wx[1][None, :, None]
+    total = rows[top] * wy[0][:, None, None] + rows[bottom] * wy[1][:, None, None]
+    shift = 2 * RESIZE_COEF_BITS
+    return ((total + (1 << (shift - 1))) >> shift).clip(0, 255).astype(np.uint8)
+
+
+def preprocess(image_rgb: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, ImageMeta]:
+    """One RGB uint8 image -> normalised CHW float32 network input and its geometry."""
+    original_hw = image_rgb.shape[:2]
+    resized_hw = keep_ratio_size(original_hw, config.input_size)
+    resized = resize_bilinear(image_rgb, resized_hw)
+    if config.channel_order == 'bgr':
+        resized = resized[:, :, ::-1]
+    canvas = np.full((*config.input_size, 3), config.pad_value, dtype=np.float32)
+    canvas[:resized_hw[0], :resized_hw[1]] = resized
+    canvas -= np.asarray(config.mean, dtype=np.float32)
+    canvas /= np.asarray(config.std, dtype=np.float32)
+    scale_wh = (resized_hw[1] / original_hw[1], resized_hw[0] / original_hw[0])
+    return np.ascontiguousarray(canvas.transpose(2, 0, 1)), ImageMeta(
+        tuple(original_hw), resized_hw, scale_wh)
+
+
+def rescale_boxes(boxes_xyxy: np.ndarray, meta: ImageMeta) -> np.ndarray:
+    """Network-input pixels -> original-image pixels, clamped to the original image."""
+    scale = np.asarray([meta.scale_wh[0], meta.scale_wh[1]] * 2, dtype=np.float32)
+    boxes = boxes_xyxy.astype(np.float32) / scale
+    height, width = meta.original_hw
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    return boxes

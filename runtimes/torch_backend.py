@@ -1,0 +1,45 @@
+"""The PyTorch backend: runs a `detdeploy.models` detector on a preprocessed numpy batch.
+
+It is the reference every exported model is compared with; the only module of `runtimes`
+that imports torch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from detdeploy.models import LoadedDetector, NMSConfig
+
+from .preprocess import PreprocessConfig
+
+
+class TorchBackend:
+    """Run a loaded PyTorch detector; boxes come back in network-input pixels."""
+
+    name = 'torch'
+
+    def __init__(self, detector: LoadedDetector, nms: NMSConfig | None = None,
+                 device: str = 'cpu'):
+        self.detector = detector
+        self.nms = nms or detector.spec.test_nms
+        self.device = torch.device(device)
+        self.model = detector.model.to(self.device).eval()
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        return self.detector.spec.preprocessing
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.detector.class_names
+
+    def run(self, batch: np.ndarray, clamp_hw: list[tuple[int, int]]
+            ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(boxes [K, 4], scores [K], labels [K]) per image of a [B, 3, H, W] float32 batch.
+
+        Boxes are clamped to each image's `clamp_hw` (its resized, unpadded extent).
+        """
+        images = torch.from_numpy(batch).to(self.device)
+        results = self.model.predict(images, clamp_hw, self.nms)
+        return [(dets.boxes.cpu().numpy(), dets.scores.cpu().numpy(),
+                 dets.labels.cpu().numpy()) for dets in results]
