@@ -39,6 +39,10 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint not found: {path}')
+    with open(path, 'rb') as handle:
+        magic = handle.read(4)
+    if magic != b'PK\x03\x04' and magic[:1] != b'\x80':
+        raise CheckpointError(f'{path} is not a PyTorch checkpoint (neither a zip nor a pickle file)')
     try:
         obj = torch.load(path, map_location='cpu', weights_only=not trust)
     except pickle.UnpicklingError as exc:
@@ -47,7 +51,7 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict, dict]:
             raise CheckpointError(
                 f'{path} needs arbitrary unpickling to load (it stores {unsafe.group(1)}); '
                 'if you trust its source, pass --trust-checkpoint') from None
-        reason = re.search(r'WeightsUnpickler error: ([^\n]+)', str(exc))
+        reason = re.search(r'WeightsUnpickler error:\s*([^\n]+)', str(exc))
         raise CheckpointError(f'{path} is not a PyTorch checkpoint '
                               f'({reason.group(1) if reason else _first_line(exc)})') from None
     except Exception as exc:  # torch raises several types for files that are not checkpoints
