@@ -41,16 +41,18 @@ def cli(debug: bool) -> None:
 def infer(images, model_name, checkpoint, trust_checkpoint, out_dir, score_thr, show_thr,
           batch_size, device) -> None:
     """Detect objects in IMAGES (files or directories) with the PyTorch model."""
-    from detdeploy.infer import run_infer
+    from detdeploy.infer import collect_images, run_infer
     from detdeploy.models import load_detector
     from detdeploy.runtimes.torch_backend import TorchBackend
 
+    image_paths = collect_images(list(images))
+    device = _torch_device(device)
     detector = load_detector(model_name, checkpoint, trust=trust_checkpoint)
     if checkpoint is None:
         click.echo(f'note: no --checkpoint given, {detector.spec.name} uses random weights '
                    '(detections are meaningless)', err=True)
-    backend = TorchBackend(detector, device=_torch_device(device))
-    report = run_infer(backend, list(images), out_dir, score_thr, show_thr, batch_size)
+    backend = TorchBackend(detector, device=device)
+    report = run_infer(backend, image_paths, out_dir, score_thr, show_thr, batch_size)
     for image in report.images:
         written = f' -> {image.json_path}, {image.png_path}' if image.json_path else ''
         click.echo(f'{image.source}: {image.num_detections} detections, '

@@ -1,0 +1,116 @@
+"""`detdeploy infer` end to end on generated images, and its exit codes for bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detdeploy.runtimes.preprocess import preprocess, read_image
+
+DETDEPLOY = str(Path(sys.executable).parent / 'detdeploy')
+
+
+def run_cli(*args):
+    return subprocess.run([DETDEPLOY, *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope='module')
+def infer_run(tmp_path_factory, tiny_checkpoint, image_dir):
+    out = tmp_path_factory.mktemp('infer_out')
+    result = run_cli('infer', '--model', 'rtmdet-tiny', '--checkpoint', tiny_checkpoint,
+                     image_dir, '--out', out, '--batch', 2)
+    return result, out
+
+
+def test_infer_writes_json_and_png_per_image(infer_run, image_dir):
+    result, out = infer_run
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        'gray.json', 'gray.png', 'tall.json', 'tall.png', 'wide.json', 'wide.png']
+    assert len(result.stdout.strip().splitlines()) == 3
+    assert 'random weights' not in result.stderr
+    for stem in ('gray', 'tall', 'wide'):
+        record = json.loads((out / f'{stem}.json').read_text())
+        with Image.open(image_dir / f'{stem}.{"jpg" if stem == "wide" else "png"}') as source:
+            width, height = source.size
+        assert (record['height'], record['width']) == (height, width)
+        with Image.open(out / f'{stem}.png') as drawn:
+            assert drawn.size == (width, height) and drawn.mode == 'RGB'
+        detections = record['detections']
+        assert 0 < len(detections) <= 300
+        scores = [d['score'] for d in detections]
+        assert scores == sorted(scores, reverse=True) and min(scores) > 0.001
+        for det in detections:
+            x1, y1, x2, y2 = det['bbox_xyxy']
+            assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+            assert 0 <= det['label'] < 80 and isinstance(det['label_name'], str)
+
+
+def test_infer_json_matches_model_predict(infer_run, image_dir, tiny_detector):
+    """Boxes in the JSON equal the model's own detections divided by the resize scale.
+
+    wide.jpg runs alone in its batch of the CLI run: batched convolutions round differently, which
+    can reorder near-equal low scores."""
+    _, out = infer_run
+    image = read_image(image_dir / 'wide.jpg')
+    tensor, meta = preprocess(image, tiny_detector.spec.preprocessing)
+    dets = tiny_detector.model.predict(torch.from_numpy(tensor)[None], [meta.resized_hw])[0]
+    scale = torch.tensor([meta.scale_wh * 2]).flatten()
+    expected_boxes = (dets.boxes / scale).numpy()
+    record = json.loads((out / 'wide.json').read_text())['detections']
+    assert [d['label'] for d in record] == dets.labels.tolist()
+    np.testing.assert_allclose([d['score'] for d in record], dets.scores.numpy(), atol=1e-6)
+    np.testing.assert_allclose([d['bbox_xyxy'] for d in record], expected_boxes, atol=2e-3)
+
+
+def test_score_thr_and_show_thr(tmp_path, tiny_checkpoint, image_dir, infer_run):
+    _, full_out = infer_run
+    result = run_cli('infer', '--checkpoint', tiny_checkpoint, image_dir / 'wide.jpg',
+                     '--score-thr', 0.3, '--show-thr', 0.35, '--out', tmp_path)
+    assert result.returncode == 0, result.stderr
+    full = json.loads((full_out / 'wide.json').read_text())['detections']
+    kept = json.loads((tmp_path / 'wide.json').read_text())['detections']
+    assert kept == [d for d in full if d['score'] > 0.3]
+    shown = sum(d['score'] >= 0.35 for d in full)
+    assert f'{len(kept)} detections, {shown} at score >= 0.35' in result.stdout
+
+
+def test_random_weights_are_announced(image_dir):
+    result = run_cli('infer', image_dir / 'gray.png')
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        'note: no --checkpoint given, rtmdet-tiny uses random weights (detections are meaningless)']
+    assert result.stdout.startswith(f'{image_dir / "gray.png"}: ')
+
+
+@pytest.mark.parametrize('args, message', [
+    (['infer', 'missing.jpg'], 'error: no such image file or directory: missing.jpg'),
+    (['infer', '--model', 'rtmdet-xl', 'IMG'], "error: unknown model 'rtmdet-xl': did you mean"),
+    (['infer', '--checkpoint', 'nope.pth', 'IMG'], 'error: checkpoint not found: nope.pth'),
+    (['infer', '--score-thr', '1.5', 'IMG'], "Invalid value for '--score-thr'"),
+    (['infer', '--device', 'cuda', 'IMG'], "error: device 'cuda' requested but PyTorch sees no"),
+])
+def test_bad_input_exit_code_2_one_line(args, message, image_dir):
+    if '--device' in args and torch.cuda.is_available():
+        pytest.skip('this machine has a GPU, so --device cuda is valid')
+    result = run_cli(*[image_dir / 'gray.png' if arg == 'IMG' else arg for arg in args])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert 'Traceback' not in result.stderr
+    if message.startswith('error:'):
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_checkpoint_is_one_line(tiny_checkpoint, image_dir):
+    result = run_cli('infer', '--model', 'rtmdet-m', '--checkpoint', tiny_checkpoint, image_dir)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f'error: checkpoint {tiny_checkpoint} does not fit rtmdet-m: ')
+    debug = run_cli('--debug', 'infer', '--model', 'rtmdet-m', '--checkpoint', tiny_checkpoint,
+                    image_dir)
+    assert debug.returncode != 0 and 'Traceback' in debug.stderr

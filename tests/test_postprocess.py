@@ -1,0 +1,122 @@
+"""Priors, decoding, candidate selection and NMS on hand-made inputs."""
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from detdeploy.models.postprocess import (NMSConfig, RawOutputs, batched_nms, distance2bbox,
+                                          flatten_raw_outputs, grid_priors, postprocess_image,
+                                          select_candidates)
+
+
+def test_grid_priors_row_major_offset_zero():
+    priors = grid_priors([(2, 3), (1, 2)], (8, 16))
+    assert priors.tolist() == [[0, 0], [8, 0], [16, 0], [0, 8], [8, 8], [16, 8], [0, 0], [16, 0]]
+
+
+def test_distance2bbox_decodes_and_clamps():
+    points = torch.tensor([[8.0, 8.0]])
+    distances = torch.tensor([[2.0, 3.0, 4.0, 5.0]])
+    assert distance2bbox(points, distances).tolist() == [[6, 5, 12, 13]]
+    assert distance2bbox(points, distances, (10, 11)).tolist() == [[6, 5, 11, 10]]
+    assert distance2bbox(points, torch.tensor([[9.0, 9, 0, 0]]), (20, 20)).tolist() == [[0, 0, 8, 8]]
+
+
+def test_flatten_matches_level_layout():
+    cls = (torch.arange(2 * 3 * 2 * 2.0).reshape(2, 3, 2, 2), torch.zeros(2, 3, 1, 1))
+    box = (torch.ones(2, 4, 2, 2), torch.ones(2, 4, 1, 1))
+    scores, distances, priors, level_sizes = flatten_raw_outputs(RawOutputs(cls, box), (8, 16))
+    assert scores.shape == (2, 5, 3) and distances.shape == (2, 5, 4) and level_sizes == [4, 1]
+    # anchor (y=0, x=1) of image 0 has logits cls[0][0, :, 0, 1]
+    assert scores[0, 1].tolist() == cls[0][0, :, 0, 1].tolist()
+    assert priors[1].tolist() == [8, 0]
+
+
+def test_select_candidates_per_level_top_k_over_anchor_class_pairs():
+    scores = torch.tensor([[0.5, 0.2], [0.0005, 0.9], [0.3, 0.4]])
+    anchors, cand_scores, labels = select_candidates(scores, [2, 1], score_thr=0.001, nms_pre=2)
+    # level 0 keeps its best two pairs (anchor 1 class 1, anchor 0 class 0); level 1 both classes
+    assert anchors.tolist() == [1, 0, 2, 2]
+    assert labels.tolist() == [1, 0, 1, 0]
+    assert cand_scores.tolist() == pytest.approx([0.9, 0.5, 0.4, 0.3])
+    # strictly above the threshold, as MMDetection's filter_scores_and_topk
+    anchors, _, _ = select_candidates(scores, [2, 1], score_thr=0.5, nms_pre=10)
+    assert anchors.tolist() == [1]
+
+
+def test_postprocess_nms_per_class_zero_area_and_max_det():
+    priors = torch.tensor([[50.0, 50], [52, 50], [50, 50], [200, 200], [300, 300]])
+    distances = torch.tensor([[10.0, 10, 10, 10], [10, 10, 10, 10], [10, 10, 10, 10],
+                              [5, 5, 5, 5], [0, 5, 0, 5]])        # last one has zero width
+    scores = torch.zeros(5, 3)
+    scores[0, 0], scores[1, 0], scores[2, 1], scores[3, 2], scores[4, 2] = 0.9, 0.8, 0.7, 0.6, 0.95
+    cfg = NMSConfig(score_thr=0.05, nms_pre=100, iou_thr=0.5, max_per_img=10)
+    dets = postprocess_image(scores, distances, priors, [5], (640, 640), cfg)
+    # anchor 1 is suppressed by anchor 0 (same class, IoU 0.82); anchor 2 overlaps but is class 1
+    assert dets.labels.tolist() == [0, 1, 2]
+    assert dets.scores.tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert dets.boxes.tolist() == [[40, 40, 60, 60], [40, 40, 60, 60], [195, 195, 205, 205]]
+    top1 = postprocess_image(scores, distances, priors, [5], (640, 640),
+                             NMSConfig(0.05, 100, 0.5, max_per_img=1))
+    assert top1.scores.tolist() == pytest.approx([0.9])
+
+
+def test_batched_nms_matches_torchvision():
+    generator = torch.Generator().manual_seed(0)
+    xy = torch.rand(500, 2, generator=generator) * 600
+    boxes = torch.cat([xy, xy + 5 + torch.rand(500, 2, generator=generator) * 80], dim=1)
+    scores = torch.rand(500, generator=generator)
+    labels = torch.randint(0, 5, (500,), generator=generator)
+    ours = batched_nms(boxes, scores, labels, 0.5)
+    per_class = torch.cat([torch.nonzero(labels == c)[:, 0][
+        torchvision.ops.nms(boxes[labels == c], scores[labels == c], 0.5)] for c in range(5)])
+    assert ours.tolist() == per_class[scores[per_class].argsort(descending=True)].tolist()
+    assert batched_nms(boxes[:0], scores[:0], labels[:0], 0.5).numel() == 0
+
+
+def test_predict_matches_a_loop_reference(tiny_detector):
+    """Candidate selection and decoding against a plain per-anchor loop written here.
+
+    IoU threshold 1 turns NMS off: per-class NMS with coordinate offsets (mmcv's way) and without
+    (torchvision's loop above 1000 boxes) can round an IoU to either side of the threshold, so
+    NMS is compared on its own in test_batched_nms_matches_torchvision.
+    """
+    model = tiny_detector.model
+    images = torch.from_numpy(np.random.default_rng(3).normal(size=(1, 3, 128, 96)).astype('f4'))
+    cfg = NMSConfig(score_thr=0.2, nms_pre=50, iou_thr=1.0, max_per_img=1000)
+    dets = model.predict(images, [(120, 90)], cfg)[0]
+
+    with torch.no_grad():
+        raw = model(images)
+    candidates = []
+    for cls, box, stride in zip(raw.cls_scores, raw.bbox_preds, model.strides):
+        level = []
+        probs = cls.sigmoid()          # whole-tensor sigmoid: per-element calls round differently
+        _, num_classes, height, width = cls.shape
+        for y in range(height):
+            for x in range(width):
+                for c in range(num_classes):
+                    score = probs[0, c, y, x].item()
+                    if score > cfg.score_thr:
+                        level.append((score, np.float32(x * stride), np.float32(y * stride),
+                                      box[0, :, y, x].numpy(), c))
+        level.sort(key=lambda item: -item[0])
+        candidates += level[:cfg.nms_pre]
+    kept_boxes, kept_scores, kept_labels = [], [], []     # float32 arithmetic, as the model
+    for score, px, py, (left, top, right, bottom), label in candidates:
+        x1, y1 = min(max(px - left, 0), 90), min(max(py - top, 0), 120)
+        x2, y2 = min(max(px + right, 0), 90), min(max(py + bottom, 0), 120)
+        if x2 > x1 and y2 > y1:
+            kept_boxes.append([x1, y1, x2, y2]), kept_scores.append(score), kept_labels.append(label)
+    boxes, scores = torch.tensor(kept_boxes), torch.tensor(kept_scores)
+    labels = torch.tensor(kept_labels)
+    order = torch.arange(len(scores))
+    assert len(order) > 50
+
+    def canonical(b, s, l):      # the order of exactly equal scores is unspecified in both
+        rows = sorted(zip((-s).tolist(), l.tolist(), b.tolist()))
+        return [r[0] for r in rows], [r[1] for r in rows], torch.tensor([r[2] for r in rows])
+    ours, ref = canonical(*dets), canonical(boxes[order], scores[order], labels[order])
+    assert ours[1] == ref[1]
+    assert ours[0] == pytest.approx(ref[0], abs=1e-6)
+    torch.testing.assert_close(ours[2], ref[2], atol=1e-4, rtol=0)

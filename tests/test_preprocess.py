@@ -1,0 +1,116 @@
+"""Numpy preprocessing against hand-computed values: resize rule, bilinear taps, pad, normalise."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from detdeploy.errors import ImageError
+from detdeploy.runtimes.preprocess import (ImageMeta, PreprocessConfig, keep_ratio_size,
+                                           preprocess, read_image, rescale_boxes, resize_bilinear)
+
+
+@pytest.mark.parametrize('original, expected', [
+    ((300, 400), (480, 640)),      # scale 1.6, limited by the long side
+    ((500, 333), (640, 426)),      # 333 * 1.28 = 426.24
+    ((1000, 10), (640, 6)),        # 10 * 0.64 = 6.4
+    ((640, 640), (640, 640)),
+    ((10, 1000), (6, 640)),
+])
+def test_keep_ratio_size(original, expected):
+    assert keep_ratio_size(original, (640, 640)) == expected
+
+
+def test_bilinear_upsample_matches_hand_computation():
+    # OpenCV maps dst x to src (x + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25: weights per axis are
+    # [1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1] (edges replicated).
+    image = np.array([[0, 100], [200, 255]], dtype=np.uint8)[:, :, None].repeat(3, axis=2)
+    expected = np.array([
+        [0, 25, 75, 100],
+        [50, 72, 117, 139],          # 0.75*[0,25,75,100] + 0.25*[200,213.75,241.25,255]
+        [150, 167, 200, 216],        # 0.25*row0 + 0.75*row1, rounded half up
+        [200, 214, 241, 255],
+    ], dtype=np.uint8)
+    resized = resize_bilinear(image, (4, 4))
+    assert resized.dtype == np.uint8
+    np.testing.assert_array_equal(resized[:, :, 0], expected)
+    np.testing.assert_array_equal(resized[:, :, 2], expected)
+
+
+def test_bilinear_identity_and_downsample_by_two():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(resize_bilinear(image, (6, 8)), image)
+    # Halving maps dst x to src 2x + 0.5: the mean of each 2x2 block, rounded half up.
+    half = resize_bilinear(image, (3, 4)).astype(int)
+    blocks = image.astype(int).reshape(3, 2, 4, 2, 3).sum(axis=(1, 3))
+    np.testing.assert_array_equal(half, (blocks * 1024 * 1024 + (1 << 21)) >> 22)
+
+
+def test_preprocess_pads_normalises_and_orders_channels():
+    config = PreprocessConfig(input_size=(64, 64))
+    image = np.zeros((16, 32, 3), dtype=np.uint8)
+    image[:] = (10, 20, 30)                                  # RGB
+    tensor, meta = preprocess(image, config)
+    assert tensor.shape == (3, 64, 64) and tensor.dtype == np.float32
+    assert meta == ImageMeta((16, 32), (32, 64), (2.0, 2.0))
+    expected_bgr = [(30 - 103.53) / 57.375, (20 - 116.28) / 57.12, (10 - 123.675) / 58.395]
+    np.testing.assert_allclose(tensor[:, 0, 0], expected_bgr, rtol=1e-6)
+    np.testing.assert_allclose(tensor[:, 31, 63], expected_bgr, rtol=1e-6)
+    expected_pad = [(114 - 103.53) / 57.375, (114 - 116.28) / 57.12, (114 - 123.675) / 58.395]
+    np.testing.assert_allclose(tensor[:, 32, 0], expected_pad, rtol=1e-6)
+    np.testing.assert_allclose(tensor[:, 63, 63], expected_pad, rtol=1e-6)
+
+
+def test_rgb_channel_order_keeps_rgb():
+    config = PreprocessConfig(input_size=(32, 32), channel_order='rgb', mean=(0, 0, 0),
+                              std=(1, 1, 1))
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[:] = (10, 20, 30)
+    tensor, _ = preprocess(image, config)
+    np.testing.assert_array_equal(tensor[:, 5, 5], [10, 20, 30])
+
+
+def test_rescale_boxes_back_to_original_and_clamps():
+    meta = ImageMeta((300, 400), (480, 640), (1.6, 1.6))
+    boxes = np.array([[16, 32, 160, 320], [600, 400, 700, 500]], dtype=np.float32)
+    np.testing.assert_allclose(rescale_boxes(boxes, meta), [[10, 20, 100, 200], [375, 250, 400, 300]])
+
+
+def test_read_image_modes(tmp_path):
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    Image.fromarray(gray).save(tmp_path / 'gray.png')
+    np.testing.assert_array_equal(read_image(tmp_path / 'gray.png'), gray[:, :, None].repeat(3, 2))
+
+    rgba = np.zeros((3, 4, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 7
+    Image.fromarray(rgba, 'RGBA').save(tmp_path / 'rgba.png')
+    assert read_image(tmp_path / 'rgba.png')[0, 0].tolist() == [200, 0, 0]
+
+    Image.fromarray(rgba[..., :3]).convert('P').save(tmp_path / 'palette.png')
+    assert read_image(tmp_path / 'palette.png').shape == (3, 4, 3)
+
+    wide = Image.fromarray(np.zeros((10, 20, 3), dtype=np.uint8))
+    exif = wide.getexif()
+    exif[0x0112] = 6                                  # orientation: rotate 90 degrees clockwise
+    wide.save(tmp_path / 'rotated.jpg', exif=exif)
+    assert read_image(tmp_path / 'rotated.jpg').shape == (20, 10, 3)
+
+
+def test_read_image_arrays():
+    bgr = np.zeros((2, 2, 3), dtype=np.uint8)
+    bgr[..., 0] = 255                                         # blue in OpenCV order
+    assert read_image(bgr)[0, 0].tolist() == [0, 0, 255]
+    assert read_image(bgr, array_order='rgb')[0, 0].tolist() == [255, 0, 0]
+    assert read_image(np.full((2, 3), 9, np.uint8)).shape == (2, 3, 3)
+    assert read_image(np.zeros((2, 2, 4), np.uint8)).shape == (2, 2, 3)
+    with pytest.raises(ImageError, match='uint8'):
+        read_image(np.zeros((2, 2, 3), np.float32))
+    with pytest.raises(ImageError, match='shape'):
+        read_image(np.zeros((2, 2, 2), np.uint8))
+
+
+def test_read_image_errors(tmp_path):
+    with pytest.raises(ImageError, match='not found'):
+        read_image(tmp_path / 'missing.jpg')
+    (tmp_path / 'bad.jpg').write_bytes(b'not an image')
+    with pytest.raises(ImageError, match='cannot read image'):
+        read_image(tmp_path / 'bad.jpg')
