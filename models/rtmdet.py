@@ -186,8 +186,9 @@ class RTMDet(nn.Module):
                 nms: NMSConfig = NMSConfig()):
         """Detections per image in network-input pixels.
 
-        `clamp_shapes` holds each image's (height, width) to clamp boxes to: the resized,
-        unpadded extent as MMDetection does; by default the full network input.
+        Boxes are clamped to the network input's extent, as MMDetection does (its `Pad` step
+        sets `img_shape` to the padded size) and as an exported graph must; `clamp_shapes`
+        gives each image's own (height, width) to clamp to instead.
         """
         raw = self(images)
         flat_scores, flat_boxes, priors, level_sizes = flatten_raw_outputs(raw, self.strides)

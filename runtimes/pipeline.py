@@ -18,8 +18,7 @@ class Backend(Protocol):
     preprocess_config: PreprocessConfig
     class_names: tuple[str, ...]
 
-    def run(self, batch: np.ndarray, clamp_hw: list[tuple[int, int]]
-            ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]: ...
+    def run(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]: ...
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -35,11 +34,15 @@ def detect(backend: Backend, sources: Iterable[str | Path | np.ndarray], batch_s
         images = [read_image(source) for source in chunk]
         prepared = [preprocess(image, config) for image in images]
         batch = np.stack([tensor for tensor, _ in prepared])
-        outputs = backend.run(batch, [meta.resized_hw for _, meta in prepared])
+        outputs = backend.run(batch)
         for source, image, (_, meta), (boxes, scores, labels) in zip(
                 chunk, images, prepared, outputs):
             name = str(source) if not isinstance(source, np.ndarray) else '<array>'
-            detections = ImageDetections(name, meta.original_hw, rescale_boxes(boxes, meta),
-                                         scores.astype(np.float32), labels.astype(np.int64),
-                                         backend.class_names)
+            boxes = rescale_boxes(boxes, meta)
+            # The network clamps to its padded input; a box lying wholly in the padding is
+            # empty once clamped to the image, and is dropped.
+            inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            detections = ImageDetections(name, meta.original_hw, boxes[inside],
+                                         scores[inside].astype(np.float32),
+                                         labels[inside].astype(np.int64), backend.class_names)
             yield detections, image if keep_images else None

@@ -33,13 +33,10 @@ class TorchBackend:
     def class_names(self) -> tuple[str, ...]:
         return self.detector.class_names
 
-    def run(self, batch: np.ndarray, clamp_hw: list[tuple[int, int]]
-            ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(boxes [K, 4], scores [K], labels [K]) per image of a [B, 3, H, W] float32 batch.
-
-        Boxes are clamped to each image's `clamp_hw` (its resized, unpadded extent).
-        """
+    def run(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(boxes [K, 4], scores [K], labels [K]) per image of a [B, 3, H, W] float32 batch;
+        boxes in network-input pixels, clamped to the input's extent."""
         images = torch.from_numpy(batch).to(self.device)
-        results = self.model.predict(images, clamp_hw, self.nms)
+        results = self.model.predict(images, nms=self.nms)
         return [(dets.boxes.cpu().numpy(), dets.scores.cpu().numpy(),
                  dets.labels.cpu().numpy()) for dets in results]

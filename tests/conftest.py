@@ -13,28 +13,55 @@ DATA_DIR = Path(__file__).resolve().parent / 'data'
 
 
 def randomize_detector(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give a model non-trivial weights: random BN statistics, spread class scores and boxes
-    with positive extent, so it produces detections and checkpoint round trips mean something."""
+    """Give a model non-trivial weights, as a trained one has: random BN affine parameters,
+    BN statistics measured on random images (so features keep their spatial variation),
+    head towers with He-initialised convs, spread class scores and boxes with positive extent.
+    The result depends only on `seed` and the model's initial weights."""
     generator = torch.Generator().manual_seed(seed)
+    head = model.bbox_head
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                size = module.num_features
-                module.weight.copy_(1 + 0.1 * torch.randn(size, generator=generator))
-                module.bias.copy_(0.1 * torch.randn(size, generator=generator))
-                module.running_mean.copy_(0.1 * torch.randn(size, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(size, generator=generator))
-        head = model.bbox_head
         for tower in (*head.cls_convs, *head.reg_convs):    # MMDetection's N(0, 0.01) init
             for layer in tower:                              # makes head features near constant
                 fan_in = layer.conv.weight[0].numel()
                 layer.conv.weight.normal_(0, (2 / fan_in) ** 0.5, generator=generator)
-        for rtm_cls, rtm_reg in zip(head.rtm_cls, head.rtm_reg):
-            rtm_cls.weight.normal_(0, 0.3, generator=generator)
-            rtm_cls.bias.copy_(-3 + torch.randn(rtm_cls.bias.shape, generator=generator))
-            rtm_reg.weight.normal_(0, 0.1, generator=generator)
-            rtm_reg.bias.fill_(0.0 if head.exp_on_reg else 2.0)
+        batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for bn in batch_norms:
+            bn.weight.copy_(1 + 0.2 * torch.randn(bn.num_features, generator=generator))
+            bn.bias.copy_(0.2 * torch.randn(bn.num_features, generator=generator))
+            bn.reset_running_stats()
+            bn.momentum = None                               # cumulative average
+        model.train()
+        for _ in range(2):
+            model(torch.randn(2, 3, 320, 320, generator=generator))
+        for bn in batch_norms:
+            bn.momentum = 0.1
+        model.eval()
+        # Scale the predictors on the features they see, so logits and box terms stay moderate.
+        predictors = [*head.rtm_cls, *head.rtm_reg]
+        features = {}
+        hooks = [p.register_forward_hook(lambda mod, args, out: features.__setitem__(mod, args[0]))
+                 for p in predictors]
+        model(torch.randn(1, 3, 320, 320, generator=generator))
+        for hook in hooks:
+            hook.remove()
+        for predictor in predictors:
+            predictor.weight.normal_(0, 1, generator=generator)
+            spread = torch.nn.functional.conv2d(features[predictor], predictor.weight).std()
+            is_cls = predictor.out_channels == head.num_classes
+            predictor.weight.mul_((0.6 if is_cls else 0.2) / spread)
+            if is_cls:
+                predictor.bias.copy_(-3 + torch.randn(predictor.out_channels, generator=generator))
+            else:
+                predictor.bias.fill_(0.7 if head.exp_on_reg else 2.0)
     return model.eval()
+
+
+def canonical(boxes, scores, labels):
+    """Rows ordered by score, then label and box: the order of exactly equal scores is
+    unspecified (mmcv's NMS sorts unstably, torchvision's stably)."""
+    rows = sorted(zip((-torch.as_tensor(scores)).tolist(), torch.as_tensor(labels).tolist(),
+                      torch.as_tensor(boxes).tolist()))
+    return ([-r[0] for r in rows], [r[1] for r in rows], torch.tensor([r[2] for r in rows]))
 
 
 @pytest.fixture(scope='session')

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 
+from conftest import canonical
 from detdeploy.models.postprocess import (NMSConfig, RawOutputs, batched_nms, distance2bbox,
                                           flatten_raw_outputs, grid_priors, postprocess_image,
                                           select_candidates)
@@ -113,9 +114,6 @@ def test_predict_matches_a_loop_reference(tiny_detector):
     order = torch.arange(len(scores))
     assert len(order) > 50
 
-    def canonical(b, s, l):      # the order of exactly equal scores is unspecified in both
-        rows = sorted(zip((-s).tolist(), l.tolist(), b.tolist()))
-        return [r[0] for r in rows], [r[1] for r in rows], torch.tensor([r[2] for r in rows])
     ours, ref = canonical(*dets), canonical(boxes[order], scores[order], labels[order])
     assert ours[1] == ref[1]
     assert ours[0] == pytest.approx(ref[0], abs=1e-6)
