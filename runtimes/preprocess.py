@@ -86,33 +86,43 @@ def keep_ratio_size(original_hw: tuple[int, int], target_hw: tuple[int, int]) ->
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def _linear_taps(src_len: int, dst_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and fixed-point weights of OpenCV's INTER_LINEAR along one axis."""
+def _linear_taps(src_len: int, dst_len: int, edge_weights: bool
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and 11-bit fixed-point weights of OpenCV's INTER_LINEAR along one axis.
+
+    Along x OpenCV moves all weight onto the edge pixel outside the image (`edge_weights`);
+    along y it keeps the fractional weights and clips the row indices, which rounds
+    differently in its vectorised vertical pass.
+    """
     dst = np.arange(dst_len, dtype=np.float64)
     pos = ((dst + 0.5) * (src_len / dst_len) - 0.5).astype(np.float32)
-    left = np.floor(pos).astype(np.int64)
-    frac = pos - left
-    frac[left < 0] = 0.0                            # OpenCV replicates the edge pixel
-    left = np.clip(left, 0, src_len - 1)
-    frac[left >= src_len - 1] = 0.0
-    right = np.minimum(left + 1, src_len - 1)
-    weight_right = np.rint(frac * RESIZE_COEF_SCALE).astype(np.int64)
-    weight_left = np.rint((1.0 - frac) * RESIZE_COEF_SCALE).astype(np.int64)
-    return left, right, np.stack([weight_left, weight_right])
+    first = np.floor(pos).astype(np.int64)
+    frac = pos - first
+    if edge_weights:
+        frac[first < 0] = 0.0
+        first = np.clip(first, 0, src_len - 1)
+        frac[first >= src_len - 1] = 0.0
+    second = np.clip(first + 1, 0, src_len - 1)
+    first = np.clip(first, 0, src_len - 1)
+    weight_second = np.rint(frac * RESIZE_COEF_SCALE).astype(np.int64)
+    weight_first = np.rint((1.0 - frac) * RESIZE_COEF_SCALE).astype(np.int64)
+    return first, second, np.stack([weight_first, weight_second])
 
 
 def resize_bilinear(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a uint8 HxWxC image with OpenCV's pixel mapping and 11-bit weights."""
+    """Bilinear resize of a uint8 HxWxC image as OpenCV's `cv2.resize(INTER_LINEAR)` does it:
+    same pixel mapping, 11-bit weights, and the rounding of its vectorised vertical pass."""
     src_h, src_w = image.shape[:2]
     if (src_h, src_w) == tuple(size_hw):
         return image.copy()
-    top, bottom, wy = _linear_taps(src_h, size_hw[0])
-    left, right, wx = _linear_taps(src_w, size_hw[1])
+    top, bottom, wy = _linear_taps(src_h, size_hw[0], edge_weights=False)
+    left, right, wx = _linear_taps(src_w, size_hw[1], edge_weights=True)
     pixels = image.astype(np.int64)
     rows = pixels[:, left] * wx[0][None, :, None] + pixels[:, right] * wx[1][None, :, None]
-    total = rows[top] * wy[0][:, None, None] + rows[bottom] * wy[1][:, None, None]
-    shift = 2 * RESIZE_COEF_BITS
-    return ((total + (1 << (shift - 1))) >> shift).clip(0, 255).astype(np.uint8)
+    # (b0 * (S0 >> 4)) >> 16 + (b1 * (S1 >> 4)) >> 16, then round off 2 more bits: 22 in all
+    upper = ((rows[top] >> 4) * wy[0][:, None, None]) >> 16
+    lower = ((rows[bottom] >> 4) * wy[1][:, None, None]) >> 16
+    return ((upper + lower + 2) >> 2).clip(0, 255).astype(np.uint8)
 
 
 def preprocess(image_rgb: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, ImageMeta]:

@@ -1,8 +1,11 @@
 """Numpy preprocessing against hand-computed values: resize rule, bilinear taps, pad, normalise."""
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import DATA_DIR
 from detdeploy.errors import ImageError
 from detdeploy.runtimes.preprocess import (ImageMeta, PreprocessConfig, keep_ratio_size,
                                            preprocess, read_image, rescale_boxes, resize_bilinear)
@@ -114,3 +117,13 @@ def test_read_image_errors(tmp_path):
     (tmp_path / 'bad.jpg').write_bytes(b'not an image')
     with pytest.raises(ImageError, match='cannot read image'):
         read_image(tmp_path / 'bad.jpg')
+
+
+def test_bilinear_matches_opencv_bit_for_bit():
+    """Against cv2.resize outputs stored in tests/data (OpenCV is not a dependency)."""
+    reference = json.loads((DATA_DIR / 'opencv_resize_reference.json').read_text())
+    for case in reference['cases']:
+        image = np.random.default_rng(case['seed']).integers(
+            0, 256, (*case['input_hw'], 3), dtype=np.uint8)
+        np.testing.assert_array_equal(resize_bilinear(image, tuple(case['output_hw'])),
+                                      np.array(case['output'], dtype=np.uint8))
