@@ -36,7 +36,8 @@ def cli(debug: bool) -> None:
               help="Keep detections above this score (default: the model's test config, 0.001).")
 @click.option('--show-thr', type=click.FloatRange(0, 1), default=0.3, show_default=True,
               help='Draw detections scoring at least this in the PNGs.')
-@click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True,
+              help='Images per forward pass.')
 @click.option('--device', default='cpu', show_default=True, help='PyTorch device (cpu, cuda, cuda:1).')
 def infer(images, model_name, checkpoint, trust_checkpoint, out_dir, score_thr, show_thr,
           batch_size, device) -> None:
