@@ -1,12 +1,14 @@
-"""From raw dense-head outputs to detections, in PyTorch: priors, box decoding, filtering, NMS.
+"""From raw dense-head outputs to detections, in PyTorch: priors, decoding, candidates, NMS.
 
-Follows MMDetection's RTMDet test-time post-processing (`_predict_by_feat_single` and
-`_bbox_post_process`), except that boxes stay in network-input pixels: rescaling to the original
-image is the host's job (`detdeploy.runtimes`), so every backend shares it.
+Follows MMDetection's RTMDet test-time post-processing (`_predict_by_feat_single`,
+`_bbox_post_process`), batched and traceable so that the exporter turns the same code into the
+ONNX graph. NMS is the custom op `detdeploy::batched_nms`: this module holds its eager
+implementation; `detdeploy.export` translates it to ONNX. Boxes stay in network-input pixels;
+rescaling to the original image is the host's job (`detdeploy.runtimes`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -19,8 +21,24 @@ class RawOutputs(NamedTuple):
     bbox_preds: tuple[torch.Tensor, ...]
 
 
+class DecodedOutputs(NamedTuple):
+    """Per-anchor outputs of all levels: boxes [B, N, 4] xyxy px, sigmoid scores [B, N, C]."""
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    level_sizes: list[int]
+
+
+class DetectionOutputs(NamedTuple):
+    """The four NMS outputs, padded to K = max_det rows per image; rows past num_dets hold
+    zero boxes and scores and label -1."""
+    num_dets: torch.Tensor     # [B, 1] int32
+    boxes: torch.Tensor        # [B, K, 4] float32, xyxy in network-input pixels
+    scores: torch.Tensor       # [B, K] float32
+    labels: torch.Tensor       # [B, K] int32
+
+
 class Detections(NamedTuple):
-    """One image's detections, best first: boxes [K, 4] xyxy px, scores [K], labels [K] int64."""
+    """One image's detections, best first: boxes [K, 4] xyxy px, scores [K], labels [K]."""
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
@@ -28,14 +46,24 @@ class Detections(NamedTuple):
 
 @dataclass(frozen=True)
 class NMSConfig:
-    """Post-processing settings; the defaults are MMDetection RTMDet's test config.
+    """Post-processing settings.
 
-    `nms_pre` keeps the best (anchor, class) pairs above `score_thr` per pyramid level.
+    `pre_top_k` keeps the best (anchor, class) pairs per pyramid level, `score_thr` those
+    scoring strictly above it; per-class NMS at `iou_thr`; at most `max_det` per image.
     """
     score_thr: float = 0.001
-    nms_pre: int = 30000
+    pre_top_k: int = 30000
     iou_thr: float = 0.65
-    max_per_img: int = 300
+    max_det: int = 300
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+EVAL_NMS = NMSConfig(score_thr=0.001, pre_top_k=30000, iou_thr=0.65, max_det=300)
+"""MMDetection RTMDet's test config: what its published mAP is measured with."""
+DEPLOY_NMS = NMSConfig(score_thr=0.05, pre_top_k=1000, iou_thr=0.65, max_det=100)
+"""Deployment defaults: fewer, surer candidates and a smaller output."""
 
 
 def grid_priors(feature_sizes: list[tuple[int, int]], strides: tuple[int, ...],
@@ -68,19 +96,65 @@ def distance2bbox(points: torch.Tensor, distances: torch.Tensor,
     return torch.stack([x1, y1, x2, y2], dim=-1)
 
 
-def flatten_raw_outputs(raw: RawOutputs, strides: tuple[int, ...]):
-    """Concatenate levels: logits [B, N, C], distances [B, N, 4], priors [N, 2], level sizes."""
-    cls_flat = [s.permute(0, 2, 3, 1).reshape(s.shape[0], -1, s.shape[1]) for s in raw.cls_scores]
-    box_flat = [b.permute(0, 2, 3, 1).reshape(b.shape[0], -1, 4) for b in raw.bbox_preds]
-    feature_sizes = [tuple(s.shape[-2:]) for s in raw.cls_scores]
-    priors = grid_priors(feature_sizes, strides, raw.cls_scores[0].device, raw.bbox_preds[0].dtype)
-    level_sizes = [h * w for h, w in feature_sizes]
-    return torch.cat(cls_flat, 1), torch.cat(box_flat, 1), priors, level_sizes
+def decode_outputs(raw: RawOutputs, strides: tuple[int, ...],
+                   clamp_hw: tuple[int, int]) -> DecodedOutputs:
+    """Concatenate levels, apply sigmoid, decode distances at the priors, clamp to `clamp_hw`."""
+    batch = raw.cls_scores[0].shape[0]
+    scores = torch.cat([s.permute(0, 2, 3, 1).reshape(batch, -1, s.shape[1])
+                        for s in raw.cls_scores], 1).sigmoid()
+    distances = torch.cat([b.permute(0, 2, 3, 1).reshape(batch, -1, 4) for b in raw.bbox_preds], 1)
+    feature_sizes = [(s.shape[-2], s.shape[-1]) for s in raw.cls_scores]
+    priors = grid_priors(feature_sizes, strides, distances.device, distances.dtype)
+    boxes = distance2bbox(priors[None], distances, clamp_hw)
+    return DecodedOutputs(boxes, scores, [h * w for h, w in feature_sizes])
+
+
+def _top_k_lower_index_first(values: torch.Tensor, k) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k along the last axis; equal values in ascending index order.
+
+    That is ONNX TopK's rule, so exporting uses topk; eager PyTorch's topk leaves the order of
+    ties open, so eager code takes a stable sort instead.
+    """
+    if torch.compiler.is_exporting():
+        return values.topk(k, dim=-1)
+    sorted_values, order = values.sort(dim=-1, descending=True, stable=True)
+    return sorted_values[..., :k], order[..., :k]
+
+
+class Candidates(NamedTuple):
+    """(anchor, class) pairs entering NMS, [B, M] each; invalid ones have score -1."""
+    boxes: torch.Tensor        # [B, M, 4]
+    scores: torch.Tensor       # [B, M]
+    labels: torch.Tensor       # [B, M] int64
+    pair_index: torch.Tensor   # [B, M] index into the flattened [N * C] scores
+
+
+def select_candidates(decoded: DecodedOutputs, score_thr: float, pre_top_k: int) -> Candidates:
+    """Per level, the best `pre_top_k` (anchor, class) pairs; one anchor can carry several
+    labels. Pairs scoring at most `score_thr`, or whose box has no area, get score -1."""
+    boxes, scores, level_sizes = decoded
+    batch, _, num_classes = scores.shape
+    picked_scores, picked_pairs = [], []
+    start = 0
+    for size in level_sizes:
+        level_scores = scores[:, start:start + size].reshape(batch, -1)
+        k = min(pre_top_k, size * num_classes)
+        top_scores, top_pairs = _top_k_lower_index_first(level_scores, k)
+        picked_scores.append(top_scores)
+        picked_pairs.append(top_pairs + start * num_classes)
+        start = start + size
+    cand_scores, pair_index = torch.cat(picked_scores, 1), torch.cat(picked_pairs, 1)
+    anchors, labels = pair_index // num_classes, pair_index % num_classes
+    cand_boxes = torch.gather(boxes, 1, anchors[..., None].expand(-1, -1, 4))
+    has_area = (cand_boxes[..., 2] > cand_boxes[..., 0]) & (cand_boxes[..., 3] > cand_boxes[..., 1])
+    valid = (cand_scores > score_thr) & has_area
+    cand_scores = torch.where(valid, cand_scores, torch.full_like(cand_scores, -1.0))
+    return Candidates(cand_boxes, cand_scores, labels, pair_index)
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
                 iou_thr: float) -> torch.Tensor:
-    """Per-class NMS; indices kept, by descending score.
+    """Per-class NMS over one image's boxes; indices kept, by descending score.
 
     Separates classes by offsetting boxes by `label * (max_coordinate + 1)`, as mmcv's
     `batched_nms` does at any box count, so results match MMDetection bit for bit.
@@ -91,36 +165,49 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     return torchvision.ops.nms(boxes + offsets[:, None], scores, iou_thr)
 
 
-def select_candidates(scores: torch.Tensor, level_sizes: list[int], score_thr: float,
-                      nms_pre: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per level: (anchor, class) pairs scoring above `score_thr`, best `nms_pre` of them.
+@torch.library.custom_op('detdeploy::batched_nms', mutates_args=())
+def batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                   score_thr: float, iou_thr: float, max_det: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidates [B, M, 4], [B, M], [B, M] -> (num_dets, boxes, scores, labels) padded to
+    `max_det`: per image, candidates scoring above `score_thr`, per-class NMS, the best
+    `max_det` by score."""
+    batch = boxes.shape[0]
+    out_boxes = boxes.new_zeros(batch, max_det, 4)
+    out_scores = scores.new_zeros(batch, max_det)
+    out_labels = torch.full((batch, max_det), -1, dtype=torch.int32, device=boxes.device)
+    num_dets = torch.zeros(batch, 1, dtype=torch.int32, device=boxes.device)
+    for image in range(batch):
+        valid = scores[image] > score_thr
+        image_boxes, image_scores = boxes[image][valid], scores[image][valid]
+        image_labels = labels[image][valid]
+        keep = batched_nms(image_boxes, image_scores, image_labels, iou_thr)[:max_det]
+        count = len(keep)
+        num_dets[image, 0] = count
+        out_boxes[image, :count] = image_boxes[keep]
+        out_scores[image, :count] = image_scores[keep]
+        out_labels[image, :count] = image_labels[keep].to(torch.int32)
+    return num_dets, out_boxes, out_scores, out_labels
 
-    Returns anchor indices (into the concatenated levels), their scores and labels; one anchor
-    can appear with several labels.
-    """
-    anchor_idx, cand_scores, cand_labels = [], [], []
-    start = 0
-    for size in level_sizes:
-        level_scores = scores[start:start + size]
-        valid = torch.nonzero(level_scores > score_thr)
-        valid_scores = level_scores[valid[:, 0], valid[:, 1]]
-        valid_scores, order = valid_scores.sort(descending=True)
-        keep = order[:nms_pre]
-        anchor_idx.append(valid[keep, 0] + start)
-        cand_labels.append(valid[keep, 1])
-        cand_scores.append(valid_scores[:nms_pre])
-        start += size
-    return torch.cat(anchor_idx), torch.cat(cand_scores), torch.cat(cand_labels)
+
+@batched_nms_op.register_fake
+def _batched_nms_shapes(boxes, scores, labels, score_thr, iou_thr, max_det):
+    batch = boxes.shape[0]
+    return (boxes.new_empty(batch, 1, dtype=torch.int32), boxes.new_empty(batch, max_det, 4),
+            scores.new_empty(batch, max_det), boxes.new_empty(batch, max_det, dtype=torch.int32))
 
 
-def postprocess_image(scores: torch.Tensor, distances: torch.Tensor, priors: torch.Tensor,
-                      level_sizes: list[int], clamp_shape: tuple[int, int],
-                      cfg: NMSConfig) -> Detections:
-    """One image: sigmoid scores [N, C], distances [N, 4] -> detections in input pixels."""
-    anchor_idx, cand_scores, cand_labels = select_candidates(
-        scores, level_sizes, cfg.score_thr, cfg.nms_pre)
-    boxes = distance2bbox(priors[anchor_idx], distances[anchor_idx], clamp_shape)
-    has_area = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    boxes, cand_scores, cand_labels = boxes[has_area], cand_scores[has_area], cand_labels[has_area]
-    keep = batched_nms(boxes, cand_scores, cand_labels, cfg.iou_thr)[:cfg.max_per_img]
-    return Detections(boxes[keep], cand_scores[keep], cand_labels[keep])
+def postprocess(raw: RawOutputs, strides: tuple[int, ...], clamp_hw: tuple[int, int],
+                cfg: NMSConfig) -> DetectionOutputs:
+    """Raw head outputs -> the four NMS outputs (network-input pixels)."""
+    candidates = select_candidates(decode_outputs(raw, strides, clamp_hw),
+                                   cfg.score_thr, cfg.pre_top_k)
+    return DetectionOutputs(*batched_nms_op(candidates.boxes, candidates.scores,
+                                            candidates.labels, cfg.score_thr, cfg.iou_thr,
+                                            cfg.max_det))
+
+
+def split_detections(outputs: DetectionOutputs) -> list[Detections]:
+    """Per-image detections from padded outputs."""
+    return [Detections(outputs.boxes[i, :n], outputs.scores[i, :n], outputs.labels[i, :n].long())
+            for i, n in enumerate(outputs.num_dets[:, 0].tolist())]

@@ -12,7 +12,7 @@ from detdeploy.errors import UnknownModelError
 from detdeploy.runtimes.preprocess import PreprocessConfig
 
 from .coco_classes import COCO_CLASSES
-from .postprocess import NMSConfig
+from .postprocess import EVAL_NMS, NMSConfig
 from .rtmdet import RTMDet
 
 
@@ -26,7 +26,7 @@ class ModelSpec:
     num_csp_blocks: int
     exp_on_reg: bool
     preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
-    test_nms: NMSConfig = field(default_factory=NMSConfig)
+    test_nms: NMSConfig = EVAL_NMS
     class_names: tuple[str, ...] = COCO_CLASSES
 
 

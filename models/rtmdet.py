@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .blocks import ConvModule, CSPLayer, SPPBottleneck
-from .postprocess import NMSConfig, RawOutputs, flatten_raw_outputs, postprocess_image
+from .postprocess import (EVAL_NMS, DetectionOutputs, Detections, NMSConfig, RawOutputs,
+                          postprocess, split_detections)
 
 # MMDetection's CSPNeXt 'P5' arch: (in_channels, out_channels, num_blocks, add_identity, use_spp)
 CSPNEXT_P5 = ((64, 128, 3, True, False), (128, 256, 6, True, False),
@@ -182,18 +183,14 @@ class RTMDet(nn.Module):
         return self.bbox_head(self.neck(self.backbone(images)))
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, clamp_shapes: list[tuple[int, int]] | None = None,
-                nms: NMSConfig = NMSConfig()):
-        """Detections per image in network-input pixels.
+    def predict_outputs(self, images: torch.Tensor, nms: NMSConfig = EVAL_NMS) -> DetectionOutputs:
+        """The four NMS outputs for a batch, boxes in network-input pixels.
 
         Boxes are clamped to the network input's extent, as MMDetection does (its `Pad` step
-        sets `img_shape` to the padded size) and as an exported graph must; `clamp_shapes`
-        gives each image's own (height, width) to clamp to instead.
+        sets `img_shape` to the padded size) and as an exported graph must.
         """
-        raw = self(images)
-        flat_scores, flat_boxes, priors, level_sizes = flatten_raw_outputs(raw, self.strides)
-        if clamp_shapes is None:
-            clamp_shapes = [tuple(images.shape[-2:])] * images.shape[0]
-        return [postprocess_image(flat_scores[i].sigmoid(), flat_boxes[i], priors, level_sizes,
-                                  clamp_shapes[i], nms)
-                for i in range(images.shape[0])]
+        return postprocess(self(images), self.strides, tuple(images.shape[-2:]), nms)
+
+    def predict(self, images: torch.Tensor, nms: NMSConfig = EVAL_NMS) -> list[Detections]:
+        """Detections per image, best first, in network-input pixels."""
+        return split_detections(self.predict_outputs(images, nms))

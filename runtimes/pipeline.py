@@ -18,7 +18,8 @@ class Backend(Protocol):
     preprocess_config: PreprocessConfig
     class_names: tuple[str, ...]
 
-    def run(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]: ...
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """num_dets [B, 1], boxes [B, K, 4] (network-input px), scores [B, K], labels [B, K]."""
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -34,9 +35,11 @@ def detect(backend: Backend, sources: Iterable[str | Path | np.ndarray], batch_s
         images = [read_image(source) for source in chunk]
         prepared = [preprocess(image, config) for image in images]
         batch = np.stack([tensor for tensor, _ in prepared])
-        outputs = backend.run(batch)
-        for source, image, (_, meta), (boxes, scores, labels) in zip(
-                chunk, images, prepared, outputs):
+        num_dets, batch_boxes, batch_scores, batch_labels = backend.run(batch)
+        for index, (source, image, (_, meta)) in enumerate(zip(chunk, images, prepared)):
+            count = int(num_dets[index, 0])
+            boxes, scores, labels = (batch_boxes[index, :count], batch_scores[index, :count],
+                                     batch_labels[index, :count])
             name = str(source) if not isinstance(source, np.ndarray) else '<array>'
             boxes = rescale_boxes(boxes, meta)
             # The network clamps to its padded input; a box lying wholly in the padding is

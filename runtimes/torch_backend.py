@@ -33,10 +33,9 @@ class TorchBackend:
     def class_names(self) -> tuple[str, ...]:
         return self.detector.class_names
 
-    def run(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(boxes [K, 4], scores [K], labels [K]) per image of a [B, 3, H, W] float32 batch;
-        boxes in network-input pixels, clamped to the input's extent."""
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The four NMS outputs (num_dets, boxes, scores, labels) for a [B, 3, H, W] float32
+        batch; boxes in network-input pixels, clamped to the input's extent."""
         images = torch.from_numpy(batch).to(self.device)
-        results = self.model.predict(images, nms=self.nms)
-        return [(dets.boxes.cpu().numpy(), dets.scores.cpu().numpy(),
-                 dets.labels.cpu().numpy()) for dets in results]
+        outputs = self.model.predict_outputs(images, self.nms)
+        return tuple(tensor.cpu().numpy() for tensor in outputs)
