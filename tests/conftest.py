@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'spec'
+SPEC_DIR = Path(__file__).resolve().parent / 'data' / 'spec'     # copies of ../shared/spec
 DATA_DIR = Path(__file__).resolve().parent / 'data'
 
 
