@@ -197,6 +197,40 @@ def _batched_nms_shapes(boxes, scores, labels, score_thr, iou_thr, max_det):
             scores.new_empty(batch, max_det), boxes.new_empty(batch, max_det, dtype=torch.int32))
 
 
+TRT_MAX_CANDIDATES = 4096
+"""EfficientNMS_TRT runs NMS on at most this many of the best pairs above its score threshold."""
+
+
+@torch.library.custom_op('detdeploy::efficient_nms', mutates_args=())
+def efficient_nms_op(boxes: torch.Tensor, scores: torch.Tensor, score_thr: float, iou_thr: float,
+                     max_det: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TensorRT EfficientNMS_TRT's semantics in PyTorch: boxes [B, N, 4], scores [B, N, C] ->
+    the four padded outputs. The (anchor, class) pairs scoring above `score_thr`, the best
+    `TRT_MAX_CANDIDATES` of them, per-class NMS, the best `max_det`."""
+    batch, num_anchors, num_classes = scores.shape
+    pair_scores, pair_index = _top_k_lower_index_first(
+        scores.reshape(batch, -1), min(TRT_MAX_CANDIDATES, num_anchors * num_classes))
+    pair_boxes = torch.gather(boxes, 1, (pair_index // num_classes)[..., None].expand(-1, -1, 4))
+    return batched_nms_op(pair_boxes, pair_scores, pair_index % num_classes, score_thr, iou_thr,
+                          max_det)
+
+
+@efficient_nms_op.register_fake
+def _efficient_nms_shapes(boxes, scores, score_thr, iou_thr, max_det):
+    batch = boxes.shape[0]
+    return (boxes.new_empty(batch, 1, dtype=torch.int32), boxes.new_empty(batch, max_det, 4),
+            scores.new_empty(batch, max_det), boxes.new_empty(batch, max_det, dtype=torch.int32))
+
+
+def dense_candidate_scores(candidates: Candidates, num_anchors: int, num_classes: int
+                           ) -> torch.Tensor:
+    """Candidate scores scattered back to [B, N, C]; pairs that are not candidates get -1."""
+    batch = candidates.scores.shape[0]
+    dense = candidates.scores.new_full((batch, num_anchors * num_classes), -1.0)
+    return dense.scatter(1, candidates.pair_index, candidates.scores).reshape(
+        batch, num_anchors, num_classes)
+
+
 def postprocess(raw: RawOutputs, strides: tuple[int, ...], clamp_hw: tuple[int, int],
                 cfg: NMSConfig) -> DetectionOutputs:
     """Raw head outputs -> the four NMS outputs (network-input pixels)."""

@@ -14,7 +14,8 @@ DATA_DIR = Path(__file__).resolve().parent / 'data'
 
 def randomize_detector(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give a model non-trivial weights, as a trained one has: random BN affine parameters,
-    BN statistics measured on random images (so features keep their spatial variation),
+    BN statistics measured in eval mode on random images, layer by layer (so features stay
+    normalised and keep their spatial variation),
     head towers with He-initialised convs, spread class scores and boxes with positive extent.
     The result depends only on `seed` and the model's initial weights."""
     generator = torch.Generator().manual_seed(seed)
@@ -26,16 +27,17 @@ def randomize_detector(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
                 layer.conv.weight.normal_(0, (2 / fan_in) ** 0.5, generator=generator)
         batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         for bn in batch_norms:
-            bn.weight.copy_(1 + 0.2 * torch.randn(bn.num_features, generator=generator))
-            bn.bias.copy_(0.2 * torch.randn(bn.num_features, generator=generator))
-            bn.reset_running_stats()
-            bn.momentum = None                               # cumulative average
-        model.train()
-        for _ in range(2):
-            model(torch.randn(2, 3, 320, 320, generator=generator))
-        for bn in batch_norms:
-            bn.momentum = 0.1
+            bn.weight.copy_(1 + 0.1 * torch.randn(bn.num_features, generator=generator))
+            bn.bias.copy_(0.1 * torch.randn(bn.num_features, generator=generator))
+
+        def measure_statistics(bn, args):      # runs just before each BN, in forward order
+            bn.running_mean.copy_(args[0].mean((0, 2, 3)))
+            bn.running_var.copy_(args[0].var((0, 2, 3)))
+        hooks = [bn.register_forward_pre_hook(measure_statistics) for bn in batch_norms]
         model.eval()
+        model(torch.randn(4, 3, 320, 320, generator=generator))
+        for hook in hooks:
+            hook.remove()
         # Scale the predictors on the features they see, so logits and box terms stay moderate.
         predictors = [*head.rtm_cls, *head.rtm_reg]
         features = {}
@@ -48,7 +50,7 @@ def randomize_detector(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
             predictor.weight.normal_(0, 1, generator=generator)
             spread = torch.nn.functional.conv2d(features[predictor], predictor.weight).std()
             is_cls = predictor.out_channels == head.num_classes
-            predictor.weight.mul_((0.6 if is_cls else 0.2) / spread)
+            predictor.weight.mul_((1.0 if is_cls else 0.2) / spread)
             if is_cls:
                 predictor.bias.copy_(-3 + torch.randn(predictor.out_channels, generator=generator))
             else:
