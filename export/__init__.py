@@ -1,1 +1,1 @@
-"""PyTorch -> ONNX export (issue 3)."""
+"""PyTorch -> ONNX export with NMS in the graph (`exporter.export_onnx`), simplified, with metadata."""

@@ -102,7 +102,7 @@ def efficient_nms_translation(domain: str = 'TRT'):
             plugin_version='1', _num_outputs=4)
         rows = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Constant(value_int=max_det),
                                      op.Constant(value_int=1)), [0])
-        is_detection = op.Less(rows, num_dets)
+        is_detection = op.Less(rows, op.Cast(num_dets, to=onnx.TensorProto.INT64))
         return num_dets, out_boxes, out_scores, op.Where(is_detection, out_labels,
                                                          op.Constant(value=MINUS_ONE_INT32))
     return efficient_nms_to_trt

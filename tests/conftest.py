@@ -12,6 +12,24 @@ SPEC_DIR = Path(__file__).resolve().parent / 'data' / 'spec'     # copies of ../
 DATA_DIR = Path(__file__).resolve().parent / 'data'
 
 
+def make_image(height: int, width: int, seed: int) -> np.ndarray:
+    """A uint8 RGB image with smooth colour blobs on noise (something for a detector to see)."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+    for _ in range(4):
+        y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        y1, x1 = y0 + rng.integers(height // 8, height // 2), x0 + rng.integers(width // 8, width // 2)
+        image[y0:y1, x0:x1] = rng.integers(80, 255, 3, dtype=np.uint8)
+    return image
+
+
+def calibration_images(seed: int, count: int = 4, size: int = 320) -> torch.Tensor:
+    """Normalised images like the tests' (`make_image`), for measuring BN statistics."""
+    images = [make_image(size, size, seed * 100 + i) for i in range(count)]
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return (batch - 120.0) / 58.0
+
+
 def randomize_detector(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give a model non-trivial weights, as a trained one has: random BN affine parameters,
     BN statistics measured in eval mode on random images, layer by layer (so features stay
@@ -35,7 +53,7 @@ def randomize_detector(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
             bn.running_var.copy_(args[0].var((0, 2, 3)))
         hooks = [bn.register_forward_pre_hook(measure_statistics) for bn in batch_norms]
         model.eval()
-        model(torch.randn(4, 3, 320, 320, generator=generator))
+        model(calibration_images(seed))
         for hook in hooks:
             hook.remove()
         # Scale the predictors on the features they see, so logits and box terms stay moderate.
@@ -43,7 +61,7 @@ def randomize_detector(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
         features = {}
         hooks = [p.register_forward_hook(lambda mod, args, out: features.__setitem__(mod, args[0]))
                  for p in predictors]
-        model(torch.randn(1, 3, 320, 320, generator=generator))
+        model(calibration_images(seed + 1))
         for hook in hooks:
             hook.remove()
         for predictor in predictors:
@@ -81,17 +99,6 @@ def tiny_checkpoint(tmp_path_factory, tiny_detector):
     path = tmp_path_factory.mktemp('ckpt') / 'rtmdet_tiny_test.pth'
     save_checkpoint(path, tiny_detector.model, tiny_detector.spec, tiny_detector.class_names)
     return path
-
-
-def make_image(height: int, width: int, seed: int) -> np.ndarray:
-    """A uint8 RGB image with smooth colour blobs on noise (something for a detector to see)."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
-    for _ in range(4):
-        y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
-        y1, x1 = y0 + rng.integers(height // 8, height // 2), x0 + rng.integers(width // 8, width // 2)
-        image[y0:y1, x0:x1] = rng.integers(80, 255, 3, dtype=np.uint8)
-    return image
 
 
 @pytest.fixture(scope='session')
