@@ -79,10 +79,11 @@ def _array_to_rgb(array: np.ndarray, array_order: str) -> np.ndarray:
 
 
 def keep_ratio_size(original_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
-    """mmcv `rescale_size`: the largest scale that fits the long side into the target's long
-    side and the short side into its short side; sides rounded half up."""
+    """The largest keep-ratio size that fits in `target_hw`; sides rounded half up as mmcv's
+    `rescale_size` does. For a square target this is mmcv's long-edge/short-edge rule exactly;
+    for a non-square one it fits the image into the network input."""
     height, width = original_hw
-    scale = min(max(target_hw) / max(height, width), min(target_hw) / min(height, width))
+    scale = min(target_hw[0] / height, target_hw[1] / width)
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import DATA_DIR, canonical, randomize_detector
+from conftest import DATA_DIR, calibration_images, canonical, randomize_detector
 from detdeploy.models import build_model
 
 
@@ -18,7 +18,7 @@ def reference_run(request):
     reference = json.loads((DATA_DIR / f'mmdet_rtmdet_{size}_reference.json').read_text())
     torch.manual_seed(0)
     model = randomize_detector(build_model(f'rtmdet-{size}'), seed=0)
-    images = torch.randn(1, 3, 320, 256, generator=torch.Generator().manual_seed(123))
+    images = calibration_images(seed=7, count=1)[..., :256]          # 1x3x320x256
     with torch.no_grad():
         raw = model(images)
     detections = model.predict(images)[0]

@@ -22,6 +22,11 @@ def test_keep_ratio_size(original, expected):
     assert keep_ratio_size(original, (640, 640)) == expected
 
 
+def test_keep_ratio_size_fits_non_square_inputs():
+    assert keep_ratio_size((500, 333), (256, 384)) == (256, 170)
+    assert keep_ratio_size((300, 400), (256, 384)) == (256, 341)
+
+
 def test_bilinear_upsample_matches_hand_computation():
     # OpenCV maps dst x to src (x + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25: weights per axis are
     # [1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1] (edges replicated).

@@ -54,7 +54,7 @@ from mmdet.structures import DetDataSample  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
-from conftest import DATA_DIR, randomize_detector  # noqa: E402
+from conftest import DATA_DIR, calibration_images, randomize_detector  # noqa: E402
 from detdeploy.models import build_model  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def main(size: str) -> None:
     mm_model.load_state_dict(ours.state_dict(), strict=True)
 
     height, width = 320, 256
-    images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(123))
+    images = calibration_images(seed=7, count=1)[..., :width]
     sample = DetDataSample(metainfo=dict(img_shape=(height, width), ori_shape=(height, width),
                                          pad_shape=(height, width), scale_factor=(1.0, 1.0),
                                          batch_input_shape=(height, width)))
@@ -104,7 +104,7 @@ def main(size: str) -> None:
     about = (f'MMDetection {mmdet.__version__} RTMDet-{size} (official config, SyncBN->BN, mmcv '
              'nms kernel ported to python) run on weights from tests/conftest.py: '
              f'torch.manual_seed(0); randomize_detector(build_model("rtmdet-{size}"), seed=0); '
-             'input torch.randn(1, 3, 320, 256, generator=manual_seed(123)); predict with '
+             'input calibration_images(seed=7, count=1)[..., :256]; predict with '
              'img_shape (320, 256), scale_factor 1, test_cfg score 0.001 nms_pre 30000 iou 0.65 '
              'max 300')
     out = DATA_DIR / f'mmdet_rtmdet_{size}_reference.json'
