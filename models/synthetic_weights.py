@@ -1,0 +1,74 @@
+"""Synthetic weights that behave like trained ones, for tests and benchmarks without a checkpoint.
+
+RTMDet's own initialisation gives near-constant head outputs (every score 0.01, boxes under a
+pixel): nothing to compare or time NMS on. `randomize_detector` gives spread scores, real boxes
+and normalised features, deterministically. Not for accuracy: these weights detect nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def make_image(height: int, width: int, seed: int) -> np.ndarray:
+    """A uint8 RGB image with smooth colour blobs on noise (something for a detector to see)."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+    for _ in range(4):
+        y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        y1, x1 = y0 + rng.integers(height // 8, height // 2), x0 + rng.integers(width // 8, width // 2)
+        image[y0:y1, x0:x1] = rng.integers(80, 255, 3, dtype=np.uint8)
+    return image
+
+
+def calibration_images(seed: int, count: int = 4, size: int = 320) -> torch.Tensor:
+    """Normalised images like the tests' (`make_image`), for measuring BN statistics."""
+    images = [make_image(size, size, seed * 100 + i) for i in range(count)]
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return (batch - 120.0) / 58.0
+
+
+def randomize_detector(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give a model non-trivial weights, as a trained one has: random BN affine parameters,
+    BN statistics measured in eval mode on random images, layer by layer (so features stay
+    normalised and keep their spatial variation),
+    head towers with He-initialised convs, spread class scores and boxes with positive extent.
+    The result depends only on `seed` and the model's initial weights."""
+    generator = torch.Generator().manual_seed(seed)
+    head = model.bbox_head
+    with torch.no_grad():
+        for tower in (*head.cls_convs, *head.reg_convs):    # MMDetection's N(0, 0.01) init
+            for layer in tower:                              # makes head features near constant
+                fan_in = layer.conv.weight[0].numel()
+                layer.conv.weight.normal_(0, (2 / fan_in) ** 0.5, generator=generator)
+        batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for bn in batch_norms:
+            bn.weight.copy_(1 + 0.1 * torch.randn(bn.num_features, generator=generator))
+            bn.bias.copy_(0.1 * torch.randn(bn.num_features, generator=generator))
+
+        def measure_statistics(bn, args):      # runs just before each BN, in forward order
+            bn.running_mean.copy_(args[0].mean((0, 2, 3)))
+            bn.running_var.copy_(args[0].var((0, 2, 3)))
+        hooks = [bn.register_forward_pre_hook(measure_statistics) for bn in batch_norms]
+        model.eval()
+        model(calibration_images(seed))
+        for hook in hooks:
+            hook.remove()
+        # Scale the predictors on the features they see, so logits and box terms stay moderate.
+        predictors = [*head.rtm_cls, *head.rtm_reg]
+        features = {}
+        hooks = [p.register_forward_hook(lambda mod, args, out: features.__setitem__(mod, args[0]))
+                 for p in predictors]
+        model(calibration_images(seed + 1))
+        for hook in hooks:
+            hook.remove()
+        for predictor in predictors:
+            predictor.weight.normal_(0, 1, generator=generator)
+            spread = torch.nn.functional.conv2d(features[predictor], predictor.weight).std()
+            is_cls = predictor.out_channels == head.num_classes
+            predictor.weight.mul_((1.0 if is_cls else 0.2) / spread)
+            if is_cls:
+                predictor.bias.copy_(-3 + torch.randn(predictor.out_channels, generator=generator))
+            else:
+                predictor.bias.fill_(0.7 if head.exp_on_reg else 2.0)
+    return model.eval()
