@@ -5,6 +5,6 @@ from .postprocess import (DEPLOY_NMS, EVAL_NMS, DetectionOutputs, Detections, NM
 from .registry import MODEL_SPECS, ModelSpec, build_model, get_spec, model_names
 from .rtmdet import RTMDet
 
-__all__ = ['DEPLOY_NMS', 'EVAL_NMS', 'DetectionOutputs', 'Detections', 'LoadedDetector', 'MODEL_SPECS', 'ModelSpec', 'NMSConfig',
-           'RTMDet', 'RawOutputs', 'build_model', 'get_spec', 'load_detector',
-           'model_names', 'read_checkpoint', 'save_checkpoint']
+__all__ = ['DEPLOY_NMS', 'EVAL_NMS', 'DetectionOutputs', 'Detections', 'LoadedDetector',
+           'MODEL_SPECS', 'ModelSpec', 'NMSConfig', 'RTMDet', 'RawOutputs', 'build_model',
+           'get_spec', 'load_detector', 'model_names', 'read_checkpoint', 'save_checkpoint']

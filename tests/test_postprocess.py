@@ -5,9 +5,10 @@ import torch
 import torchvision
 
 from conftest import canonical
-from detdeploy.models.postprocess import (DecodedOutputs, DetectionOutputs, NMSConfig, RawOutputs, batched_nms,
-                                          batched_nms_op, decode_outputs, distance2bbox,
-                                          grid_priors, select_candidates, split_detections)
+from detdeploy.models.postprocess import (DecodedOutputs, DetectionOutputs, NMSConfig,
+                                          RawOutputs, batched_nms, batched_nms_op,
+                                          decode_outputs, distance2bbox, grid_priors,
+                                          select_candidates, split_detections)
 
 
 def test_grid_priors_row_major_offset_zero():
