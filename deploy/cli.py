@@ -22,14 +22,28 @@ def cli(debug: bool) -> None:
     """Export PyTorch detectors to ONNX / TensorRT and check them against PyTorch."""
 
 
+def pytorch_model_options(command):
+    """--model, --checkpoint and --trust-checkpoint, shared by commands that load a model."""
+    command = click.option('--trust-checkpoint', is_flag=True, help=(
+        'Allow checkpoints that need arbitrary unpickling (only for trusted files).'))(command)
+    command = click.option('--checkpoint', type=click.Path(dir_okay=False), help=(
+        'MMDetection-format or plain state-dict checkpoint (.pth).'))(command)
+    return click.option('--model', 'model_name', default='rtmdet', show_default=True, help=(
+        'Registry name: rtmdet (= rtmdet-tiny), rtmdet-s, -m, -l, -x.'))(command)
+
+
+def load_model(model_name: str, checkpoint: str | None, trust_checkpoint: bool, purpose: str):
+    """The detector; without a checkpoint, say in one line that its weights are random."""
+    from detdeploy.models import load_detector
+    detector = load_detector(model_name, checkpoint, trust=trust_checkpoint)
+    if checkpoint is None:
+        click.echo(f'note: no --checkpoint given, {detector.spec.name} {purpose}', err=True)
+    return detector
+
+
 @cli.command()
 @click.argument('images', nargs=-1, required=True)
-@click.option('--model', 'model_name', default='rtmdet', show_default=True,
-              help='Registry name: rtmdet (= rtmdet-tiny), rtmdet-s, -m, -l, -x.')
-@click.option('--checkpoint', type=click.Path(dir_okay=False),
-              help='MMDetection-format or plain state-dict checkpoint (.pth).')
-@click.option('--trust-checkpoint', is_flag=True,
-              help='Allow checkpoints that need arbitrary unpickling (only for trusted files).')
+@pytorch_model_options
 @click.option('--out', 'out_dir', type=click.Path(file_okay=False),
               help='Write <image>.json and <image>.png here; without it, print a summary only.')
 @click.option('--score-thr', type=click.FloatRange(0, 1),
@@ -43,15 +57,12 @@ def infer(images, model_name, checkpoint, trust_checkpoint, out_dir, score_thr, 
           batch_size, device) -> None:
     """Detect objects in IMAGES (files or directories) with the PyTorch model."""
     from detdeploy.infer import collect_images, run_infer
-    from detdeploy.models import load_detector
     from detdeploy.runtimes.torch_backend import TorchBackend
 
     image_paths = collect_images(list(images))
     device = _torch_device(device)
-    detector = load_detector(model_name, checkpoint, trust=trust_checkpoint)
-    if checkpoint is None:
-        click.echo(f'note: no --checkpoint given, {detector.spec.name} uses random weights '
-                   '(detections are meaningless)', err=True)
+    detector = load_model(model_name, checkpoint, trust_checkpoint,
+                          'uses random weights (detections are meaningless)')
     backend = TorchBackend(detector, device=device)
     report = run_infer(backend, image_paths, out_dir, score_thr, show_thr, batch_size)
     for image in report.images:
@@ -74,12 +85,7 @@ def _parse_input_size(text: str | None) -> tuple[int, int] | None:
 
 
 @cli.command()
-@click.option('--model', 'model_name', default='rtmdet', show_default=True,
-              help='Registry name: rtmdet (= rtmdet-tiny), rtmdet-s, -m, -l, -x.')
-@click.option('--checkpoint', type=click.Path(dir_okay=False),
-              help='MMDetection-format or plain state-dict checkpoint (.pth).')
-@click.option('--trust-checkpoint', is_flag=True,
-              help='Allow checkpoints that need arbitrary unpickling (only for trusted files).')
+@pytorch_model_options
 @click.option('-o', '--output', type=click.Path(dir_okay=False),
               help='Output file [default: <model>.onnx].')
 @click.option('--nms', 'nms_mode', type=click.Choice(['onnx', 'trt', 'none']), default='onnx',
@@ -111,17 +117,15 @@ def export(model_name, checkpoint, trust_checkpoint, output, nms_mode, nms_prese
     import dataclasses
 
     from detdeploy.export.exporter import ExportOptions, export_onnx
-    from detdeploy.models import DEPLOY_NMS, EVAL_NMS, load_detector
+    from detdeploy.models import DEPLOY_NMS, EVAL_NMS
 
     input_hw = _parse_input_size(input_size)
     nms = EVAL_NMS if nms_preset == 'eval' else DEPLOY_NMS
     overrides = {'score_thr': score_thr, 'iou_thr': iou_thr, 'pre_top_k': pre_top_k,
                  'max_det': max_det}
     nms = dataclasses.replace(nms, **{k: v for k, v in overrides.items() if v is not None})
-    detector = load_detector(model_name, checkpoint, trust=trust_checkpoint)
-    if checkpoint is None:
-        click.echo(f'note: no --checkpoint given, {detector.spec.name} is exported with random '
-                   'weights', err=True)
+    detector = load_model(model_name, checkpoint, trust_checkpoint,
+                          'is exported with random weights')
     options = ExportOptions(nms_mode=nms_mode, nms=nms, batch=batch, dynamic_batch=dynamic_batch,
                             dynamic_shape=dynamic_shape, input_hw=input_hw, opset=opset,
                             simplify=not no_simplify, trt_plugin_domain=trt_plugin_domain)
