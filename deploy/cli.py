@@ -6,6 +6,7 @@ traceback instead. Exit codes: 0 ok, 1 a check failed, 2 bad input.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -23,7 +24,11 @@ def cli(debug: bool) -> None:
 
 
 def pytorch_model_options(command):
-    """--model, --checkpoint and --trust-checkpoint, shared by commands that load a model."""
+    """--model, --checkpoint, --class-names and --trust-checkpoint, for commands that load a
+    PyTorch model."""
+    command = click.option('--class-names', help=(
+        'Class names, comma-separated or a text file with one per line; overrides the '
+        "checkpoint's (and, without a checkpoint, sets the number of classes)."))(command)
     command = click.option('--trust-checkpoint', is_flag=True, help=(
         'Allow checkpoints that need arbitrary unpickling (only for trusted files).'))(command)
     command = click.option('--checkpoint', type=click.Path(dir_okay=False), help=(
@@ -32,10 +37,25 @@ def pytorch_model_options(command):
         'Registry name: rtmdet (= rtmdet-tiny), rtmdet-s, -m, -l, -x.'))(command)
 
 
-def load_model(model_name: str, checkpoint: str | None, trust_checkpoint: bool, purpose: str):
+def parse_class_names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    path = Path(text)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [name.strip() for name in text.split(',') if name.strip()]
+    if not names:
+        raise DetdeployError(f"--class-names '{text}' names no classes")
+    return tuple(names)
+
+
+def load_model(model_name: str, checkpoint: str | None, class_names: str | None,
+               trust_checkpoint: bool, purpose: str):
     """The detector; without a checkpoint, say in one line that its weights are random."""
     from detdeploy.models import load_detector
-    detector = load_detector(model_name, checkpoint, trust=trust_checkpoint)
+    detector = load_detector(model_name, checkpoint, parse_class_names(class_names),
+                             trust=trust_checkpoint)
     if checkpoint is None:
         click.echo(f'note: no --checkpoint given, {detector.spec.name} {purpose}', err=True)
     return detector
@@ -53,15 +73,15 @@ def load_model(model_name: str, checkpoint: str | None, trust_checkpoint: bool, 
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True,
               help='Images per forward pass.')
 @click.option('--device', default='cpu', show_default=True, help='PyTorch device (cpu, cuda, cuda:1).')
-def infer(images, model_name, checkpoint, trust_checkpoint, out_dir, score_thr, show_thr,
-          batch_size, device) -> None:
+def infer(images, model_name, checkpoint, class_names, trust_checkpoint, out_dir, score_thr,
+          show_thr, batch_size, device) -> None:
     """Detect objects in IMAGES (files or directories) with the PyTorch model."""
     from detdeploy.infer import collect_images, run_infer
     from detdeploy.runtimes.torch_backend import TorchBackend
 
     image_paths = collect_images(list(images))
     device = _torch_device(device)
-    detector = load_model(model_name, checkpoint, trust_checkpoint,
+    detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
                           'uses random weights (detections are meaningless)')
     backend = TorchBackend(detector, device=device)
     report = run_infer(backend, image_paths, out_dir, score_thr, show_thr, batch_size)
@@ -110,9 +130,9 @@ def _parse_input_size(text: str | None) -> tuple[int, int] | None:
 @click.option('--trt-plugin-domain', type=click.Choice(['TRT', 'trt.plugins']), default='TRT',
               show_default=True, help="EfficientNMS_TRT node domain: TRT for TensorRT's parser, "
               "trt.plugins for ONNX Runtime's TensorRT provider.")
-def export(model_name, checkpoint, trust_checkpoint, output, nms_mode, nms_preset, score_thr,
-           iou_thr, pre_top_k, max_det, batch, dynamic_batch, dynamic_shape, input_size, opset,
-           no_simplify, trt_plugin_domain) -> None:
+def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mode, nms_preset,
+           score_thr, iou_thr, pre_top_k, max_det, batch, dynamic_batch, dynamic_shape, input_size,
+           opset, no_simplify, trt_plugin_domain) -> None:
     """Export a detector to ONNX with NMS inside the graph."""
     import dataclasses
 
@@ -124,7 +144,7 @@ def export(model_name, checkpoint, trust_checkpoint, output, nms_mode, nms_prese
     overrides = {'score_thr': score_thr, 'iou_thr': iou_thr, 'pre_top_k': pre_top_k,
                  'max_det': max_det}
     nms = dataclasses.replace(nms, **{k: v for k, v in overrides.items() if v is not None})
-    detector = load_model(model_name, checkpoint, trust_checkpoint,
+    detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
                           'is exported with random weights')
     options = ExportOptions(nms_mode=nms_mode, nms=nms, batch=batch, dynamic_batch=dynamic_batch,
                             dynamic_shape=dynamic_shape, input_hw=input_hw, opset=opset,

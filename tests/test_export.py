@@ -214,7 +214,7 @@ def test_cli_export_summary_and_atomic_replace(tmp_path):
     target = tmp_path / 'tiny.onnx'
     target.write_bytes(b'old file')
     result = run_cli('export', '--model', 'rtmdet', '-o', target, '--input-size', '64x96',
-                     '--nms', 'onnx', '--max-det', '20')
+                     '--nms', 'onnx', '--max-det', '20', '--class-names', 'circle, square')
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f'wrote {target} (') and ', opset ' in lines[0]
@@ -224,7 +224,9 @@ def test_cli_export_summary_and_atomic_replace(tmp_path):
     assert lines[-1] == ('  nms: onnx, score > 0.05, top 1000 pairs per level, IoU 0.65, '
                          'max 20 per image')
     assert result.stderr.startswith('note: no --checkpoint given')
-    assert read_onnx_metadata(target).preprocess.input_size == (64, 96)
+    metadata = read_onnx_metadata(target)
+    assert metadata.preprocess.input_size == (64, 96)
+    assert metadata.class_names == ('circle', 'square')
     assert [p.name for p in tmp_path.iterdir()] == ['tiny.onnx']
 
 
