@@ -14,6 +14,7 @@ from detdeploy import __version__
 from detdeploy.errors import DetdeployError
 
 EXIT_BAD_INPUT = 2
+DEFAULT_MODEL = 'rtmdet'
 
 
 @click.group(context_settings={'help_option_names': ['-h', '--help']})
@@ -33,8 +34,8 @@ def pytorch_model_options(command):
         'Allow checkpoints that need arbitrary unpickling (only for trusted files).'))(command)
     command = click.option('--checkpoint', type=click.Path(dir_okay=False), help=(
         'MMDetection-format or plain state-dict checkpoint (.pth).'))(command)
-    return click.option('--model', 'model_name', default='rtmdet', show_default=True, help=(
-        'Registry name: rtmdet (= rtmdet-tiny), rtmdet-s, -m, -l, -x.'))(command)
+    return click.option('--model', 'model_name', help=(
+        'Registry name: rtmdet (= rtmdet-tiny, the default), rtmdet-s, -m, -l, -x.'))(command)
 
 
 def parse_class_names(text: str | None) -> tuple[str, ...] | None:
@@ -54,37 +55,79 @@ def load_model(model_name: str, checkpoint: str | None, class_names: str | None,
                trust_checkpoint: bool, purpose: str):
     """The detector; without a checkpoint, say in one line that its weights are random."""
     from detdeploy.models import load_detector
-    detector = load_detector(model_name, checkpoint, parse_class_names(class_names),
-                             trust=trust_checkpoint)
+    detector = load_detector(model_name or DEFAULT_MODEL, checkpoint,
+                             parse_class_names(class_names), trust=trust_checkpoint)
     if checkpoint is None:
         click.echo(f'note: no --checkpoint given, {detector.spec.name} {purpose}', err=True)
     return detector
 
 
+def split_model_and_images(inputs: tuple[str, ...], model_name: str | None
+                           ) -> tuple[str, list[str]]:
+    """MODEL IMAGES... or IMAGES... (with --model or the default model)."""
+    def names_a_model(text: str) -> bool:
+        if text.lower().endswith('.onnx'):
+            return True
+        from detdeploy.models.registry import model_names    # imports torch: not for .onnx
+        return text.lower() in model_names()
+
+    if model_name is None and inputs and names_a_model(inputs[0]):
+        model, images = inputs[0], list(inputs[1:])
+    else:
+        model, images = model_name or DEFAULT_MODEL, list(inputs)
+    if not images:
+        raise DetdeployError('no images given: detdeploy infer [MODEL] IMAGES_OR_DIRS...')
+    return model, images
+
+
 @cli.command()
-@click.argument('images', nargs=-1, required=True)
+@click.argument('inputs', nargs=-1, required=True, metavar='[MODEL] IMAGES_OR_DIRS...')
 @pytorch_model_options
+@click.option('--backend', type=click.Choice(['auto', 'torch', 'ort']), default='auto',
+              show_default=True, help='auto: ort for .onnx files, torch for registry names.')
+@click.option('--device', default='cpu', show_default=True,
+              help='torch: cpu, cuda, cuda:N; ort: cpu, cuda, tensorrt.')
+@click.option('--strict-device', is_flag=True,
+              help='ort: fail instead of falling back to the CPU when --device is unusable.')
+@click.option('--threads', type=click.IntRange(min=1), help='ort: intra-op threads.')
 @click.option('--out', 'out_dir', type=click.Path(file_okay=False),
               help='Write <image>.json and <image>.png here; without it, print a summary only.')
 @click.option('--score-thr', type=click.FloatRange(0, 1),
-              help="Keep detections above this score (default: the model's test config, 0.001).")
+              help="Keep detections above this score (default: the model's own threshold).")
 @click.option('--show-thr', type=click.FloatRange(0, 1), default=0.3, show_default=True,
               help='Draw detections scoring at least this in the PNGs.')
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True,
               help='Images per forward pass.')
-@click.option('--device', default='cpu', show_default=True, help='PyTorch device (cpu, cuda, cuda:1).')
-def infer(images, model_name, checkpoint, class_names, trust_checkpoint, out_dir, score_thr,
-          show_thr, batch_size, device) -> None:
-    """Detect objects in IMAGES (files or directories) with the PyTorch model."""
-    from detdeploy.infer import collect_images, run_infer
-    from detdeploy.runtimes.torch_backend import TorchBackend
+def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend, device,
+          strict_device, threads, out_dir, score_thr, show_thr, batch_size) -> None:
+    """Detect objects in images with a registry model (PyTorch) or an exported .onnx file.
 
-    image_paths = collect_images(list(images))
-    device = _torch_device(device)
-    detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
-                          'uses random weights (detections are meaningless)')
-    backend = TorchBackend(detector, device=device)
-    report = run_infer(backend, image_paths, out_dir, score_thr, show_thr, batch_size)
+    MODEL is a .onnx file from `detdeploy export` or a registry name; without it, --model
+    or rtmdet-tiny.
+    """
+    from detdeploy.infer import collect_images, run_infer
+
+    model, images = split_model_and_images(inputs, model_name)
+    image_paths = collect_images(images)
+    is_file = model.lower().endswith('.onnx')
+    chosen = backend if backend != 'auto' else ('ort' if is_file else 'torch')
+    if chosen == 'ort':
+        if not is_file:
+            raise DetdeployError(f"--backend ort needs an .onnx file, got '{model}'")
+        from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
+        runner = OnnxRuntimeBackend(model, OrtOptions(device=device, threads=threads,
+                                                      strict_device=strict_device))
+        if runner.fallback:
+            click.echo(f'warning: {runner.fallback}', err=True)
+    else:
+        if is_file:
+            raise DetdeployError(f'--backend torch needs a registry name, got {model}')
+        from detdeploy.runtimes.torch_backend import TorchBackend
+        device = _torch_device(device)
+        detector = load_model(model, checkpoint, class_names, trust_checkpoint,
+                              'uses random weights (detections are meaningless)')
+        runner = TorchBackend(detector, device=device)
+    report = run_infer(runner, image_paths, out_dir, score_thr, show_thr, batch_size)
     for image in report.images:
         written = f' -> {image.json_path}, {image.png_path}' if image.json_path else ''
         click.echo(f'{image.source}: {image.num_detections} detections, '

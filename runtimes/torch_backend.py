@@ -19,15 +19,16 @@ class TorchBackend:
     name = 'torch'
 
     def __init__(self, detector: LoadedDetector, nms: NMSConfig | None = None,
-                 device: str = 'cpu'):
+                 device: str = 'cpu', preprocess_config: PreprocessConfig | None = None):
         self.detector = detector
         self.nms = nms or detector.spec.test_nms
+        self._preprocess_config = preprocess_config or detector.spec.preprocessing
         self.device = torch.device(device)
         self.model = detector.model.to(self.device).eval()
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
-        return self.detector.spec.preprocessing
+        return self._preprocess_config
 
     @property
     def class_names(self) -> tuple[str, ...]:

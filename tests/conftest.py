@@ -46,3 +46,15 @@ def image_dir(tmp_path_factory):
     Image.fromarray(make_image(500, 333, 1)).save(folder / 'tall.png')
     Image.fromarray(make_image(64, 64, 2)[:, :, 0]).save(folder / 'gray.png')
     return folder
+
+
+@pytest.fixture(scope='session')
+def tiny_onnx(tmp_path_factory, tiny_checkpoint):
+    """rtmdet-tiny exported once: --nms onnx, deploy preset, dynamic batch, 320x320 input."""
+    from detdeploy.export.exporter import ExportOptions, export_onnx
+    from detdeploy.models import DEPLOY_NMS, load_detector
+    path = tmp_path_factory.mktemp('onnx') / 'tiny_dynamic.onnx'
+    report = export_onnx(load_detector('rtmdet-tiny', tiny_checkpoint), path,
+                         ExportOptions(nms_mode='onnx', nms=DEPLOY_NMS, dynamic_batch=True,
+                                       input_hw=(320, 320)))
+    return path, report

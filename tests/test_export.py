@@ -20,9 +20,8 @@ from detdeploy.runtimes.preprocess import PreprocessConfig, preprocess
 
 DETDEPLOY = str(Path(sys.executable).parent / 'detdeploy')
 SIZE = (320, 320)
-EXPORTS = {
+EXPORTS = {          # 'onnx_dynamic' (onnx, deploy preset, dynamic batch) is conftest's tiny_onnx
     # name: (NMS mode, NMS settings, options)
-    'onnx_dynamic': ('onnx', DEPLOY_NMS, dict(dynamic_batch=True)),
     'onnx_eval_batch2': ('onnx', EVAL_NMS, dict(batch=2)),
     'none_dynamic_shape': ('none', DEPLOY_NMS, dict(dynamic_batch=True, dynamic_shape=True)),
     'trt': ('trt', DEPLOY_NMS, dict()),
@@ -30,11 +29,11 @@ EXPORTS = {
 
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory, tiny_checkpoint):
+def exported(tmp_path_factory, tiny_checkpoint, tiny_onnx):
     """Each file exported once, from the saved checkpoint (so its weights must survive)."""
     folder = tmp_path_factory.mktemp('exports')
     detector = load_detector('rtmdet-tiny', tiny_checkpoint)
-    files = {}
+    files = {'onnx_dynamic': tiny_onnx}
     for name, (mode, nms, extra) in EXPORTS.items():
         options = ExportOptions(nms_mode=mode, nms=nms, input_hw=SIZE, **extra)
         files[name] = (folder / f'{name}.onnx', export_onnx(detector, folder / f'{name}.onnx',
