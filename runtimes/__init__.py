@@ -1,1 +1,4 @@
-"""Backends that run exported detectors, and the numpy host code around them (no torch here)."""
+"""Backends that run detectors (PyTorch, ONNX Runtime) and the numpy host code around them.
+
+Only `torch_backend` imports torch; everything else needs numpy, Pillow and onnxruntime.
+"""
