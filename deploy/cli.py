@@ -91,9 +91,10 @@ def split_model_and_images(inputs: tuple[str, ...], model_name: str | None
               help='ort: fail instead of falling back to the CPU when --device is unusable.')
 @click.option('--threads', type=click.IntRange(min=1), help='ort: intra-op threads.')
 @click.option('--out', 'out_dir', type=click.Path(file_okay=False),
-              help='Write <image>.json and <image>.png here; without it, print a summary only.')
+              help='Write <image>.json, <image>.png and coco_results.json here; without it, '
+              'print a summary only.')
 @click.option('--score-thr', type=click.FloatRange(0, 1),
-              help="Keep detections above this score (default: the model's own threshold).")
+              help="Keep detections scoring at least this (default: all the model returns).")
 @click.option('--show-thr', type=click.FloatRange(0, 1), default=0.3, show_default=True,
               help='Draw detections scoring at least this in the PNGs.')
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True,
@@ -132,6 +133,8 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
         written = f' -> {image.json_path}, {image.png_path}' if image.json_path else ''
         click.echo(f'{image.source}: {image.num_detections} detections, '
                    f'{image.num_shown} at score >= {show_thr:g}{written}')
+    if report.results_path:
+        click.echo(f'all detections (COCO results format): {report.results_path}')
 
 
 def _parse_input_size(text: str | None) -> tuple[int, int] | None:

@@ -4,6 +4,7 @@ Returns what it did as data; printing is the CLI's job.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +13,11 @@ from tqdm import tqdm
 
 from detdeploy.errors import DetdeployError
 from detdeploy.fileio import atomic_write
+from detdeploy.runtimes.detections import ImageDetections
 from detdeploy.runtimes.draw import draw_detections
 from detdeploy.runtimes.pipeline import Backend, detect
 
+RESULTS_NAME = 'coco_results'       # <out>/coco_results.json: all images, COCO results format
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff'}
 PROGRESS_MIN_IMAGES = 8
 
@@ -32,6 +35,7 @@ class ImageReport:
 class InferReport:
     backend: str
     images: list[ImageReport] = field(default_factory=list)
+    results_path: Path | None = None
 
 
 def collect_images(paths: list[str | Path]) -> list[Path]:
@@ -53,7 +57,7 @@ def collect_images(paths: list[str | Path]) -> list[Path]:
 
 def _output_stems(images: list[Path]) -> list[str]:
     """One output name per image: its stem, numbered when two images share a stem."""
-    seen: dict[str, int] = {}
+    seen: dict[str, int] = {RESULTS_NAME: 1}
     stems = []
     for image in images:
         count = seen.get(image.stem, 0)
@@ -62,35 +66,63 @@ def _output_stems(images: list[Path]) -> list[str]:
     return stems
 
 
+def coco_rows(image_id: int, detections: ImageDetections) -> list[dict]:
+    """Detections in COCO's results format (bbox x, y, w, h in original pixels), plus the
+    image file and class name."""
+    return [{'image_id': image_id, 'file_name': detections.source,
+             'bbox': [round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3),
+                      round(float(y2 - y1), 3)],
+             'score': round(float(score), 6), 'category_id': int(label),
+             'category_name': detections.label_name(int(label))}
+            for (x1, y1, x2, y2), score, label in zip(detections.boxes_xyxy_px,
+                                                      detections.scores, detections.labels)]
+
+
 def run_infer(backend: Backend, image_paths: list[str | Path], out_dir: str | Path | None,
               score_thr: float | None = None, show_thr: float = 0.3,
               batch_size: int = 1) -> InferReport:
-    """Detect on every image; with `out_dir`, write `<stem>.json` and `<stem>.png` per image.
+    """Detect on every image. With `out_dir`, write `<stem>.json` and `<stem>.png` per image
+    and `coco_results.json` for all of them.
 
-    The JSON keeps every detection above `score_thr` (default: the model's own test
-    threshold); the PNG draws those scoring at least `show_thr`.
+    The JSON files keep every detection scoring at least `score_thr` (default: all the model
+    returns); the PNG draws those scoring at least `show_thr`.
     """
     images = collect_images(image_paths)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DetdeployError(f'cannot create output directory {out}: {exc.strerror}') from None
     report = InferReport(backend.name)
-    results = detect(backend, images, batch_size, keep_images=out is not None)
-    progress = tqdm(results, total=len(images), unit='img', disable=len(images) < PROGRESS_MIN_IMAGES)
-    for stem, (detections, image_rgb) in zip(_output_stems(images), progress):
-        if score_thr is not None:
-            detections = detections.above(score_thr)
-        shown = detections.above(show_thr)
-        json_path = png_path = None
+    with contextlib.ExitStack() as stack:
+        results_file = None
         if out is not None:
-            json_path, png_path = out / f'{stem}.json', out / f'{stem}.png'
-            with atomic_write(json_path, 'w') as handle:
-                json.dump(detections.to_dict(), handle, indent=1)
-            with atomic_write(png_path) as handle:
-                draw_detections(image_rgb, shown).save(handle, format='PNG')
-        report.images.append(ImageReport(detections.source, len(detections), len(shown),
-                                         json_path, png_path))
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DetdeployError(f'cannot create output directory {out}: '
+                                     f'{exc.strerror}') from None
+            report.results_path = out / f'{RESULTS_NAME}.json'
+            # Streamed, so memory stays flat over many images; renamed into place at the end.
+            results_file = stack.enter_context(atomic_write(report.results_path, 'w'))
+            results_file.write('[')
+        results = detect(backend, images, batch_size, keep_images=out is not None)
+        progress = tqdm(results, total=len(images), unit='img',
+                        disable=len(images) < PROGRESS_MIN_IMAGES)
+        first_row = True
+        for image_id, (stem, (detections, image_rgb)) in enumerate(
+                zip(_output_stems(images), progress)):
+            if score_thr is not None:
+                detections = detections.above(score_thr)
+            shown = detections.above(show_thr)
+            json_path = png_path = None
+            if out is not None:
+                json_path, png_path = out / f'{stem}.json', out / f'{stem}.png'
+                with atomic_write(json_path, 'w') as handle:
+                    json.dump(detections.to_dict(), handle, indent=1)
+                with atomic_write(png_path) as handle:
+                    draw_detections(image_rgb, shown).save(handle, format='PNG')
+                for row in coco_rows(image_id, detections):
+                    results_file.write(('\n' if first_row else ',\n') + json.dumps(row))
+                    first_row = False
+            report.images.append(ImageReport(detections.source, len(detections), len(shown),
+                                             json_path, png_path))
+        if results_file is not None:
+            results_file.write('\n]\n')
     return report

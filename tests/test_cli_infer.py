@@ -31,8 +31,10 @@ def test_infer_writes_json_and_png_per_image(infer_run, image_dir):
     result, out = infer_run
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        'gray.json', 'gray.png', 'tall.json', 'tall.png', 'wide.json', 'wide.png']
-    assert len(result.stdout.strip().splitlines()) == 3
+        'coco_results.json', 'gray.json', 'gray.png', 'tall.json', 'tall.png', 'wide.json',
+        'wide.png']
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[-1] == f'all detections (COCO results format): {out}/coco_results.json'
     assert 'random weights' not in result.stderr
     for stem in ('gray', 'tall', 'wide'):
         record = json.loads((out / f'{stem}.json').read_text())
@@ -49,6 +51,21 @@ def test_infer_writes_json_and_png_per_image(infer_run, image_dir):
             x1, y1, x2, y2 = det['bbox_xyxy']
             assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
             assert 0 <= det['label'] < 80 and isinstance(det['label_name'], str)
+
+
+def test_coco_results_hold_every_image_detection(infer_run):
+    _, out = infer_run
+    rows = json.loads((out / 'coco_results.json').read_text())
+    for image_id, stem in enumerate(['gray', 'tall', 'wide']):        # the order of the run
+        record = json.loads((out / f'{stem}.json').read_text())
+        mine = [r for r in rows if r['image_id'] == image_id]
+        assert {r['file_name'] for r in mine} == {record['image']}
+        assert len(mine) == len(record['detections'])
+        for row, det in zip(mine, record['detections']):
+            x1, y1, x2, y2 = det['bbox_xyxy']
+            assert row['bbox'] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=2e-3)
+            assert (row['score'], row['category_id'], row['category_name']) == (
+                det['score'], det['label'], det['label_name'])
 
 
 def test_infer_json_matches_model_predict(infer_run, image_dir, tiny_detector):
@@ -79,7 +96,7 @@ def test_score_thr_and_show_thr(tmp_path, tiny_checkpoint, image_dir, infer_run)
     assert result.returncode == 0, result.stderr
     full = json.loads((full_out / 'wide.json').read_text())['detections']
     kept = json.loads((tmp_path / 'wide.json').read_text())['detections']
-    assert kept == [d for d in full if d['score'] > 0.3]
+    assert kept == [d for d in full if d['score'] >= 0.3]
     shown = sum(d['score'] >= 0.35 for d in full)
     assert f'{len(kept)} detections, {shown} at score >= 0.35' in result.stdout
 
