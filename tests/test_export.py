@@ -240,3 +240,18 @@ def test_cli_export_bad_input(args, message):
     result = run_cli('export', *args)
     assert result.returncode == 2
     assert message in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_static_batch_file_runs_any_number_of_images(exported):
+    """The ONNX Runtime backend pads or splits to a file's static batch of 2."""
+    from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend
+    backend = OnnxRuntimeBackend(exported['onnx_eval_batch2'][0])
+    images = batch_of([(200, 300), (320, 320), (90, 400)], first_seed=20)
+    three = backend.run(images)
+    assert [t.shape[0] for t in three] == [3, 3, 3, 3]
+    pair = session(exported['onnx_eval_batch2'][0]).run(None, {'images': images[:2]})
+    for got, want in zip(three, pair):
+        np.testing.assert_array_equal(got[:2], want)
+    single = backend.run(images[2:])
+    for got, want in zip(single, three):
+        np.testing.assert_array_equal(got[0], want[2])
