@@ -105,3 +105,10 @@ def test_saving_is_atomic(tmp_path, tiny_detector, monkeypatch):
         save_checkpoint(target, tiny_detector.model, tiny_detector.spec, tiny_detector.class_names)
     assert target.read_bytes() == b'old'
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_unwritable_target_is_a_user_error(tiny_detector):
+    from detdeploy.errors import DetdeployError
+    with pytest.raises(DetdeployError, match='cannot write /proc/model.pth'):
+        save_checkpoint('/proc/model.pth', tiny_detector.model, tiny_detector.spec,
+                        tiny_detector.class_names)
