@@ -78,16 +78,15 @@ def coco_rows(image_id: int, detections: ImageDetections) -> list[dict]:
                                                       detections.scores, detections.labels)]
 
 
-def run_infer(backend: Backend, image_paths: list[str | Path], out_dir: str | Path | None,
+def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,
               score_thr: float | None = None, show_thr: float = 0.3,
               batch_size: int = 1) -> InferReport:
-    """Detect on every image. With `out_dir`, write `<stem>.json` and `<stem>.png` per image
+    """Detect on every image (from `collect_images`). With `out_dir`, write `<stem>.json` and `<stem>.png` per image
     and `coco_results.json` for all of them.
 
     The JSON files keep every detection scoring at least `score_thr` (default: all the model
     returns); the PNG draws those scoring at least `show_thr`.
     """
-    images = collect_images(image_paths)
     out = Path(out_dir) if out_dir is not None else None
     report = InferReport(backend.name)
     with contextlib.ExitStack() as stack:

@@ -14,7 +14,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -173,10 +172,3 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
         nodes_exported=nodes_exported, nodes_final=len(model.graph.node),
         simplified=simplified, seconds=time.perf_counter() - started, warnings=notes)
 
-
-def reference_outputs(detector: LoadedDetector, images: np.ndarray, nms_mode: str,
-                      nms: NMSConfig) -> list[np.ndarray]:
-    """What the exported graph must compute, from the PyTorch module it was traced from."""
-    graph = DetectorGraph(detector.model, nms_mode, nms).eval()
-    with torch.no_grad():
-        return [t.numpy() for t in graph(torch.from_numpy(images))]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,6 +21,44 @@ def canonical(boxes, scores, labels):
     rows = sorted(zip((-torch.as_tensor(scores)).tolist(), torch.as_tensor(labels).tolist(),
                       torch.as_tensor(boxes).tolist()))
     return ([-r[0] for r in rows], [r[1] for r in rows], torch.tensor([r[2] for r in rows]))
+
+
+def assert_detections_agree(got, want, score_thr, box_atol=1e-3, box_rtol=5e-5,
+                            score_atol=1e-5, borderline=1e-4):
+    """Two detection sets of one image, (boxes [K, 4], scores [K], labels [K]) each, agree.
+
+    Detections are matched by label and box (near-equal scores may swap places): a box
+    coordinate fails only if off by more than `box_atol` px and by more than `box_rtol`
+    relatively (Polygraphy's rule). A detection may go unmatched only if borderline: its score
+    within `borderline` of its side's lowest (the max-det cut) or of `score_thr`.
+    """
+    got_boxes, got_scores, got_labels = (np.asarray(t) for t in got)
+    want_boxes, want_scores, want_labels = (np.asarray(t) for t in want)
+    unused = set(range(len(want_scores)))
+    unmatched_got = []
+    for box, score, label in zip(got_boxes, got_scores, got_labels):
+        options = [j for j in unused if want_labels[j] == label and np.allclose(
+            want_boxes[j], box, atol=box_atol, rtol=box_rtol)]
+        if not options:
+            unmatched_got.append(score)
+            continue
+        best = min(options, key=lambda j: abs(want_scores[j] - score))
+        unused.remove(best)
+        assert abs(score - want_scores[best]) <= score_atol
+    for scores, unmatched in ((got_scores, unmatched_got),
+                              (want_scores, [want_scores[j] for j in unused])):
+        for score in unmatched:
+            assert (score - scores.min() <= borderline or score - score_thr <= borderline), \
+                f'unmatched detection with score {score}'
+        assert len(unmatched) <= max(2, len(scores) // 20)
+
+
+def reference_outputs(detector, images: np.ndarray, nms_mode: str, nms) -> list[np.ndarray]:
+    """What an exported graph must compute, from the PyTorch module it is traced from."""
+    from detdeploy.export.graph import DetectorGraph
+    graph = DetectorGraph(detector.model, nms_mode, nms).eval()
+    with torch.no_grad():
+        return [t.numpy() for t in graph(torch.from_numpy(images))]
 
 
 @pytest.fixture(scope='session')

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image
+from conftest import assert_detections_agree, make_image
 from detdeploy.errors import DetdeployError
 from detdeploy.models import DEPLOY_NMS
 from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
@@ -25,28 +25,11 @@ def ort_backend(tiny_onnx):
     return OnnxRuntimeBackend(tiny_onnx[0])
 
 
-def assert_same_detections(a, b, box_atol=1e-3, box_rtol=5e-5, score_atol=1e-5,
-                           borderline=1e-4):
-    """Detections (original pixels) matched by label and nearest box, since near-equal scores
-    may swap places. A detection may go unmatched only if it is borderline: its score within
-    `borderline` of its side's lowest score (the max-det cut) or of the score threshold."""
-    unused = set(range(len(b)))
-    unmatched_a = []
-    for box, score, label in zip(a.boxes_xyxy_px, a.scores, a.labels):
-        options = [j for j in unused if b.labels[j] == label and np.allclose(
-            b.boxes_xyxy_px[j], box, atol=box_atol, rtol=box_rtol)]
-        if not options:
-            unmatched_a.append(score)
-            continue
-        best = min(options, key=lambda j: abs(b.scores[j] - score))
-        unused.remove(best)
-        assert abs(score - b.scores[best]) <= score_atol
-    unmatched_b = [b.scores[j] for j in unused]
-    for side, unmatched in ((a, unmatched_a), (b, unmatched_b)):
-        for score in unmatched:
-            assert (score - side.scores.min() <= borderline
-                    or score - DEPLOY_NMS.score_thr <= borderline), f'unmatched score {score}'
-    assert max(len(unmatched_a), len(unmatched_b)) <= max(2, len(a) // 20)
+def assert_same_detections(a, b, **tolerances):
+    """Two ImageDetections (original pixels) agree."""
+    assert_detections_agree((a.boxes_xyxy_px, a.scores, a.labels),
+                            (b.boxes_xyxy_px, b.scores, b.labels), DEPLOY_NMS.score_thr,
+                            **tolerances)
 
 
 @pytest.mark.parametrize('batch_size', [1, 3])
