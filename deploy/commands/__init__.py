@@ -1,0 +1,1 @@
+"""One module per `detdeploy` command; `detdeploy.cli` registers them."""

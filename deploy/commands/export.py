@@ -1,0 +1,82 @@
+"""`detdeploy export`: PyTorch detector to ONNX with NMS inside the graph."""
+from __future__ import annotations
+
+import click
+
+from detdeploy.errors import DetdeployError
+
+from .common import load_model, pytorch_model_options
+
+
+def _parse_input_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().split('x')
+    try:
+        sides = [int(part) for part in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise DetdeployError(f"--input-size '{text}': give one side (640) or HEIGHTxWIDTH (480x640)")
+    return (sides[0], sides[-1])
+
+
+@click.command()
+@pytorch_model_options
+@click.option('-o', '--output', type=click.Path(dir_okay=False),
+              help='Output file [default: <model>.onnx].')
+@click.option('--nms', 'nms_mode', type=click.Choice(['onnx', 'trt', 'none']), default='onnx',
+              show_default=True, help='onnx: standard NonMaxSuppression; trt: EfficientNMS_TRT '
+              'plugin; none: per-anchor boxes and scores.')
+@click.option('--nms-preset', type=click.Choice(['deploy', 'eval']), default='deploy',
+              show_default=True, help='deploy: score 0.05, pre-top-k 1000, IoU 0.65, max-det 100; '
+              "eval: the model's test config (0.001, 30000, 0.65, 300).")
+@click.option('--score-thr', type=click.FloatRange(0, 1), help='Override the preset.')
+@click.option('--iou-thr', type=click.FloatRange(0, 1), help='Override the preset.')
+@click.option('--pre-top-k', type=click.IntRange(min=1),
+              help='Override the preset: (anchor, class) pairs kept per pyramid level.')
+@click.option('--max-det', type=click.IntRange(min=1), help='Override the preset.')
+@click.option('--batch', type=click.IntRange(min=1), default=1, show_default=True,
+              help='Static batch size.')
+@click.option('--dynamic-batch', is_flag=True, help='Symbolic batch axis (overrides --batch).')
+@click.option('--dynamic-shape', is_flag=True,
+              help='Symbolic height and width (multiples of 32).')
+@click.option('--input-size', help='Network input: 640 or HEIGHTxWIDTH [default: the model\'s].')
+@click.option('--opset', type=click.IntRange(min=18), help="ONNX opset [default: the exporter's].")
+@click.option('--no-simplify', is_flag=True, help='Skip onnxsim.')
+@click.option('--trt-plugin-domain', type=click.Choice(['TRT', 'trt.plugins']), default='TRT',
+              show_default=True, help="EfficientNMS_TRT node domain: TRT for TensorRT's parser, "
+              "trt.plugins for ONNX Runtime's TensorRT provider.")
+def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mode, nms_preset,
+           score_thr, iou_thr, pre_top_k, max_det, batch, dynamic_batch, dynamic_shape, input_size,
+           opset, no_simplify, trt_plugin_domain) -> None:
+    """Export a detector to ONNX with NMS inside the graph."""
+    import dataclasses
+
+    from detdeploy.export.exporter import ExportOptions, export_onnx
+    from detdeploy.models import DEPLOY_NMS, EVAL_NMS
+
+    input_hw = _parse_input_size(input_size)
+    nms = EVAL_NMS if nms_preset == 'eval' else DEPLOY_NMS
+    overrides = {'score_thr': score_thr, 'iou_thr': iou_thr, 'pre_top_k': pre_top_k,
+                 'max_det': max_det}
+    nms = dataclasses.replace(nms, **{k: v for k, v in overrides.items() if v is not None})
+    detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
+                          'is exported with random weights')
+    options = ExportOptions(nms_mode=nms_mode, nms=nms, batch=batch, dynamic_batch=dynamic_batch,
+                            dynamic_shape=dynamic_shape, input_hw=input_hw, opset=opset,
+                            simplify=not no_simplify, trt_plugin_domain=trt_plugin_domain)
+    report = export_onnx(detector, output or f'{detector.spec.name}.onnx', options)
+    for warning in report.warnings:
+        click.echo(f'warning: {warning}', err=True)
+    click.echo(f'wrote {report.path} ({report.size_bytes / 1e6:.1f} MB, opset {report.opset}) '
+               f'in {report.seconds:.1f} s')
+    for kind, tensors in (('input ', report.inputs), ('output', report.outputs)):
+        for name, shape in tensors:
+            click.echo(f'  {kind} {name} {shape}')
+    simplified = (f'{report.nodes_final} after onnxsim' if report.simplified
+                  else 'not simplified')
+    click.echo(f'  nodes: {report.nodes_exported} exported, {simplified}')
+    if nms_mode != 'none':
+        click.echo(f'  nms: {nms_mode}, score > {nms.score_thr:g}, top {nms.pre_top_k} pairs per '
+                   f'level, IoU {nms.iou_thr:g}, max {nms.max_det} per image')
