@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 
 from .detections import ImageDetections
-from .preprocess import PreprocessConfig, preprocess, read_image, rescale_boxes
+from .preprocess import ImageMeta, PreprocessConfig, preprocess, read_image, rescale_boxes
 
 
 class Backend(Protocol):
@@ -27,25 +27,49 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
+def prepare_batch(images_rgb: list[np.ndarray], config: PreprocessConfig
+                  ) -> tuple[np.ndarray, list[ImageMeta]]:
+    """Stage 1: RGB images -> one [B, 3, H, W] float32 network batch and each image's geometry."""
+    prepared = [preprocess(image, config) for image in images_rgb]
+    return np.stack([tensor for tensor, _ in prepared]), [meta for _, meta in prepared]
+
+
+def to_detections(outputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                  names: list[str], metas: list[ImageMeta], class_names: tuple[str, ...]
+                  ) -> list[ImageDetections]:
+    """Stage 3: a backend's four NMS outputs -> detections in original-image pixels."""
+    num_dets, batch_boxes, batch_scores, batch_labels = outputs
+    results = []
+    for index, (name, meta) in enumerate(zip(names, metas)):
+        count = int(num_dets[index, 0])
+        boxes, scores, labels = (batch_boxes[index, :count], batch_scores[index, :count],
+                                 batch_labels[index, :count])
+        boxes = rescale_boxes(boxes, meta)
+        # The network clamps to its padded input; a box lying wholly in the padding is
+        # empty once clamped to the image, and is dropped.
+        inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        results.append(ImageDetections(name, meta.original_hw, boxes[inside],
+                                       scores[inside].astype(np.float32),
+                                       labels[inside].astype(np.int64), class_names))
+    return results
+
+
+def source_name(source: str | Path | np.ndarray) -> str:
+    return str(source) if not isinstance(source, np.ndarray) else '<array>'
+
+
 def detect(backend: Backend, sources: Iterable[str | Path | np.ndarray], batch_size: int = 1,
            keep_images: bool = False) -> Iterator[tuple[ImageDetections, np.ndarray | None]]:
-    """Yield (detections, RGB image if `keep_images`) per source, in order."""
+    """Yield (detections, RGB image if `keep_images`) per source, in order.
+
+    Per batch: read, `prepare_batch`, `backend.run`, `to_detections` (the stages that
+    `detdeploy bench` times one by one)."""
     config = backend.preprocess_config
     for chunk in _batches(list(sources), batch_size):
         images = [read_image(source) for source in chunk]
-        prepared = [preprocess(image, config) for image in images]
-        batch = np.stack([tensor for tensor, _ in prepared])
-        num_dets, batch_boxes, batch_scores, batch_labels = backend.run(batch)
-        for index, (source, image, (_, meta)) in enumerate(zip(chunk, images, prepared)):
-            count = int(num_dets[index, 0])
-            boxes, scores, labels = (batch_boxes[index, :count], batch_scores[index, :count],
-                                     batch_labels[index, :count])
-            name = str(source) if not isinstance(source, np.ndarray) else '<array>'
-            boxes = rescale_boxes(boxes, meta)
-            # The network clamps to its padded input; a box lying wholly in the padding is
-            # empty once clamped to the image, and is dropped.
-            inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            detections = ImageDetections(name, meta.original_hw, boxes[inside],
-                                         scores[inside].astype(np.float32),
-                                         labels[inside].astype(np.int64), backend.class_names)
-            yield detections, image if keep_images else None
+        batch, metas = prepare_batch(images, config)
+        outputs = backend.run(batch)
+        detections = to_detections(outputs, [source_name(s) for s in chunk], metas,
+                                   backend.class_names)
+        for image, image_detections in zip(images, detections):
+            yield image_detections, image if keep_images else None
