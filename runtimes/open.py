@@ -1,0 +1,56 @@
+"""Open an exported model file with the right backend: `.onnx` -> ONNX Runtime, `.engine` or
+`.plan` -> TensorRT. Never imports torch; imports onnxruntime or tensorrt only for the file chosen.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from detdeploy.errors import DetdeployError
+
+ONNX_SUFFIXES = ('.onnx',)
+ENGINE_SUFFIXES = ('.engine', '.plan')
+FILE_BACKENDS = ('auto', 'ort', 'trt')
+
+
+def is_model_file(text: str | Path) -> bool:
+    return str(text).lower().endswith(ONNX_SUFFIXES + ENGINE_SUFFIXES)
+
+
+def backend_for_file(path: str | Path, backend: str = 'auto') -> str:
+    """'ort' or 'trt' for a model file and a requested backend (auto picks by suffix)."""
+    name = str(path).lower()
+    kind = 'ort' if name.endswith(ONNX_SUFFIXES) else 'trt' if name.endswith(ENGINE_SUFFIXES) \
+        else None
+    if backend not in FILE_BACKENDS:
+        raise DetdeployError(f"backend '{backend}' does not run model files: use "
+                             f"{', '.join(FILE_BACKENDS)}")
+    if kind is None:
+        raise DetdeployError(f'{path}: model files end in .onnx (ONNX Runtime) or .engine/.plan '
+                             '(TensorRT)')
+    if backend == 'auto' or backend == kind:
+        return kind
+    if backend == 'trt':
+        raise DetdeployError(f'--backend trt needs a TensorRT engine, got {path}: build one with '
+                             f'`detdeploy build-engine {path} -o MODEL.engine`, or run the file '
+                             'with --backend ort --device tensorrt')
+    raise DetdeployError(f'--backend ort needs an .onnx file, got {path}')
+
+
+def open_model_file(path: str | Path, backend: str = 'auto', *, device: str = 'cpu',
+                    device_id: int = 0, threads: int | None = None, strict_device: bool = False,
+                    optimization: str = 'all', trt_fp16: bool = False,
+                    trt_cache_dir: str | None = None):
+    """An OnnxRuntimeBackend or a TensorRTBackend for `path`.
+
+    ONNX Runtime takes every option; a TensorRT engine always runs on CUDA device `device_id`,
+    and the other options do not apply to it."""
+    chosen = backend_for_file(path, backend)
+    if chosen == 'ort':
+        from .onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
+        return OnnxRuntimeBackend(path, OrtOptions(
+            device=device, device_id=device_id, threads=threads, optimization=optimization,
+            strict_device=strict_device, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir))
+    if not Path(path).is_file():
+        raise DetdeployError(f'engine file not found: {path}')
+    from .tensorrt_backend import TensorRTBackend
+    return TensorRTBackend(path, device_id=device_id)
