@@ -15,6 +15,7 @@ import click
 from detdeploy import __version__
 from detdeploy.errors import DetdeployError
 
+from .commands import build_engine as build_engine_command
 from .commands import export, infer
 
 EXIT_BAD_INPUT = 2
@@ -29,6 +30,7 @@ def cli(debug: bool) -> None:
 
 cli.add_command(infer.infer)
 cli.add_command(export.export)
+cli.add_command(build_engine_command.build_engine)
 
 
 def main(argv: list[str] | None = None) -> None:

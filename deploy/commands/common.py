@@ -52,9 +52,9 @@ def split_model_and_images(inputs: tuple[str, ...], model_name: str | None
                            ) -> tuple[str, list[str]]:
     """MODEL IMAGES... or IMAGES... (with --model or the default model)."""
     def names_a_model(text: str) -> bool:
-        if text.lower().endswith('.onnx'):
+        if text.lower().endswith(('.onnx', '.engine', '.plan')):
             return True
-        from detdeploy.models.registry import model_names    # imports torch: not for .onnx
+        from detdeploy.models.registry import model_names    # imports torch: not for files
         return text.lower() in model_names()
 
     if model_name is None and inputs and names_a_model(inputs[0]):

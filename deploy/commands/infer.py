@@ -11,13 +11,20 @@ from .common import load_model, pytorch_model_options, split_model_and_images, t
 @click.command()
 @click.argument('inputs', nargs=-1, required=True, metavar='[MODEL] IMAGES_OR_DIRS...')
 @pytorch_model_options
-@click.option('--backend', type=click.Choice(['auto', 'torch', 'ort']), default='auto',
-              show_default=True, help='auto: ort for .onnx files, torch for registry names.')
-@click.option('--device', default='cpu', show_default=True,
-              help='torch: cpu, cuda, cuda:N; ort: cpu, cuda, tensorrt.')
+@click.option('--backend', type=click.Choice(['auto', 'torch', 'ort', 'trt']), default='auto',
+              show_default=True, help='auto: ort for .onnx files, trt for .engine files, torch '
+              'for registry names.')
+@click.option('--device', help='torch: cpu, cuda, cuda:N; ort: cpu, cuda, cuda:N, tensorrt; trt: '
+              'cuda, cuda:N (always a GPU) [default: cpu; trt: cuda].')
+@click.option('--device-id', type=click.IntRange(min=0),
+              help='ort (cuda, tensorrt) and trt: CUDA device [default: 0, or N of cuda:N].')
 @click.option('--strict-device', is_flag=True,
               help='ort: fail instead of falling back to the CPU when --device is unusable.')
 @click.option('--threads', type=click.IntRange(min=1), help='ort: intra-op threads.')
+@click.option('--trt-fp16', is_flag=True,
+              help='ort --device tensorrt: let the TensorRT provider use FP16.')
+@click.option('--trt-cache-dir', type=click.Path(file_okay=False),
+              help='ort --device tensorrt: engine and timing cache directory.')
 @click.option('--out', 'out_dir', type=click.Path(file_okay=False),
               help='Write <image>.json, <image>.png and coco_results.json here; without it, '
               'print a summary only.')
@@ -28,34 +35,38 @@ from .common import load_model, pytorch_model_options, split_model_and_images, t
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True,
               help='Images per forward pass.')
 def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend, device,
-          strict_device, threads, out_dir, score_thr, show_thr, batch_size) -> None:
-    """Detect objects in images with a registry model (PyTorch) or an exported .onnx file.
+          device_id, strict_device, threads, trt_fp16, trt_cache_dir, out_dir, score_thr,
+          show_thr, batch_size) -> None:
+    """Detect objects in images with a registry model (PyTorch), an exported .onnx file (ONNX
+    Runtime) or a TensorRT .engine from `detdeploy build-engine`.
 
-    MODEL is a .onnx file from `detdeploy export` or a registry name; without it, --model
-    or rtmdet-tiny.
+    MODEL is a .onnx or .engine file or a registry name; without it, --model or rtmdet-tiny.
     """
     from detdeploy.infer import collect_images, run_infer
+    from detdeploy.runtimes.open import backend_for_file, is_model_file, open_model_file
 
     model, images = split_model_and_images(inputs, model_name)
     image_paths = collect_images(images)
-    is_file = model.lower().endswith('.onnx')
-    chosen = backend if backend != 'auto' else ('ort' if is_file else 'torch')
-    if chosen == 'ort':
-        if not is_file:
-            raise DetdeployError(f"--backend ort needs an .onnx file, got '{model}'")
-        from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
-        runner = OnnxRuntimeBackend(model, OrtOptions(device=device, threads=threads,
-                                                      strict_device=strict_device))
-        if runner.fallback:
-            click.echo(f'warning: {runner.fallback}', err=True)
-    else:
+    is_file = is_model_file(model)
+    if backend == 'torch' or (backend == 'auto' and not is_file):
         if is_file:
             raise DetdeployError(f'--backend torch needs a registry name, got {model}')
         from detdeploy.runtimes.torch_backend import TorchBackend
-        device = torch_device(device)
+        device = torch_device(device or 'cpu')
         detector = load_model(model, checkpoint, class_names, trust_checkpoint,
                               'uses random weights (detections are meaningless)')
         runner = TorchBackend(detector, device=device)
+    else:
+        if not is_file:
+            raise DetdeployError(f"--backend {backend} needs an .onnx or .engine file, got "
+                                 f"'{model}'")
+        chosen = backend_for_file(model, backend)
+        device, device_id = _file_device(chosen, device, device_id)
+        runner = open_model_file(model, chosen, device=device, device_id=device_id,
+                                 threads=threads, strict_device=strict_device,
+                                 trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir)
+        if getattr(runner, 'fallback', None):
+            click.echo(f'warning: {runner.fallback}', err=True)
     report = run_infer(runner, image_paths, out_dir, score_thr, show_thr, batch_size)
     for image in report.images:
         written = f' -> {image.json_path}, {image.png_path}' if image.json_path else ''
@@ -63,3 +74,18 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
                    f'{image.num_shown} at score >= {show_thr:g}{written}')
     if report.results_path:
         click.echo(f'all detections (COCO results format): {report.results_path}')
+
+
+def _file_device(backend: str, device: str | None, device_id: int | None) -> tuple[str, int]:
+    """--device and --device-id for ONNX Runtime or TensorRT: `cuda:N` sets the device id."""
+    name, _, index = (device or ('cuda' if backend == 'trt' else 'cpu')).partition(':')
+    if index:
+        if name != 'cuda' or not index.isdigit():
+            raise DetdeployError(f"unknown device '{device}': use cpu, cuda, cuda:N or tensorrt")
+        if device_id is not None and device_id != int(index):
+            raise DetdeployError(f'--device {device} and --device-id {device_id} disagree')
+        device_id = int(index)
+    if backend == 'trt' and name not in ('cuda', 'tensorrt'):
+        raise DetdeployError(f"a TensorRT engine runs on an NVIDIA GPU only, not --device "
+                             f"'{device}'; for the CPU run the .onnx file with ONNX Runtime")
+    return name, device_id or 0

@@ -1,0 +1,64 @@
+"""`detdeploy build-engine`: a TensorRT engine (plus its JSON sidecar) from a detdeploy ONNX file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+MAX_WARNINGS_SHOWN = 3
+
+
+@click.command('build-engine')
+@click.argument('onnx_path', metavar='MODEL.onnx', type=click.Path(dir_okay=False))
+@click.option('-o', '--output', type=click.Path(dir_okay=False),
+              help='Engine file [default: MODEL.engine]; its metadata goes to OUTPUT.json.')
+@click.option('--fp16', is_flag=True, help='Allow FP16 kernels (TensorRT 10 builder flag).')
+@click.option('--int8', is_flag=True, help='Allow INT8 kernels, calibrated on --calib-images.')
+@click.option('--calib-images', type=click.Path(exists=False),
+              help='Directory (or image file) for INT8 entropy calibration.')
+@click.option('--min-batch', type=click.IntRange(min=1), help='Batch profile minimum [1].')
+@click.option('--opt-batch', type=click.IntRange(min=1),
+              help='Batch size TensorRT tunes for [--min-batch].')
+@click.option('--max-batch', type=click.IntRange(min=1),
+              help='Batch profile maximum [max(8, --opt-batch)]; larger batches are split.')
+@click.option('--workspace', 'workspace_mb', type=click.IntRange(min=1),
+              help="Builder workspace limit in MB [TensorRT's default: the GPU's memory].")
+@click.option('--timing-cache', type=click.Path(dir_okay=False),
+              help='Timing cache file: loaded if present, saved after the build.')
+@click.option('--device-id', type=click.IntRange(min=0), default=0, show_default=True,
+              help='CUDA device to build for.')
+def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_batch, max_batch,
+                 workspace_mb, timing_cache, device_id) -> None:
+    """Build a TensorRT engine from an ONNX file made by `detdeploy export`.
+
+    The engine is a plain TensorRT plan (trtexec and Triton load it); classes, preprocessing and
+    build facts go to a JSON file next to it (model.engine -> model.engine.json), which
+    `detdeploy infer model.engine` needs.
+    """
+    from detdeploy.runtimes.tensorrt_build import BuildOptions, build_engine as build
+
+    images: tuple[Path, ...] = ()
+    if calib_images:
+        from detdeploy.infer import collect_images
+        images = tuple(collect_images([calib_images]))
+    output = output or str(Path(onnx_path).with_suffix('.engine'))
+    options = BuildOptions(fp16=fp16, int8=int8, calibration_images=images, min_batch=min_batch,
+                           opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb,
+                           timing_cache=timing_cache, device_id=device_id)
+    report = build(onnx_path, output, options)
+    build_info = report.sidecar.build
+    if report.warnings:
+        for warning in report.warnings[:MAX_WARNINGS_SHOWN]:
+            click.echo(f'warning: {warning}', err=True)
+        if len(report.warnings) > MAX_WARNINGS_SHOWN:
+            click.echo(f'warning: ... {len(report.warnings) - MAX_WARNINGS_SHOWN} more from '
+                       'TensorRT', err=True)
+    click.echo(f'wrote {report.engine_path} ({report.size_bytes / 1e6:.1f} MB, '
+               f'{build_info.precision}, TensorRT {build_info.tensorrt_version}, '
+               f'{build_info.device_name}) in {report.seconds:.1f} s')
+    click.echo(f'  metadata: {report.sidecar_path}')
+    height, width = build_info.input_hw
+    click.echo(f'  batch: {build_info.batch_profile.describe()} at {height}x{width}')
+    if report.timing_cache is not None:
+        state = 'loaded and updated' if report.timing_cache_loaded else 'new'
+        click.echo(f'  timing cache: {report.timing_cache} ({state})')
