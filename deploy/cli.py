@@ -16,6 +16,7 @@ from detdeploy import __version__
 from detdeploy.errors import DetdeployError
 
 from .commands import build_engine as build_engine_command
+from .commands import bench as bench_command
 from .commands import export, infer
 
 EXIT_BAD_INPUT = 2
@@ -30,6 +31,7 @@ def cli(debug: bool) -> None:
 
 cli.add_command(infer.infer)
 cli.add_command(export.export)
+cli.add_command(bench_command.bench)
 cli.add_command(build_engine_command.build_engine)
 
 

@@ -1,0 +1,146 @@
+"""`detdeploy bench`: latency and throughput of models on PyTorch, ONNX Runtime and TensorRT.
+
+Parses, builds the runners and calls `detdeploy.bench.run_benchmark`; printing and files are
+`detdeploy.bench_report`'s.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from detdeploy.errors import DetdeployError
+
+from .common import load_model, pytorch_model_options, torch_device
+from .export import _parse_input_size
+
+
+def _registry_runners(name: str, backends: list[str], device: str, options: dict,
+                      temp_dir: Path) -> list:
+    from detdeploy.bench import ort_runner, torch_runner
+    from detdeploy.models import DEPLOY_NMS, EVAL_NMS
+    from detdeploy.models.synthetic_weights import randomize_detector
+
+    nms = EVAL_NMS if options['nms_preset'] == 'eval' else DEPLOY_NMS
+    detector = load_model(name, options['checkpoint'], options['class_names'],
+                          options['trust_checkpoint'], 'is benchmarked with synthetic weights '
+                          '(spread scores, so NMS has work; detections are meaningless)')
+    if options['checkpoint'] is None:
+        randomize_detector(detector.model)
+        detector.source = 'synthetic weights (randomize_detector)'
+    runners = []
+    for backend in backends:
+        if backend == 'torch':
+            runners.append(torch_runner(detector, torch_device(device), nms,
+                                        options['input_hw'], options['threads']))
+        else:
+            from detdeploy.export.exporter import ExportOptions, export_onnx
+            path = temp_dir / f'{detector.spec.name}.onnx'
+            click.echo(f'exporting {detector.spec.name} to ONNX for the ort backend '
+                       f'(--nms onnx, {options["nms_preset"]} preset, dynamic batch)', err=True)
+            export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=nms,
+                                                      dynamic_batch=True,
+                                                      input_hw=options['input_hw']))
+            runner = ort_runner(path, device, options['threads'], options['input_hw'],
+                                display_name=detector.spec.name)
+            runner.notes.append('exported on the fly from the same weights as the torch run')
+            runners.append(runner)
+    return runners
+
+
+@click.command()
+@click.argument('models', nargs=-1, metavar='MODEL [MODEL...]')
+@pytorch_model_options
+@click.option('--backend', 'backends', help='Comma-separated torch,ort,trt [default: from each '
+              'MODEL: ort for .onnx, trt for .engine, torch for registry names]. A registry '
+              'name with ort is exported to a temporary ONNX file first.')
+@click.option('--device', default='cpu', show_default=True,
+              help='torch: cpu, cuda, cuda:N; ort: cpu, cuda, tensorrt.')
+@click.option('--batch', 'batch_text', default='1', show_default=True,
+              help='Batch sizes, comma-separated (1,4,8).')
+@click.option('--warmup', type=click.IntRange(min=0), default=10, show_default=True,
+              help='Untimed rounds first.')
+@click.option('--iters', type=click.IntRange(min=1),
+              help='Timed rounds: samples per configuration [default: 100].')
+@click.option('--seconds', type=click.FloatRange(min=0, min_open=True),
+              help='Instead of --iters: measure for about this long per configuration.')
+@click.option('--threads', type=click.IntRange(min=1),
+              help='Intra-op threads for PyTorch and ONNX Runtime [default: theirs].')
+@click.option('--images', 'images_dir', type=click.Path(),
+              help='Folder of images [default: generated ones]; decoded once into memory.')
+@click.option('--input-size', help="Network input for registry models: 640 or HxW "
+              "[default: the model's]; for .onnx files, only with a --dynamic-shape export.")
+@click.option('--nms-preset', type=click.Choice(['deploy', 'eval']), default='deploy',
+              show_default=True, help='NMS settings of registry models (torch and ort exports); '
+              'files keep their own.')
+@click.option('--json', 'json_path', type=click.Path(dir_okay=False),
+              help='Write every sample and the summary here.')
+@click.option('--plot', 'plot_path', type=click.Path(dir_okay=False),
+              help='Write a PNG: latency distributions and throughput by batch size.')
+def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backends, device,
+          batch_text, warmup, iters, seconds, threads, images_dir, input_size, nms_preset,
+          json_path, plot_path) -> None:
+    """Time MODELs end to end and per stage, in alternating rounds.
+
+    MODEL: a .onnx file (ONNX Runtime), a .engine file (TensorRT) or a registry name
+    (PyTorch; with --checkpoint). Configurations are every model x backend x batch size;
+    the first is the baseline the ratios compare with.
+    """
+    from detdeploy.bench import (backends_for, load_images, model_kind, ort_runner,
+                                 parse_backends, parse_int_list, run_benchmark, trt_runner)
+    from detdeploy.bench_report import format_report, write_json, write_plot
+
+    models = ((model_name,) if model_name else ()) + tuple(models)
+    if not models:
+        raise DetdeployError('no model given: detdeploy bench MODEL [MODEL...]')
+    if iters is not None and seconds is not None:
+        raise DetdeployError('give --iters or --seconds, not both')
+    batches = parse_int_list(batch_text, '--batch')
+    requested = parse_backends(backends)
+    plan = [(model, backends_for(model, requested)) for model in models]
+    registry_models = [model for model, _ in plan if model_kind(model) == 'torch']
+    if checkpoint and len(registry_models) != 1:
+        raise DetdeployError(f'--checkpoint fits one registry model; got '
+                             f'{len(registry_models)}: {", ".join(registry_models) or "none"}')
+    for model, _ in plan:
+        if model_kind(model) != 'torch' and not Path(model).is_file():
+            raise DetdeployError(f'model file not found: {model}')
+    options = {'checkpoint': checkpoint, 'class_names': class_names,
+               'trust_checkpoint': trust_checkpoint, 'nms_preset': nms_preset,
+               'input_hw': _parse_input_size(input_size), 'threads': threads}
+    images, names, description = load_images(images_dir, max(batches))
+    with tempfile.TemporaryDirectory(prefix='detdeploy_bench_') as temp:
+        runners = []
+        for model, model_backends in plan:
+            kind = model_kind(model)
+            if kind == 'torch':
+                runners += _registry_runners(model, model_backends, device, options, Path(temp))
+            elif kind == 'ort':
+                runners.append(ort_runner(model, device, threads, options['input_hw']))
+            else:
+                runners.append(trt_runner(model))
+        for runner in runners:
+            for note in runner.notes:
+                if 'not usable' in note:
+                    click.echo(f'warning: {note}', err=True)
+        configs = len(runners) * len(batches)
+        rounds = (iters or 100) if seconds is None else None
+        progress_bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            progress_bar = tqdm(total=rounds, unit='round', leave=False)
+        with progress_bar if progress_bar is not None else contextlib.nullcontext():
+            result = run_benchmark(
+                runners, batches, images, names, description, warmup=warmup,
+                iters=rounds, seconds=seconds,
+                progress=(lambda _: progress_bar.update()) if progress_bar else None)
+    click.echo(format_report(result))
+    if json_path:
+        write_json(result, json_path)
+        click.echo(f'wrote {json_path} (every sample of {configs} configurations)')
+    if plot_path:
+        write_plot(result, plot_path)
+        click.echo(f'wrote {plot_path}')

@@ -1,0 +1,233 @@
+"""`detdeploy bench`: statistics on synthetic timings, the alternating schedule, the JSON schema,
+and short real runs (exit codes and files only, no timing assertions)."""
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detdeploy.bench import IO_BINDING_KEY, Runner, run_benchmark
+from detdeploy.bench_report import SCHEMA_VERSION, format_report, result_to_json
+from detdeploy.bench_stats import (alternating_schedule, paired_ratios, summarize,
+                                   throughput_ips)
+from detdeploy.cli import main
+from detdeploy.runtimes.preprocess import PreprocessConfig
+
+DETDEPLOY = str(Path(sys.executable).parent / 'detdeploy')
+STATS_KEYS = {'count', 'mean', 'min', 'p50', 'p90', 'p99', 'max'}
+
+
+@pytest.mark.parametrize('size', [1, 2, 7, 100, 1001])
+def test_summary_matches_the_statistics_module(size):
+    samples = np.random.default_rng(size).lognormal(3.0, 0.4, size)
+    stats = summarize(samples)
+    values = samples.tolist()
+    assert stats.count == size
+    assert stats.mean == pytest.approx(statistics.fmean(values), rel=1e-12)
+    assert (stats.min, stats.max) == (min(values), max(values))
+    if size > 1:      # 'inclusive' is linear interpolation between order statistics
+        cuts = statistics.quantiles(values, n=100, method='inclusive')
+        assert (stats.p50, stats.p90, stats.p99) == pytest.approx(
+            (cuts[49], cuts[89], cuts[98]), rel=1e-12)
+    else:
+        assert stats.p50 == stats.p90 == stats.p99 == values[0]
+
+
+def test_summary_percentiles_by_hand():
+    stats = summarize([10.0, 20.0, 30.0, 40.0, 50.0])
+    # positions (n - 1) * q: 2.0, 3.6, 3.96
+    assert (stats.p50, stats.p90, stats.p99) == pytest.approx((30.0, 46.0, 49.6))
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_throughput_counts_images_over_total_time():
+    assert throughput_ips([100.0, 300.0], batch=4) == pytest.approx(8 / 0.4)
+
+
+def test_paired_ratios_cancel_drift_between_rounds():
+    drift = np.array([1.0, 3.0, 0.5, 2.0, 1.2])          # the machine slows and speeds up
+    baseline = 100.0 * drift                               # batch 1
+    other = 8 * 40.0 * drift                               # batch 8, 40 ms per image
+    ratios = paired_ratios(other.tolist(), 8, baseline.tolist(), 1)
+    np.testing.assert_allclose(ratios, 0.4)
+    assert np.median(paired_ratios([1, 2, 9], 1, [2, 2, 3], 1)) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        paired_ratios([1, 2], 1, [1], 1)
+
+
+def test_alternating_schedule_by_rounds():
+    assert list(alternating_schedule(3, rounds=2)) == [(0, 0), (0, 1), (0, 2),
+                                                       (1, 0), (1, 1), (1, 2)]
+    assert list(alternating_schedule(2, rounds=0)) == []
+    with pytest.raises(ValueError):
+        list(alternating_schedule(2))
+    with pytest.raises(ValueError):
+        list(alternating_schedule(2, rounds=1, seconds=1.0))
+
+
+def test_alternating_schedule_by_time_keeps_rounds_complete():
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    pairs = []
+    for pair in alternating_schedule(3, seconds=10.0, clock=clock):
+        pairs.append(pair)
+        now[0] += 1.5                    # each pair takes 1.5 s: 4.5 s per round
+    # after round 0: 4.5 s, after round 1: 9 s, after round 2: 13.5 s >= 10 -> stop
+    assert pairs == [(r, c) for r in range(3) for c in range(3)]
+
+
+class FixedOutputRunner:
+    """Runners around a fake backend: fixed detections, and a call log to check the order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def make(self, name, io_binding=False):
+        def run(batch):
+            self.calls.append((name, len(batch)))
+            size = len(batch)
+            boxes = np.tile(np.array([[[4, 4, 20, 20], [0, 0, 0, 0]]], np.float32), (size, 1, 1))
+            return (np.full((size, 1), 1, np.int32), boxes,
+                    np.tile(np.array([[0.9, 0.0]], np.float32), (size, 1)),
+                    np.tile(np.array([[0, -1]], np.int32), (size, 1)))
+        log = self.calls
+
+        class Binding:
+            def set_input(self, batch):
+                self.batch = batch
+
+            def run(self):
+                log.append((name + ' bound', len(self.batch)))
+
+        return Runner(model=name, backend='ort', device='cpu', run=run,
+                      preprocess_config=PreprocessConfig(input_size=(64, 64)),
+                      class_names=('a',), nms_mode='onnx', nms=None, providers=['fake'],
+                      threads={}, weights='none', io_binding=Binding if io_binding else None)
+
+
+def test_run_benchmark_alternates_and_records_every_stage():
+    fake = FixedOutputRunner()
+    runners = [fake.make('A'), fake.make('B', io_binding=True)]
+    images = [np.zeros((32, 48, 3), np.uint8), np.zeros((48, 32, 3), np.uint8)]
+    result = run_benchmark(runners, (1, 2), images, ['x', 'y'], 'test images', warmup=1,
+                           iters=3)
+    # warm-up round, then 3 timed rounds; B's extra call per pass is its I/O-binding run
+    one_round = [('A', 1), ('A', 2), ('B', 1), ('B bound', 1), ('B', 2), ('B bound', 2)]
+    assert fake.calls == one_round * 4
+    assert [c.label for c in result.configs] == ['A ort/cpu b1', 'A ort/cpu b2',
+                                                 'B ort/cpu b1', 'B ort/cpu b2']
+    for config in result.configs:
+        samples = config.samples_ms
+        assert all(len(values) == 3 for values in samples.values())
+        parts = np.add(np.add(samples['preprocess'], samples['inference']),
+                       samples['postprocess'])
+        np.testing.assert_allclose(parts, samples['end_to_end'], rtol=1e-6, atol=1e-6)
+    assert result.configs[0].inference_only_key == 'inference'
+    assert result.configs[2].inference_only_key == IO_BINDING_KEY
+    np.testing.assert_allclose(result.ratios(0, 'end_to_end'), 1.0)
+    assert 'ratio' in format_report(result)
+
+
+def test_json_schema_on_a_fake_run():
+    fake = FixedOutputRunner()
+    result = run_benchmark([fake.make('A'), fake.make('B', io_binding=True)], (1,),
+                           [np.zeros((32, 32, 3), np.uint8)], ['x'], 'test', warmup=0, iters=2)
+    record = json.loads(json.dumps(result_to_json(result)))     # JSON-serialisable
+    check_schema(record, rounds=2)
+    assert IO_BINDING_KEY in record['configs'][1]['samples_ms']
+
+
+def check_schema(record, rounds):
+    assert record['schema_version'] == SCHEMA_VERSION == 1
+    assert record['tool'] == 'detdeploy bench'
+    assert {'date', 'cpu_model', 'logical_cores', 'usable_cores', 'load_average_1_5_15min', 'gpu',
+            'torch_threads', 'versions', 'platform', 'python'} <= set(record['system'])
+    assert 'numpy' in record['system']['versions']
+    assert record['settings']['rounds'] == rounds
+    for index, config in enumerate(record['configs']):
+        assert {'label', 'model', 'backend', 'device', 'batch', 'input_shape', 'providers',
+                'threads', 'nms_mode', 'nms', 'weights', 'inference_only_method', 'notes',
+                'samples_ms', 'stats_ms', 'throughput_images_per_s',
+                'ratio_to_baseline'} <= set(config)
+        assert config['input_shape'][0] == config['batch']
+        assert {'preprocess', 'inference', 'postprocess', 'end_to_end'} <= set(
+            config['samples_ms'])
+        for series in config['samples_ms'].values():
+            assert len(series) == rounds and all(value >= 0 for value in series)
+        assert set(config['stats_ms']) == set(config['samples_ms']) | {'inference_only'}
+        for stats in config['stats_ms'].values():
+            assert set(stats) == STATS_KEYS and stats['min'] <= stats['p50'] <= stats['max']
+        assert set(config['throughput_images_per_s']) == {'end_to_end', 'inference_only'}
+        for ratio in config['ratio_to_baseline'].values():
+            assert len(ratio['per_round']) == rounds
+            assert ratio['median'] == pytest.approx(np.median(ratio['per_round']))
+            if index == 0:
+                assert ratio['median'] == pytest.approx(1.0)
+
+
+@pytest.fixture(scope='module')
+def cli_run(tmp_path_factory, tiny_onnx, tiny_checkpoint):
+    out = tmp_path_factory.mktemp('bench')
+    path, _ = tiny_onnx
+    result = subprocess.run(
+        [DETDEPLOY, 'bench', str(path), 'rtmdet-tiny', '--checkpoint', str(tiny_checkpoint),
+         '--input-size', '320', '--batch', '1,2', '--warmup', '1', '--iters', '2',
+         '--threads', '1', '--json', str(out / 'bench.json'), '--plot', str(out / 'bench.png')],
+        capture_output=True, text=True, timeout=300)
+    return result, out
+
+
+def test_cli_run_on_onnx_and_torch(cli_run, tiny_onnx):
+    result, out = cli_run
+    assert result.returncode == 0, result.stderr
+    assert 'Traceback' not in result.stderr
+    for text in ('CPU ', 'versions:', 'providers CPUExecutionProvider', 'torch_intra_op 1',
+                 'ort_intra_op 1', 'no disk I/O', 'end to end', 'inference only', 'stages'):
+        assert text in result.stdout, text
+    record = json.loads((out / 'bench.json').read_text())
+    check_schema(record, rounds=2)
+    configs = record['configs']
+    assert [(c['backend'], c['batch']) for c in configs] == [('ort', 1), ('ort', 2),
+                                                            ('torch', 1), ('torch', 2)]
+    assert configs[0]['model'] == tiny_onnx[0].name and configs[2]['model'] == 'rtmdet-tiny'
+    assert configs[1]['input_shape'] == [2, 3, 320, 320]
+    assert configs[0]['providers'] == ['CPUExecutionProvider']
+    assert configs[0]['nms'] == configs[2]['nms'] == {'score_thr': 0.05, 'pre_top_k': 1000,
+                                                      'iou_thr': 0.65, 'max_det': 100}
+    assert (out / 'bench.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert not list(out.glob('.*.tmp'))                 # atomic writes leave no temp files
+
+
+@pytest.mark.parametrize('args, message', [
+    (['missing.onnx'], 'model file not found'),
+    (['rtmdet-q'], "unknown model 'rtmdet-q'"),
+    (['x.onnx', '--iters', '2', '--seconds', '1'], '--iters or --seconds'),
+    (['x.onnx', '--batch', '0'], "--batch '0'"),
+    (['x.onnx', '--backend', 'tvm'], "--backend 'tvm'"),
+    (['x.onnx', '--backend', 'torch'], 'leaves out'),
+    (['rtmdet-tiny', '--backend', 'trt'], 'needs an .engine file'),
+    (['model.engine'], 'model file not found'),
+    ([], 'no model given'),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(['bench', *args])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith('error: ') and message in error and '\n' not in error
+
+
+def test_engine_without_tensorrt_is_one_line(tmp_path, capsys):
+    engine = tmp_path / 'model.engine'
+    engine.write_bytes(b'not an engine')
+    with pytest.raises(SystemExit) as exit_info:
+        main(['bench', str(engine), '--iters', '1', '--warmup', '0'])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().count('\n') == 0
