@@ -76,7 +76,7 @@ def plan_build(onnx_path: str | Path, options: BuildOptions) -> BuildPlan:
     if options.workspace_mb is not None and options.workspace_mb < 1:
         raise DetdeployError(f'--workspace {options.workspace_mb}: give megabytes, at least 1')
     profile = BatchProfile.for_model(metadata, options.min_batch, options.opt_batch,
-                                     options.max_batch)
+                                     options.max_batch, source=str(onnx_path))
     calibration_batch = None
     if options.int8:
         calibration_batch = (metadata.batch if metadata.batch is not None else

@@ -120,7 +120,8 @@ class BatchProfile:
 
     @classmethod
     def for_model(cls, metadata: ModelMetadata, min_batch: int | None = None,
-                  opt_batch: int | None = None, max_batch: int | None = None) -> 'BatchProfile':
+                  opt_batch: int | None = None, max_batch: int | None = None,
+                  source: str = 'the model') -> 'BatchProfile':
         """The profile for a file: its own batch if static; else the given sizes, defaulting
         to min 1, opt = min, max = max(8, opt)."""
         if metadata.batch is not None:
@@ -130,7 +131,7 @@ class BatchProfile:
                      if v is not None and v != static}
             if given:
                 raise DetdeployError(
-                    f'the model has a static batch of {static}, so {", ".join(given)} cannot '
+                    f'{source} has a static batch of {static}, so {", ".join(given)} cannot '
                     'differ from it; export with --dynamic-batch for a batch range')
             return cls(static, static, static)
         low = min_batch or 1
