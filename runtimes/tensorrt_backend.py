@@ -1,5 +1,5 @@
-"""The TensorRT backend: runs an engine from `detdeploy build-engine` on an NVIDIA GPU, with the same
-interface as the ONNX Runtime backend; the engine's metadata comes from its JSON sidecar.
+"""The TensorRT backend: runs an engine from `detdeploy build-engine` on an NVIDIA GPU, with the
+same interface as the ONNX Runtime backend; the engine's metadata comes from its JSON sidecar.
 
 Needs tensorrt, CUDA Python (cuda-bindings) and numpy; never torch. Imported lazily by the CLI.
 """

@@ -1,4 +1,7 @@
-"""`detdeploy build-engine`: a TensorRT engine (plus its JSON sidecar) from a detdeploy ONNX file."""
+"""`detdeploy build-engine`: a TensorRT engine, plus its JSON sidecar, from a detdeploy ONNX file.
+
+A thin command: options are checked and the engine built by `detdeploy.runtimes.tensorrt_build`.
+"""
 from __future__ import annotations
 
 from pathlib import Path
