@@ -11,6 +11,9 @@ import numpy as np
 import onnx
 
 VERIFY_ATOL = 1e-4
+# Node metadata the dynamo exporter writes and onnxsim drops; `detdeploy parity --per-layer` maps
+# ONNX tensors to PyTorch modules with it. The (large) stack traces are not kept.
+CARRIED_NODE_METADATA = ('pkg.torch.onnx.name_scopes', 'pkg.torch.onnx.class_hierarchy')
 
 
 @dataclass
@@ -42,11 +45,29 @@ def outputs_agree(reference: list[np.ndarray], candidate: list[np.ndarray]) -> f
     return largest
 
 
+def carry_node_metadata(original: onnx.ModelProto, simplified: onnx.ModelProto) -> int:
+    """Copy the exporter's module scopes onto the simplified nodes that onnxsim left unchanged
+    (same op, inputs and outputs); nodes it fused or rewrote compute something else under the
+    old names, so they get none. Returns the number of nodes annotated."""
+    def key(node):
+        return node.op_type, tuple(node.input), tuple(node.output)
+    scopes = {key(node): [p for p in node.metadata_props if p.key in CARRIED_NODE_METADATA]
+              for node in original.graph.node}
+    annotated = 0
+    for node in simplified.graph.node:
+        carried = scopes.get(key(node))
+        if carried and not node.metadata_props:
+            node.metadata_props.extend(carried)
+            annotated += 1
+    return annotated
+
+
 def simplify(model: onnx.ModelProto, sample_input: np.ndarray | None) -> SimplifyResult:
     """onnxsim's graph, if it runs and (given `sample_input`) matches the original on it."""
     import onnxsim
     try:
         simplified, _ = onnxsim.simplify(model, check_n=0)
+        carry_node_metadata(model, simplified)
     except Exception as exc:  # onnxsim raises whatever its passes raise
         return SimplifyResult(model, False, f'onnxsim failed ({type(exc).__name__}: '
                                             f'{str(exc).splitlines()[0][:120] if str(exc) else ""})')

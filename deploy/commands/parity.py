@@ -1,0 +1,152 @@
+"""`detdeploy parity`: check an exported model against the PyTorch model it came from."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from detdeploy.errors import DetdeployError
+
+from .common import load_model, pytorch_model_options, torch_device
+
+EXIT_MISMATCH = 1
+SHOWN_UNMATCHED = 3
+
+
+@click.command()
+@click.argument('model_file', type=click.Path(dir_okay=False))
+@pytorch_model_options
+@click.option('--images', 'image_inputs', multiple=True,
+              help='Image files or directories (repeatable).')
+@click.option('--random', 'random_count', type=click.IntRange(min=1),
+              help='Use N generated images (seeded) instead of --images.')
+@click.option('--backend', type=click.Choice(['ort', 'trt']), default='ort', show_default=True,
+              help='ort: MODEL_FILE is an .onnx file; trt: a TensorRT engine.')
+@click.option('--device', default='cpu', show_default=True,
+              help="The backend's device (ort: cpu, cuda, tensorrt); PyTorch: --torch-device.")
+@click.option('--torch-device', 'torch_device_name', default='cpu', show_default=True,
+              help='Device of the PyTorch reference.')
+@click.option('--atol', type=click.FloatRange(min=0),
+              help='Raw-output absolute tolerance [default: by precision, fp32 1e-2].')
+@click.option('--rtol', type=click.FloatRange(min=0),
+              help='Raw-output relative tolerance [default: by precision, fp32 1e-3].')
+@click.option('--batch', 'batch_size', type=click.IntRange(min=1),
+              help="Images per forward pass [default: the file's static batch, else 4].")
+@click.option('--per-layer', is_flag=True,
+              help='If raw outputs differ, bisect the graph for the first diverging layer.')
+@click.option('--json', 'json_path', type=click.Path(dir_okay=False),
+              help='Write the full report here (JSON).')
+def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, image_inputs,
+           random_count, backend, device, torch_device_name, atol, rtol, batch_size, per_layer,
+           json_path) -> None:
+    """Check that MODEL_FILE gives the PyTorch model's answers: metadata, detections, raw
+    outputs (and with --per-layer, the first layer that differs). Exit 0 pass, 1 mismatch."""
+    from detdeploy.infer import collect_images
+    from detdeploy.parity import (ParityOptions, file_images, random_images, run_parity,
+                                  write_report)
+    from detdeploy.parity_compare import tolerances_for
+
+    if bool(image_inputs) == bool(random_count):
+        raise DetdeployError('give either --images DIR... or --random N')
+    if not Path(model_file).is_file():
+        raise DetdeployError(f'model file not found: {model_file}')
+    if backend == 'ort' and model_name is None:
+        from detdeploy.runtimes.metadata import read_onnx_metadata
+        model_name = read_onnx_metadata(model_file).arch
+    images = (random_images(random_count) if random_count
+              else file_images(collect_images(list(image_inputs))))
+    detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
+                          'uses random weights: the file must have been exported from the same '
+                          'random weights to agree')
+    tolerances = None
+    if atol is not None or rtol is not None:
+        base = tolerances_for(None)
+        tolerances = dataclasses.replace(base, atol=base.atol if atol is None else atol,
+                                         rtol=base.rtol if rtol is None else rtol)
+    options = ParityOptions(backend=backend, device=device,
+                            torch_device=torch_device(torch_device_name), tolerances=tolerances,
+                            per_layer=per_layer, batch_size=batch_size)
+    report = run_parity(model_file, detector, images, options)
+    if json_path:
+        write_report(report, json_path)
+    for line in format_report(report):
+        click.echo(line)
+    if json_path:
+        click.echo(f'report: {json_path}')
+    if not report.passed:
+        click.get_current_context().exit(EXIT_MISMATCH)
+
+
+def format_report(report) -> list[str]:
+    """The report as text: header, metadata, a table per image, raw outputs, layer, verdict."""
+    tol = report.tolerances
+    providers = f' ({", ".join(report.providers)})' if report.providers else ''
+    lines = [f'parity: {report.model_file} on {report.backend}{providers} vs PyTorch '
+             f'{report.arch} ({report.checkpoint}); {report.precision}, '
+             f'{len(report.raw_by_image) or len(report.images)} images at '
+             f'{report.input_size[0]}x{report.input_size[1]}']
+    if report.metadata_issues:
+        lines += [f'metadata: MISMATCH {issue.field}: {issue.explanation}'
+                  for issue in report.metadata_issues]
+    else:
+        lines.append('metadata: ok (arch, preprocessing, class names, output layout)')
+    if report.images:
+        lines.append(f'detections (network-input px; box fails if off > {tol.box_atol_px:g} px '
+                     f'and > {tol.box_rtol:g} rel, score if off > {tol.score_atol:g}; '
+                     f'borderline: within {tol.borderline:g} of the score threshold or max-det '
+                     'cut):')
+        width = max(8, *(len(Path(m.source).name) for m in report.images))
+        lines.append(f'  {"image":<{width}}  torch  {report.backend:>5}  matched  '
+                     f'box err px  score err  unmatched (side:label@score)  status')
+        for match in report.images:
+            shown = ', '.join(f'{u.side}:{u.label}@{u.score:.4f}' + ('*' if u.borderline else '')
+                              for u in match.unmatched[:SHOWN_UNMATCHED])
+            if len(match.unmatched) > SHOWN_UNMATCHED:
+                shown += f', ... (+{len(match.unmatched) - SHOWN_UNMATCHED})'
+            lines.append(f'  {Path(match.source).name:<{width}}  {match.torch_count:>5}  '
+                         f'{match.backend_count:>5}  {match.matched:>7}  '
+                         f'{match.max_box_error_px:>10.2e}  {match.max_score_error:>9.2e}  '
+                         f'{shown or "-":<28}  {match.status}')
+        if any(u.borderline for m in report.images for u in m.unmatched):
+            lines.append('  (* borderline: not a failure)')
+    if report.raw:
+        lines.append(f'raw outputs before NMS (element fails if |a-b| > {tol.atol:g} and '
+                     f'|a-b|/|b| > {tol.rtol:g}):')
+        lines.append('  tensor         max abs err  max rel err  failing   worst at (img,c,y,x)  '
+                     'onnx / torch')
+        for name, comparison in report.raw.items():
+            lines.append(f'  {name:<14} {comparison.max_abs_error:>11.2e}  '
+                         f'{comparison.max_rel_error:>11.2e}  '
+                         f'{100 * comparison.failing_share:>6.2f} %  '
+                         f'{str(tuple(comparison.worst_index)):<20}  '
+                         f'{comparison.worst_got:.6g} / {comparison.worst_want:.6g}')
+    if report.layer:
+        layer = report.layer
+        found = layer.found
+        c = found.comparison
+        lines.append(f'per-layer ({layer.steps} pruned runs, {layer.mapped_tensors} tensors '
+                     f'mapped by {layer.mapping_source}, image {Path(layer.image).name}):')
+        lines.append(f'  first diverging: node {found.node} ({found.op_type}) -> tensor '
+                     f'{found.tensor} = module {found.module or "(unmapped)"}')
+        lines.append(f'    max abs err {c.max_abs_error:.3g}, max rel err {c.max_rel_error:.3g}, '
+                     f'{100 * c.failing_share:.2f} % failing, worst at {tuple(c.worst_index)}: '
+                     f'{c.worst_got:.6g} vs {c.worst_want:.6g}')
+        if layer.agreeing_inputs:
+            lines.append('  its inputs agree: ' + ', '.join(
+                f'{i.tensor} = {i.module} (max abs err {i.comparison.max_abs_error:.2g})'
+                for i in layer.agreeing_inputs))
+        weights = [w for s in layer.suspect_nodes for w in s['weights']]
+        lines.append(f'  nodes in between ({len(layer.suspect_nodes)}): ' + ', '.join(
+            f"{s['node']} ({s['op_type']})" for s in layer.suspect_nodes[:6]) +
+            (', ...' if len(layer.suspect_nodes) > 6 else ''))
+        if weights:
+            lines.append(f'  their weights: {", ".join(weights[:6])}'
+                         + (', ...' if len(weights) > 6 else ''))
+    lines += [f'note: {note}' for note in report.notes]
+    if report.passed:
+        lines.append(f'PASS: {report.model_file} agrees with PyTorch on '
+                     f'{len(report.raw_by_image) or len(report.images)} images')
+    else:
+        lines.append('FAIL: ' + '; '.join(report.failures))
+    return lines

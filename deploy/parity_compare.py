@@ -1,0 +1,240 @@
+"""The comparison rules of `detdeploy parity`, in one place: tolerances, element-wise array
+comparison (Polygraphy's semantics) and greedy detection matching with borderline handling.
+
+Numbers in, verdicts out (dataclasses); no model running, reading or printing here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """What counts as agreement.
+
+    Arrays (raw outputs, intermediate tensors): an element fails only if |a - b| > `atol` AND
+    |a - b| / |b| > `rtol`, b the PyTorch value (Polygraphy's element-wise rule).
+    Matched detections: a box coordinate fails by the same rule with `box_atol_px`, `box_rtol`;
+    a score fails if off by more than `score_atol`. Detections pair up when their labels are
+    equal and their IoU is at least `match_iou`. An unmatched detection whose score lies within
+    `borderline` of the score threshold or of the max-det cut is borderline, not a failure.
+    """
+    atol: float
+    rtol: float
+    box_atol_px: float
+    box_rtol: float
+    score_atol: float
+    borderline: float
+    match_iou: float = 0.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# fp32, measured with this project's random-weight rtmdet-tiny (ill-conditioned: logits up to
+# 38, saturated scores), ONNX Runtime CPU vs PyTorch CPU, 16 generated images at 320 and 640:
+# max |a-b| of logits 1.8e-3 and of distances 1.3e-2 px (on distances of 120 px); with rtol
+# 1e-3 an atol of 3.5e-3 already passes every element. PyTorch float32 itself is as far from a
+# float64 run (logits 1.2e-3, distances 5.2e-3), so this is float32 rounding, not the export.
+# Detections: boxes within 5.6e-3 px, scores within 1.4e-5; a logit error of 1.8e-3 can move a
+# sigmoid score by up to 4.5e-4, hence score_atol. A real fault is orders larger (one weight
+# changed by 0.5 moves logits by up to 3.9). The defaults keep about 3x headroom.
+# fp16/int8: not measurable here (no GPU): the usual orders of magnitude for these precisions
+# (fp16 has a 1e-3 relative step; int8 calibration moves scores by a few hundredths).
+TOLERANCE_PRESETS = {
+    'fp32': Tolerances(atol=1e-2, rtol=1e-3, box_atol_px=2e-2, box_rtol=1e-4, score_atol=5e-4,
+                       borderline=5e-4),
+    'fp16': Tolerances(atol=5e-2, rtol=1e-2, box_atol_px=1.0, box_rtol=1e-2, score_atol=1e-2,
+                       borderline=1e-2),
+    'int8': Tolerances(atol=0.3, rtol=0.1, box_atol_px=4.0, box_rtol=5e-2, score_atol=5e-2,
+                       borderline=5e-2),
+}
+
+
+def tolerances_for(precision: str | None) -> Tolerances:
+    """The preset for a precision name (fp32, fp16, int8, int8+fp16 -> int8); fp32 if unknown."""
+    name = (precision or 'fp32').lower()
+    if 'int8' in name:
+        return TOLERANCE_PRESETS['int8']
+    return TOLERANCE_PRESETS['fp16' if 'fp16' in name or 'half' in name else 'fp32']
+
+
+# ---- arrays -------------------------------------------------------------------------------
+
+@dataclass
+class ArrayComparison:
+    """One tensor (or an accumulation of several) compared element-wise."""
+    name: str
+    shape: list[int]
+    max_abs_error: float
+    max_rel_error: float
+    worst_index: list[int]              # the failing element with the largest |a-b|, else the
+    worst_got: float                    # element with the largest |a-b| overall
+    worst_want: float
+    failing: int
+    total: int
+    passed: bool
+
+    @property
+    def failing_share(self) -> float:
+        return self.failing / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), 'failing_share': self.failing_share}
+
+
+def compare_arrays(got: np.ndarray, want: np.ndarray, atol: float, rtol: float,
+                   name: str = '') -> ArrayComparison:
+    """`got` (the backend) against `want` (PyTorch) with Polygraphy's element-wise rule.
+
+    NaN or inf where the other side differs counts as failing with infinite error; a shape
+    mismatch fails every element.
+    """
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return ArrayComparison(name, list(want.shape), float('inf'), float('inf'), [], float('nan'),
+                               float('nan'), max(got.size, want.size), max(got.size, want.size),
+                               False)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        abs_error = np.abs(got - want)
+        same = (got == want) | (np.isnan(got) & np.isnan(want))
+        abs_error = np.where(same, 0.0, np.nan_to_num(abs_error, nan=np.inf))
+        rel_error = np.where(abs_error == 0, 0.0, abs_error / np.abs(want))
+    failing_mask = (abs_error > atol) & (rel_error > rtol)
+    failing = int(failing_mask.sum())
+    if want.size == 0:
+        return ArrayComparison(name, list(want.shape), 0.0, 0.0, [], 0.0, 0.0, 0, 0, True)
+    ranked = np.where(failing_mask, abs_error, -1.0) if failing else abs_error
+    flat = int(np.argmax(ranked))
+    index = [int(i) for i in np.unravel_index(flat, want.shape)]
+    return ArrayComparison(name, list(want.shape), float(abs_error.max()), float(rel_error.max()),
+                           index, float(got.flat[flat]), float(want.flat[flat]), failing,
+                           int(want.size), failing == 0)
+
+
+def merge_comparisons(first: ArrayComparison | None, second: ArrayComparison,
+                      image_index: int | None = None) -> ArrayComparison:
+    """Accumulate comparisons of one tensor over images; `image_index` is put in front of the
+    second's worst index (which then reads image, channel, y, x)."""
+    if image_index is not None:
+        second = dataclasses.replace(second, worst_index=[image_index, *second.worst_index])
+    if first is None:
+        return second
+    take_second = (second.failing and not first.failing) or (
+        bool(second.failing) == bool(first.failing) and second.max_abs_error > first.max_abs_error)
+    worst = second if take_second else first
+    return ArrayComparison(first.name, worst.shape, max(first.max_abs_error, second.max_abs_error),
+                           max(first.max_rel_error, second.max_rel_error), worst.worst_index,
+                           worst.worst_got, worst.worst_want, first.failing + second.failing,
+                           first.total + second.total, first.passed and second.passed)
+
+
+# ---- detections ---------------------------------------------------------------------------
+
+@dataclass
+class DetectionSet:
+    """One image's detections from one side, best first: boxes [K, 4] xyxy px, scores, labels."""
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass
+class Unmatched:
+    side: str                   # 'torch' or the backend's name
+    label: int
+    score: float
+    box_xyxy_px: list[float]
+    borderline: bool
+
+
+@dataclass
+class ImageMatch:
+    """Detections of one image from PyTorch and the backend, matched."""
+    source: str
+    torch_count: int
+    backend_count: int
+    matched: int
+    max_box_error_px: float
+    max_score_error: float
+    failed_pairs: int                   # matched, but box or score out of tolerance
+    unmatched: list[Unmatched] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if self.failed_pairs or any(not u.borderline for u in self.unmatched):
+            return 'FAIL'
+        return 'borderline' if self.unmatched else 'ok'
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), 'status': self.status}
+
+
+def _iou_matrix(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    import torch
+    from torchvision.ops import box_iou
+    if not len(boxes_a) or not len(boxes_b):
+        return np.zeros((len(boxes_a), len(boxes_b)))
+    return box_iou(torch.as_tensor(boxes_a, dtype=torch.float64),
+                   torch.as_tensor(boxes_b, dtype=torch.float64)).numpy()
+
+
+def match_detections(want: DetectionSet, got: DetectionSet, tol: Tolerances, score_thr: float,
+                     max_det: int | None, source: str = '', backend_name: str = 'backend'
+                     ) -> ImageMatch:
+    """Greedy matching, highest PyTorch score first: each PyTorch detection takes the unmatched
+    backend detection of its label with the highest IoU (at least `tol.match_iou`).
+
+    Unmatched detections are borderline if their score is within `tol.borderline` of
+    `score_thr`, or of the max-det cut (the lowest score of a side that returned `max_det`).
+    A pair whose boxes disagree while both scores are borderline is two different detections
+    at the cut (each one's true partner fell below it on the other side): both count as
+    unmatched borderline detections, not as a failed pair.
+    """
+    iou = _iou_matrix(want.boxes, got.boxes)
+    free = np.ones(len(got), dtype=bool)
+    pairs = []
+    for i in np.argsort(-np.asarray(want.scores, dtype=np.float64), kind='stable'):
+        candidates = free & (got.labels == want.labels[i]) & (iou[i] >= tol.match_iou)
+        if candidates.any():
+            j = int(np.argmax(np.where(candidates, iou[i], -1.0)))
+            free[j] = False
+            pairs.append((int(i), j))
+    full_sides = [s for s in (want, got) if max_det is not None and len(s) >= max_det and len(s)]
+    cut = max((float(np.min(s.scores)) for s in full_sides), default=None)
+
+    def is_borderline(score: float) -> bool:
+        near_thr = score - score_thr <= tol.borderline
+        near_cut = cut is not None and score - cut <= tol.borderline
+        return bool(near_thr or near_cut)
+
+    box_errors, score_errors, failed, kept_pairs = [0.0], [0.0], 0, []
+    for i, j in pairs:
+        box = compare_arrays(got.boxes[j], want.boxes[i], tol.box_atol_px, tol.box_rtol)
+        score_error = abs(float(got.scores[j]) - float(want.scores[i]))
+        if not box.passed and is_borderline(float(want.scores[i])) and \
+                is_borderline(float(got.scores[j])):
+            # two different detections at the cut, each of whose partner fell below it
+            free[j] = True
+            continue
+        kept_pairs.append((i, j))
+        box_errors.append(box.max_abs_error)
+        score_errors.append(score_error)
+        failed += int(not box.passed or score_error > tol.score_atol)
+    matched_want = {i for i, _ in kept_pairs}
+
+    unmatched = [Unmatched('torch', int(want.labels[i]), float(want.scores[i]),
+                           [float(v) for v in want.boxes[i]], is_borderline(float(want.scores[i])))
+                 for i in range(len(want)) if i not in matched_want]
+    unmatched += [Unmatched(backend_name, int(got.labels[j]), float(got.scores[j]),
+                            [float(v) for v in got.boxes[j]], is_borderline(float(got.scores[j])))
+                  for j in np.flatnonzero(free)]
+    return ImageMatch(source, len(want), len(got), len(kept_pairs), max(box_errors),
+                      max(score_errors), failed, unmatched)
