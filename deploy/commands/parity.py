@@ -70,10 +70,12 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
     report = run_parity(model_file, detector, images, options)
     if json_path:
         write_report(report, json_path)
-    for line in format_report(report):
+    lines = format_report(report)
+    for line in lines[:-1]:
         click.echo(line)
     if json_path:
         click.echo(f'report: {json_path}')
+    click.echo(lines[-1])
     if not report.passed:
         click.get_current_context().exit(EXIT_MISMATCH)
 
