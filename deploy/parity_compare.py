@@ -20,7 +20,9 @@ class Tolerances:
     Matched detections: a box coordinate fails by the same rule with `box_atol_px`, `box_rtol`;
     a score fails if off by more than `score_atol`. Detections pair up when their labels are
     equal and their IoU is at least `match_iou`. An unmatched detection whose score lies within
-    `borderline` of the score threshold or of the max-det cut is borderline, not a failure.
+    `borderline` of the score threshold or of the max-det cut is borderline, not a failure,
+    unless more than `max_borderline_share` of a side's detections (and more than 2) are: ties at the cut reorder
+    a few detections (13 % at most on saturated random-weight scores), not most of them.
     """
     atol: float
     rtol: float
@@ -29,6 +31,7 @@ class Tolerances:
     score_atol: float
     borderline: float
     match_iou: float = 0.5
+    max_borderline_share: float = 0.25
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,8 +39,8 @@ class Tolerances:
 
 # fp32, measured with this project's random-weight rtmdet-tiny (ill-conditioned: logits up to
 # 38, saturated scores), ONNX Runtime CPU vs PyTorch CPU, 16 generated images at 320 and 640:
-# max |a-b| of logits 1.8e-3 and of distances 1.3e-2 px (on distances of 120 px); with rtol
-# 1e-3 an atol of 3.5e-3 already passes every element. PyTorch float32 itself is as far from a
+# max |a-b| of logits 1.8e-3 (2.4e-3 in another run) and of distances 1.3e-2 px (on distances
+# of 120 px); with rtol 1e-3 an atol of 3.5e-3 already passes every element. PyTorch float32 itself is as far from a
 # float64 run (logits 1.2e-3, distances 5.2e-3), so this is float32 rounding, not the export.
 # Detections: boxes within 5.6e-3 px, scores within 1.4e-5; a logit error of 1.8e-3 can move a
 # sigmoid score by up to 4.5e-4, hence score_atol. A real fault is orders larger (one weight
@@ -135,6 +138,9 @@ def merge_comparisons(first: ArrayComparison | None, second: ArrayComparison,
 
 # ---- detections ---------------------------------------------------------------------------
 
+MIN_EXCUSED_BORDERLINE = 2        # borderline detections per side always excused, however few
+
+
 @dataclass
 class DetectionSet:
     """One image's detections from one side, best first: boxes [K, 4] xyxy px, scores, labels."""
@@ -166,6 +172,7 @@ class ImageMatch:
     max_score_error: float
     failed_pairs: int                   # matched, but box or score out of tolerance
     unmatched: list[Unmatched] = field(default_factory=list)
+    too_many_borderline: bool = False   # borderline cases not excused (max_borderline_share)
 
     @property
     def status(self) -> str:
@@ -236,5 +243,12 @@ def match_detections(want: DetectionSet, got: DetectionSet, tol: Tolerances, sco
     unmatched += [Unmatched(backend_name, int(got.labels[j]), float(got.scores[j]),
                             [float(v) for v in got.boxes[j]], is_borderline(float(got.scores[j])))
                   for j in np.flatnonzero(free)]
+    too_many = any(
+        sum(u.borderline for u in unmatched if u.side == side) >
+        max(MIN_EXCUSED_BORDERLINE, tol.max_borderline_share * count)
+        for side, count in (('torch', len(want)), (backend_name, len(got))))
+    if too_many:
+        for entry in unmatched:
+            entry.borderline = False
     return ImageMatch(source, len(want), len(got), len(kept_pairs), max(box_errors),
-                      max(score_errors), failed, unmatched)
+                      max(score_errors), failed, unmatched, too_many)

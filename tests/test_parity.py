@@ -219,6 +219,11 @@ def test_borderline_at_score_threshold_and_max_det_cut():
     match = match_detections(want, got, TOL, score_thr, max_det)
     assert match.status == 'FAIL'
     assert [(u.label, u.score, u.borderline) for u in match.unmatched] == [(0, 0.8, False)]
+    # everything tied at the cut but nothing in common: more than a quarter is not a tie effect
+    want = _dets([(i, 0, i + 5, 5, 1.0, 0) for i in range(0, 40, 10)])
+    got = _dets([(i, 50, i + 5, 55, 1.0, 0) for i in range(0, 40, 10)])
+    match = match_detections(want, got, TOL, score_thr, max_det=4)
+    assert match.status == 'FAIL' and match.too_many_borderline and match.matched == 0
 
 
 def test_tolerance_presets_by_precision():

@@ -11,7 +11,7 @@ from detdeploy.errors import DetdeployError
 from .common import load_model, pytorch_model_options, torch_device
 
 EXIT_MISMATCH = 1
-SHOWN_UNMATCHED = 3
+SHOWN_UNMATCHED = 2
 
 
 @click.command()
@@ -100,18 +100,23 @@ def format_report(report) -> list[str]:
                      'cut):')
         width = max(8, *(len(Path(m.source).name) for m in report.images))
         lines.append(f'  {"image":<{width}}  torch  {report.backend:>5}  matched  '
-                     f'box err px  score err  unmatched (side:label@score)  status')
+                     f'box err px  score err  unmatched (side:label@score)    status')
         for match in report.images:
             shown = ', '.join(f'{u.side}:{u.label}@{u.score:.4f}' + ('*' if u.borderline else '')
                               for u in match.unmatched[:SHOWN_UNMATCHED])
             if len(match.unmatched) > SHOWN_UNMATCHED:
-                shown += f', ... (+{len(match.unmatched) - SHOWN_UNMATCHED})'
+                shown += f' +{len(match.unmatched) - SHOWN_UNMATCHED}'
             lines.append(f'  {Path(match.source).name:<{width}}  {match.torch_count:>5}  '
                          f'{match.backend_count:>5}  {match.matched:>7}  '
                          f'{match.max_box_error_px:>10.2e}  {match.max_score_error:>9.2e}  '
-                         f'{shown or "-":<28}  {match.status}')
+                         f'{shown or "-":<30}  {match.status}')
         if any(u.borderline for m in report.images for u in m.unmatched):
             lines.append('  (* borderline: not a failure)')
+        for match in report.images:
+            if match.too_many_borderline:
+                lines.append(f'  {Path(match.source).name}: {len(match.unmatched)} unmatched near '
+                             f'the cut or threshold, more than {tol.max_borderline_share:.0%} of '
+                             'a side: not a tie effect, counted as failures')
     if report.raw:
         lines.append(f'raw outputs before NMS (element fails if |a-b| > {tol.atol:g} and '
                      f'|a-b|/|b| > {tol.rtol:g}):')
