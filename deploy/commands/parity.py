@@ -51,9 +51,12 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
         raise DetdeployError('give either --images DIR... or --random N')
     if not Path(model_file).is_file():
         raise DetdeployError(f'model file not found: {model_file}')
-    if backend == 'ort' and model_name is None:
+    if model_name is None and backend == 'ort':
         from detdeploy.runtimes.metadata import read_onnx_metadata
         model_name = read_onnx_metadata(model_file).arch
+    elif model_name is None:
+        from detdeploy.runtimes.tensorrt_common import read_sidecar
+        model_name = read_sidecar(Path(model_file)).metadata.arch
     images = (random_images(random_count) if random_count
               else file_images(collect_images(list(image_inputs))))
     detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
