@@ -26,7 +26,7 @@ IO_BINDING_KEY = 'inference_io_binding'
 MAX_IMAGES = 64                 # images decoded into memory from --images
 GENERATED_SIZES_HW = ((480, 640), (640, 480), (427, 640), (640, 427), (360, 640), (512, 512),
                       (375, 500), (500, 375))          # typical COCO shapes
-MODEL_FILE_BACKENDS = {'.onnx': 'ort', '.engine': 'trt'}
+MODEL_FILE_BACKENDS = {'.onnx': 'ort', '.engine': 'trt', '.plan': 'trt'}
 BACKENDS = ('torch', 'ort', 'trt')
 
 

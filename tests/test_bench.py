@@ -214,6 +214,7 @@ def test_cli_run_on_onnx_and_torch(cli_run, tiny_onnx):
     (['x.onnx', '--backend', 'torch'], 'leaves out'),
     (['rtmdet-tiny', '--backend', 'trt'], 'needs an .engine file'),
     (['model.engine'], 'model file not found'),
+    (['model.plan'], 'model file not found'),
     ([], 'no model given'),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
