@@ -15,8 +15,8 @@ import click
 from detdeploy import __version__
 from detdeploy.errors import DetdeployError
 
-from .commands import build_engine as build_engine_command
 from .commands import bench as bench_command
+from .commands import build_engine as build_engine_command
 from .commands import export, infer
 from .commands import parity as parity_command
 
@@ -33,8 +33,8 @@ def cli(debug: bool) -> None:
 cli.add_command(infer.infer)
 cli.add_command(export.export)
 cli.add_command(parity_command.parity)
-cli.add_command(bench_command.bench)
 cli.add_command(build_engine_command.build_engine)
+cli.add_command(bench_command.bench)
 
 
 def main(argv: list[str] | None = None) -> None:

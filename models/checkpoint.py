@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -83,6 +83,16 @@ def class_names_from_meta(meta: dict) -> tuple[str, ...] | None:
     return None
 
 
+def input_size_from_meta(meta: dict) -> tuple[int, int] | None:
+    """The (height, width) a checkpoint was trained for, if its meta says."""
+    ours = meta.get('detdeploy') if isinstance(meta, dict) else None
+    size = ours.get('input_size') if isinstance(ours, dict) else None
+    if (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(v, int) and v > 0 and v % 32 == 0 for v in size)):
+        return (size[0], size[1])
+    return None
+
+
 def describe_mismatch(model: torch.nn.Module, state_dict: dict) -> str | None:
     """A one-line summary of missing, unexpected and mis-shaped keys, or None if all fit."""
     own = model.state_dict()
@@ -129,6 +139,9 @@ def load_detector(name: str, checkpoint: str | Path | None = None,
     if mismatch:
         raise CheckpointError(f'checkpoint {checkpoint} does not fit {spec.name}: {mismatch}')
     model.load_state_dict(state_dict, strict=True)
+    input_size = input_size_from_meta(meta)
+    if input_size and tuple(input_size) != spec.preprocessing.input_size:
+        spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=input_size))
     names = class_names or class_names_from_meta(meta)
     if names is None:
         names = (spec.class_names if num_classes == len(spec.class_names)
@@ -140,9 +153,12 @@ def load_detector(name: str, checkpoint: str | Path | None = None,
                           file_sha256(checkpoint))
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, spec: ModelSpec,
-                    class_names: tuple[str, ...], extra_meta: dict | None = None) -> None:
-    """Write `{'meta', 'state_dict'}` as MMDetection does, with our metadata, atomically."""
+def save_checkpoint(path: str | Path, model: torch.nn.Module | dict, spec: ModelSpec,
+                    class_names: tuple[str, ...], extra_meta: dict | None = None,
+                    extra: dict | None = None) -> None:
+    """Write `{'meta', 'state_dict'}` as MMDetection does, with our metadata, atomically.
+
+    `model` is a module or a state dict; `extra` adds top-level entries (training state)."""
     meta = {
         'dataset_meta': {'classes': tuple(class_names)},
         'detdeploy': {'arch': spec.name, 'class_names': list(class_names),
@@ -150,4 +166,5 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, spec: ModelSpec,
         **(extra_meta or {}),
     }
     with atomic_write(path) as handle:
-        torch.save({'meta': meta, 'state_dict': model.state_dict()}, handle)
+        state_dict = model if isinstance(model, dict) else model.state_dict()
+        torch.save({'meta': meta, 'state_dict': state_dict, **(extra or {})}, handle)

@@ -1,0 +1,104 @@
+"""COCO box mAP of any backend on a COCO-format dataset, with pycocotools.
+
+Detections come from the shared host pipeline (`runtimes.pipeline.detect`), so PyTorch, ONNX
+Runtime and TensorRT are measured through the same preprocessing and rescaling. Labels map to
+the annotation file's categories in id order; the model's class count must match.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from detdeploy.errors import DetdeployError
+
+METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
+
+
+@dataclass
+class EvalResult:
+    backend: str
+    metrics: dict[str, float]
+    num_images: int
+    num_detections: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_coco(ann_file: str | Path):
+    """A pycocotools COCO object, quietly; a bad file is a one-line error."""
+    from pycocotools.coco import COCO
+    path = Path(ann_file)
+    if not path.is_file():
+        raise DetdeployError(f'annotation file {path} does not exist')
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(path))
+        coco.getCatIds()
+        coco.getImgIds()
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise DetdeployError(f'{path} is not a COCO instances file ({exc})') from None
+    return coco
+
+
+def coco_metrics(coco, results: list[dict]) -> dict[str, float]:
+    """COCOeval bbox stats for results in COCO results format (all images of `coco`)."""
+    from pycocotools.cocoeval import COCOeval
+    if not results:
+        return {name: 0.0 for name in METRIC_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        detections = coco.loadRes(results)
+        evaluator = COCOeval(coco, detections, 'bbox')
+        evaluator.params.imgIds = sorted(coco.getImgIds())
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: max(float(value), 0.0) for name, value in zip(METRIC_NAMES, evaluator.stats)}
+
+
+def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: int = 1,
+             show_progress: bool = False, coco=None) -> EvalResult:
+    """Run `backend` over every image of the annotation file and score its detections."""
+    from tqdm import tqdm
+
+    from detdeploy.runtimes.pipeline import detect
+
+    coco = coco or load_coco(ann_file)
+    image_root = Path(image_dir)
+    if not image_root.is_dir():
+        raise DetdeployError(f'image directory {image_root} does not exist')
+    category_ids = sorted(coco.getCatIds())
+    if len(category_ids) != len(backend.class_names):
+        raise DetdeployError(f'{ann_file} has {len(category_ids)} categories but the model has '
+                             f'{len(backend.class_names)} classes')
+    warnings = []
+    names = [coco.cats[i]['name'] for i in category_ids]
+    if list(names) != list(backend.class_names):
+        warnings.append(f"class names differ from the annotation file's ({names[:3]}... vs "
+                        f'{list(backend.class_names)[:3]}...); matching by index')
+    image_ids = sorted(coco.getImgIds())
+    files = [image_root / coco.imgs[i]['file_name'] for i in image_ids]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DetdeployError(f'{len(missing)} annotated images are missing, e.g. {missing[0]}')
+    results = []
+    start = time.perf_counter()
+    stream = detect(backend, files, batch_size=batch_size)
+    for image_id, (detections, _) in tqdm(zip(image_ids, stream), total=len(files),
+                                          disable=not show_progress, unit='img'):
+        for box, score, label in zip(detections.boxes_xyxy_px, detections.scores, detections.labels):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            results.append({'image_id': image_id, 'category_id': category_ids[int(label)],
+                            'bbox': [x1, y1, x2 - x1, y2 - y1], 'score': float(score)})
+    seconds = time.perf_counter() - start
+    return EvalResult(backend.name, coco_metrics(coco, results), len(files), len(results),
+                      seconds, warnings)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    from detdeploy.fileio import atomic_write
+    with atomic_write(path, 'w') as handle:
+        json.dump(payload, handle, indent=2)

@@ -1,0 +1,75 @@
+"""RTMDet's training objective over the head's raw outputs, as MMDetection's `RTMDetHead.loss`.
+
+Per image, the assigner matches anchor points to boxes using the detached predictions; the
+classification loss (QFL, target = IoU of the matched prediction) covers every point; the box
+loss (GIoU, weight 2) covers matched points, each weighted by its IoU. Both are divided by the
+sum of matched IoUs over the batch (averaged across processes under DDP), at least 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .assigner import DynamicSoftLabelAssigner
+from .losses import giou_loss, quality_focal_loss
+from .postprocess import RawOutputs, distance2bbox, grid_priors
+
+
+def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value
+
+
+class RTMDetLoss:
+    def __init__(self, strides: tuple[int, ...], assigner: DynamicSoftLabelAssigner | None = None,
+                 cls_weight: float = 1.0, box_weight: float = 2.0):
+        self.strides = strides
+        self.assigner = assigner or DynamicSoftLabelAssigner()
+        self.cls_weight = cls_weight
+        self.box_weight = box_weight
+
+    def priors(self, raw: RawOutputs) -> torch.Tensor:
+        """[A, 4]: x, y, stride, stride of every anchor point, levels concatenated."""
+        sizes = [(s.shape[-2], s.shape[-1]) for s in raw.cls_scores]
+        points = grid_priors(sizes, self.strides, raw.cls_scores[0].device)
+        strides = torch.cat([points.new_full((h * w,), float(stride))
+                             for (h, w), stride in zip(sizes, self.strides)])
+        return torch.cat([points, strides[:, None], strides[:, None]], dim=1)
+
+    def __call__(self, raw: RawOutputs, gt_boxes: list[torch.Tensor],
+                 gt_labels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """loss_cls and loss_bbox for a batch; gt_boxes[i] [G_i, 4] xyxy in input pixels."""
+        batch = raw.cls_scores[0].shape[0]
+        num_classes = raw.cls_scores[0].shape[1]
+        logits = torch.cat([s.permute(0, 2, 3, 1).reshape(batch, -1, num_classes)
+                            for s in raw.cls_scores], 1)
+        distances = torch.cat([b.permute(0, 2, 3, 1).reshape(batch, -1, 4)
+                               for b in raw.bbox_preds], 1)
+        priors = self.priors(raw)
+        boxes = distance2bbox(priors[None, :, :2], distances)
+
+        labels, quality, targets = [], [], []
+        for index in range(batch):
+            assignment = self.assigner.assign(logits[index].detach(), boxes[index].detach(),
+                                              priors, gt_boxes[index], gt_labels[index])
+            labels.append(assignment.labels)
+            quality.append(assignment.ious)
+            matched = gt_boxes[index][assignment.gt_index.clamp(min=0)] if len(
+                gt_boxes[index]) else boxes.new_zeros((len(priors), 4))
+            targets.append(matched)
+        labels, quality, targets = torch.cat(labels), torch.cat(quality), torch.cat(targets)
+        flat_logits, flat_boxes = logits.reshape(-1, num_classes), boxes.reshape(-1, 4)
+
+        loss_cls = quality_focal_loss(flat_logits, labels, quality).sum()
+        positive = labels >= 0
+        if positive.any():
+            loss_bbox = (giou_loss(flat_boxes[positive], targets[positive])
+                         * quality[positive]).sum()
+        else:
+            loss_bbox = flat_boxes.sum() * 0
+        average = _mean_over_processes(quality.sum().detach()).clamp(min=1)
+        return {'loss_cls': self.cls_weight * loss_cls / average,
+                'loss_bbox': self.box_weight * loss_bbox / average}

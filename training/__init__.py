@@ -1,0 +1,1 @@
+"""Training RTMDet in detdeploy: datasets, augmentation, the training loop, EMA and schedules."""
