@@ -17,7 +17,8 @@ from detdeploy.errors import DetdeployError
 
 from .commands import bench as bench_command
 from .commands import build_engine as build_engine_command
-from .commands import export, infer
+from .commands import eval as eval_command
+from .commands import export, infer, make_dataset, train
 from .commands import parity as parity_command
 
 EXIT_BAD_INPUT = 2
@@ -35,6 +36,9 @@ cli.add_command(export.export)
 cli.add_command(parity_command.parity)
 cli.add_command(build_engine_command.build_engine)
 cli.add_command(bench_command.bench)
+cli.add_command(make_dataset.make_dataset)
+cli.add_command(train.train)
+cli.add_command(eval_command.eval_command)
 
 
 def main(argv: list[str] | None = None) -> None:

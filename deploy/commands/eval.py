@@ -1,0 +1,147 @@
+"""`detdeploy eval`: COCO box mAP of a model on one or more backends, with the difference to the
+first.
+
+A registry name runs in PyTorch; with `ort` among the backends it is also exported to a
+temporary ONNX file (same weights, same NMS preset) so both are scored on the same images.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from detdeploy.errors import DetdeployError
+
+from .common import load_model, pytorch_model_options, torch_device
+
+EXIT_CHECK_FAILED = 1
+
+
+def _parse_backends(text: str | None, model: str) -> list[str]:
+    from detdeploy.runtimes.open import backend_for_file, is_model_file
+    if text is None:
+        return [backend_for_file(model)] if is_model_file(model) else ['torch']
+    backends = [b.strip() for b in text.split(',') if b.strip()]
+    unknown = [b for b in backends if b not in ('torch', 'ort', 'trt')]
+    if unknown or not backends or len(set(backends)) != len(backends):
+        raise DetdeployError(f"--backend '{text}': give distinct backends from torch, ort, trt")
+    if is_model_file(model):
+        for backend in backends:
+            if backend == 'torch':
+                raise DetdeployError(f'--backend torch needs a registry name, got {model}')
+            backend_for_file(model, backend)
+    elif 'trt' in backends:
+        raise DetdeployError('--backend trt needs an engine file: export, then `detdeploy '
+                             'build-engine`, then eval the .engine')
+    return backends
+
+
+def _registry_backends(model, backends, options, temp_dir: Path) -> list:
+    from detdeploy.models import DEPLOY_NMS, EVAL_NMS
+    from detdeploy.runtimes.torch_backend import TorchBackend
+    nms = EVAL_NMS if options['nms_preset'] == 'eval' else DEPLOY_NMS
+    detector = load_model(model, options['checkpoint'], options['class_names'],
+                          options['trust_checkpoint'],
+                          'uses random weights (expect an AP of 0)')
+    runners = []
+    for backend in backends:
+        if backend == 'torch':
+            runners.append(TorchBackend(detector, nms=nms, device=torch_device(options['device'])))
+        else:
+            from detdeploy.export.exporter import ExportOptions, export_onnx
+            from detdeploy.runtimes.open import open_model_file
+            path = temp_dir / f'{detector.spec.name}.onnx'
+            click.echo(f'exporting {detector.spec.name} to ONNX for the ort backend '
+                       f'(--nms onnx, {options["nms_preset"]} preset)', err=True)
+            export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=nms,
+                                                      dynamic_batch=True))
+            runners.append(open_model_file(path, 'ort', device=options['device'],
+                                           threads=options['threads']))
+    return runners
+
+
+def format_table(results) -> str:
+    from detdeploy.evaluate import METRIC_NAMES
+    header = f"{'backend':<24}" + ''.join(f'{m:>8}' for m in METRIC_NAMES) + \
+        f"{'dAP':>9}{'images':>8}{'dets':>8}{'s':>7}"
+    lines = [header]
+    base = results[0].metrics['AP']
+    for index, result in enumerate(results):
+        delta = '(base)' if index == 0 else f"{result.metrics['AP'] - base:+.4f}"
+        lines.append(f'{result.backend:<24}' + ''.join(f'{result.metrics[m]:>8.4f}'
+                                                         for m in METRIC_NAMES)
+                     + f'{delta:>9}{result.num_images:>8}{result.num_detections:>8}'
+                     f'{result.seconds:>7.1f}')
+    return '\n'.join(lines)
+
+
+@click.command('eval')
+@click.argument('model', required=False)
+@pytorch_model_options
+@click.option('--ann', 'ann_file', required=True, type=click.Path(dir_okay=False),
+              help='COCO instances JSON with the ground truth.')
+@click.option('--images', 'image_dir', required=True, type=click.Path(file_okay=False),
+              help='Folder the annotation file names are relative to.')
+@click.option('--backend', 'backends', help='Comma-separated torch,ort,trt [default: torch for '
+              'registry names, ort for .onnx, trt for .engine]; the first is the baseline.')
+@click.option('--device', default='cpu', show_default=True,
+              help='torch: cpu, cuda, cuda:N; ort: cpu, cuda, tensorrt.')
+@click.option('--threads', type=click.IntRange(min=1), help='ort: intra-op threads.')
+@click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--nms-preset', type=click.Choice(['eval', 'deploy']), default='eval',
+              show_default=True, help='NMS of registry models (files keep their own): eval = '
+              'score 0.001, 300 detections, as COCO mAP is measured.')
+@click.option('--min-ap', type=click.FloatRange(0, 1),
+              help='Exit with code 1 when any backend scores an AP below this.')
+@click.option('--json', 'json_path', type=click.Path(dir_okay=False),
+              help='Write the metrics of every backend here.')
+def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, ann_file,
+                 image_dir, backends, device, threads, batch_size, nms_preset, min_ap,
+                 json_path) -> None:
+    """COCO box mAP (AP, AP50, AP75, small/medium/large) of MODEL on a COCO-format dataset.
+
+    MODEL: a registry name (with --checkpoint; the default is the bundled model), a .onnx or an
+    .engine file. With several backends, a table and each one's AP difference to the first.
+    """
+    from detdeploy.evaluate import evaluate, load_coco, write_json
+    from detdeploy.runtimes.open import is_model_file, open_model_file
+
+    if model and model_name:
+        raise DetdeployError(f'give MODEL or --model, not both ({model}, {model_name})')
+    model = model or model_name or 'rtmdet'
+    if is_model_file(model) and not Path(model).is_file():
+        raise DetdeployError(f'model file not found: {model}')
+    chosen = _parse_backends(backends, model)
+    coco = load_coco(ann_file)
+    options = {'checkpoint': checkpoint, 'class_names': class_names, 'device': device,
+               'trust_checkpoint': trust_checkpoint, 'nms_preset': nms_preset,
+               'threads': threads}
+    with tempfile.TemporaryDirectory(prefix='detdeploy_eval_') as temp:
+        if is_model_file(model):
+            runners = [open_model_file(model, b, device=device, threads=threads) for b in chosen]
+        else:
+            runners = _registry_backends(model, chosen, options, Path(temp))
+        results = []
+        for runner in runners:
+            if getattr(runner, 'fallback', None):
+                click.echo(f'warning: {runner.fallback}', err=True)
+            result = evaluate(runner, ann_file, image_dir, batch_size=batch_size,
+                              show_progress=sys.stderr.isatty(), coco=coco)
+            for warning in result.warnings:
+                click.echo(f'warning: {result.backend}: {warning}', err=True)
+            results.append(result)
+    click.echo(format_table(results))
+    if json_path:
+        write_json(json_path, {'model': model, 'ann': str(ann_file), 'results': [
+            {'backend': r.backend, 'metrics': r.metrics, 'images': r.num_images,
+             'detections': r.num_detections, 'seconds': r.seconds} for r in results]})
+        click.echo(f'wrote {json_path}')
+    if min_ap is not None:
+        below = [r for r in results if r.metrics['AP'] < min_ap]
+        if below:
+            click.echo(f'FAIL: AP below --min-ap {min_ap}: ' + ', '.join(
+                f"{r.backend} {r.metrics['AP']:.4f}" for r in below))
+            sys.exit(EXIT_CHECK_FAILED)
+        click.echo(f'PASS: every AP >= {min_ap}')

@@ -1,0 +1,96 @@
+"""`detdeploy train`: train a registry detector on a COCO-format dataset (`training.trainer`).
+
+Run it once per process; under `torchrun --nproc-per-node N` it trains with DDP (gloo on CPU,
+NCCL on GPU) and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from detdeploy.errors import DetdeployError
+
+
+def _scale_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(','))
+    except ValueError:
+        raise DetdeployError(f"--scale-range '{text}': give two numbers, e.g. 0.5,2.0") from None
+    if not 0 < low <= high:
+        raise DetdeployError(f"--scale-range '{text}': need 0 < low <= high")
+    return low, high
+
+
+@click.command()
+@click.option('--model', 'model_name', default='rtmdet-tiny', show_default=True,
+              help='Registry name: rtmdet-tiny, -s, -m, -l, -x.')
+@click.option('--train-ann', required=True, type=click.Path(dir_okay=False),
+              help='COCO instances JSON of the training set (class names come from it).')
+@click.option('--train-images', required=True, type=click.Path(file_okay=False),
+              help='Folder the training file names are relative to.')
+@click.option('--val-ann', type=click.Path(dir_okay=False), help='COCO JSON of the val set.')
+@click.option('--val-images', type=click.Path(file_okay=False), help='Val image folder.')
+@click.option('--epochs', type=click.IntRange(min=1), default=12, show_default=True)
+@click.option('--batch', type=click.IntRange(min=1), default=8, show_default=True,
+              help='Images per step per process.')
+@click.option('--img-size', type=click.IntRange(min=32), default=320, show_default=True,
+              help='Square training and network input side (a multiple of 32).')
+@click.option('--out', 'out_dir', required=True, type=click.Path(file_okay=False),
+              help='Run folder: last.pth, best.pth, log.jsonl, curves.png.')
+@click.option('--resume', is_flag=True,
+              help='Continue the run in --out exactly (model, optimizer, scheduler, EMA, epoch).')
+@click.option('--checkpoint', 'init_checkpoint', type=click.Path(dir_okay=False),
+              help='Initial weights (e.g. an MMDetection checkpoint); a classifier with another '
+              'class count is left initialised.')
+@click.option('--lr', type=click.FloatRange(min=0, min_open=True),
+              help='Peak AdamW learning rate [default: 0.004 x total batch / 256, MMDetection].')
+@click.option('--weight-decay', type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option('--warmup-iters', type=click.IntRange(min=0), default=1000, show_default=True,
+              help='Linear warm-up steps.')
+@click.option('--val-interval', type=click.IntRange(min=1), default=1, show_default=True,
+              help='Epochs between val evaluations.')
+@click.option('--scale-range', default='0.5,2.0', show_default=True,
+              help='Random resize range around the fitting scale.')
+@click.option('--mosaic', 'mosaic_prob', type=click.FloatRange(0, 1), default=0.0,
+              show_default=True, help='Probability of a 4-image mosaic.')
+@click.option('--mixup', 'mixup_prob', type=click.FloatRange(0, 1), default=0.0,
+              show_default=True, help='Probability of mixing in a second image.')
+@click.option('--workers', type=click.IntRange(min=0), default=0, show_default=True,
+              help='Data-loading processes per training process.')
+@click.option('--seed', type=int, default=0, show_default=True)
+@click.option('--max-iters-per-epoch', type=click.IntRange(min=1),
+              help='Cut every epoch short (quick checks).')
+def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batch, img_size,
+          out_dir, resume, init_checkpoint, lr, weight_decay, warmup_iters, val_interval,
+          scale_range, mosaic_prob, mixup_prob, workers, seed, max_iters_per_epoch) -> None:
+    """Train a detector the way MMDetection trains RTMDet: dynamic soft-label assignment,
+    quality focal + GIoU losses, AdamW with warm-up and flat-then-cosine decay, EMA weights for
+    evaluation and checkpoints."""
+    from detdeploy.models.registry import get_spec
+    from detdeploy.training.trainer import Trainer, TrainConfig
+
+    get_spec(model_name)                            # unknown names: one line, with a suggestion
+    if bool(val_ann) != bool(val_images):
+        raise DetdeployError('give --val-ann and --val-images together')
+    if img_size % 32:
+        raise DetdeployError(f'--img-size {img_size} is not a multiple of 32')
+    world = int(os.environ.get('WORLD_SIZE', '1'))             # set by torchrun
+    config = TrainConfig(
+        model=model_name, train_ann=train_ann, train_images=train_images, out=out_dir,
+        val_ann=val_ann, val_images=val_images, epochs=epochs, batch=batch, img_size=img_size,
+        lr=lr if lr is not None else 0.004 * batch * world / 256, weight_decay=weight_decay,
+        warmup_iters=warmup_iters, val_interval=val_interval, workers=workers, seed=seed,
+        mosaic_prob=mosaic_prob, mixup_prob=mixup_prob, scale_range=_scale_range(scale_range),
+        max_iters_per_epoch=max_iters_per_epoch)
+    trainer = Trainer(config, resume=resume, show_progress=sys.stderr.isatty(), echo=click.echo)
+    if trainer.dist.is_main:
+        click.echo(f'training {trainer.spec.name} on {len(trainer.dataset)} images, '
+                   f'{len(trainer.class_names)} classes, {trainer.dist.world_size} process(es), '
+                   f'epoch {trainer.epoch + 1} of {epochs}, {trainer.iters_per_epoch} steps each')
+    summary = trainer.fit()
+    if trainer.dist.is_main:
+        best = f', best val AP {trainer.best_ap:.3f}' if trainer.best_ap >= 0 else ''
+        click.echo(f'done: {out_dir}/last.pth and best.pth{best}')
+    return summary
