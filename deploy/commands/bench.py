@@ -28,7 +28,7 @@ def _registry_runners(name: str, backends: list[str], device: str, options: dict
     detector = load_model(name, options['checkpoint'], options['class_names'],
                           options['trust_checkpoint'], 'is benchmarked with synthetic weights '
                           '(spread scores, so NMS has work; detections are meaningless)')
-    if options['checkpoint'] is None:
+    if detector.source == 'random weights':
         randomize_detector(detector.model)
         detector.source = 'synthetic weights (randomize_detector)'
     runners = []

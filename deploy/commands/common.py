@@ -39,11 +39,16 @@ def parse_class_names(text: str | None) -> tuple[str, ...] | None:
 
 def load_model(model_name: str, checkpoint: str | None, class_names: str | None,
                trust_checkpoint: bool, purpose: str):
-    """The detector; without a checkpoint, say in one line that its weights are random."""
+    """The detector. Without a checkpoint, `rtmdet` (the default) is the bundled shapes model and
+    the sized names have random weights; either way one line says which."""
     from detdeploy.models import load_detector
-    detector = load_detector(model_name or DEFAULT_MODEL, checkpoint,
+    from detdeploy.models.bundled import DESCRIPTION, bundled_checkpoint
+    bundled = bundled_checkpoint(model_name) if checkpoint is None and not class_names else None
+    detector = load_detector(model_name or DEFAULT_MODEL, checkpoint or bundled,
                              parse_class_names(class_names), trust=trust_checkpoint)
-    if checkpoint is None:
+    if bundled is not None:
+        click.echo(f'note: no --checkpoint given, using {DESCRIPTION}', err=True)
+    elif checkpoint is None:
         click.echo(f'note: no --checkpoint given, {detector.spec.name} {purpose}', err=True)
     return detector
 
