@@ -1,58 +1,61 @@
-"""`make demo`: the main job end to end on generated images, printing where everything went.
+"""`make demo`: the main job end to end on the bundled model, printing where everything went.
 
-Today the job is: export rtmdet-tiny to ONNX with NMS in the graph, and PyTorch inference on
-generated images. Until the project ships a trained default checkpoint (issue 8) the weights
-are random, which the output says.
+Steps, each a real `detdeploy` command: generate shapes images (held-out val images of the
+bundled model's dataset, and a few samples), export the bundled model to ONNX, run the ONNX file
+with ONNX Runtime writing labelled PNGs, check parity against PyTorch, a short benchmark, and
+COCO mAP on PyTorch and ONNX Runtime. Any failing step stops the demo with its exit code.
 """
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
-
-import numpy as np
-from PIL import Image, ImageDraw
 
 from detdeploy.cli import main as cli_main
 
 DEMO_DIR = Path('demo_out')
-
-
-def write_demo_images(folder: Path, count: int = 3, seed: int = 0) -> None:
-    """A few images of coloured shapes on a noisy background, of different sizes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for index in range(count):
-        height, width = int(rng.integers(240, 480)), int(rng.integers(240, 640))
-        background = rng.integers(90, 140, (height, width, 3), dtype=np.uint8)
-        image = Image.fromarray(background)
-        draw = ImageDraw.Draw(image)
-        for _ in range(4):
-            x0, y0 = int(rng.integers(0, width - 60)), int(rng.integers(0, height - 60))
-            size = int(rng.integers(30, 120))
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-            shape((x0, y0, x0 + size, y0 + size), fill=colour)
-        image.save(folder / f'demo_{index}.png')
+VAL_IMAGES = 100            # the first 100 of the bundled model's held-out val set (seed 0)
 
 
 def run_step(args: list[str]) -> None:
     """One detdeploy command; stop the demo with its exit code if it fails."""
-    print(f'demo: detdeploy {" ".join(args)}')
+    print(f'\ndemo: detdeploy {" ".join(args)}', flush=True)
     try:
         cli_main(args)
     except SystemExit as exit_:
         if exit_.code:
+            print(f'demo: step failed with exit code {exit_.code}', file=sys.stderr)
             sys.exit(exit_.code)
 
 
 def main() -> None:
-    images, results = DEMO_DIR / 'images', DEMO_DIR / 'infer'
-    onnx_file = DEMO_DIR / 'rtmdet-tiny.onnx'
-    write_demo_images(images)
-    print(f'demo: wrote generated images to {images}/')
-    run_step(['export', '--model', 'rtmdet-tiny', '-o', str(onnx_file)])
-    run_step(['infer', '--model', 'rtmdet-tiny', str(images), '--out', str(results)])
-    print(f'demo: ONNX model {onnx_file}; detections (JSON) and drawn boxes (PNG) in {results}/')
+    start = time.perf_counter()
+    shapes, samples = DEMO_DIR / 'shapes', DEMO_DIR / 'samples'
+    onnx_file, results = DEMO_DIR / 'rtmdet.onnx', DEMO_DIR / 'infer'
+    parity_json, bench_json, bench_png = (DEMO_DIR / 'parity.json', DEMO_DIR / 'bench.json',
+                                          DEMO_DIR / 'bench.png')
+    eval_json = DEMO_DIR / 'eval.json'
+    ann = shapes / 'annotations' / 'instances_val.json'
+    run_step(['make-dataset', 'shapes', '--out', str(shapes), '--train', '0', '--val',
+              str(VAL_IMAGES), '--size', '256', '--seed', '0'])
+    run_step(['make-dataset', 'shapes', '--out', str(samples), '--train', '0', '--val', '6',
+              '--size', '256', '--seed', '1'])
+    run_step(['export', '--model', 'rtmdet', '-o', str(onnx_file)])
+    run_step(['infer', str(onnx_file), str(samples / 'val'), '--out', str(results)])
+    run_step(['parity', str(onnx_file), '--model', 'rtmdet', '--images', str(samples / 'val'),
+              '--json', str(parity_json)])
+    run_step(['bench', 'rtmdet', str(onnx_file), '--batch', '1', '--warmup', '3', '--iters',
+              '20', '--images', str(samples / 'val'), '--json', str(bench_json), '--plot',
+              str(bench_png)])
+    run_step(['eval', 'rtmdet', '--backend', 'torch,ort', '--ann', str(ann), '--images',
+              str(shapes / 'val'), '--json', str(eval_json)])
+    print(f'\ndemo: done in {time.perf_counter() - start:.0f} s. Everything is in {DEMO_DIR}/:\n'
+          f'  {onnx_file}  the bundled model as ONNX (NMS in the graph)\n'
+          f'  {results}/  detections per image (JSON), drawn boxes (PNG), coco_results.json\n'
+          f'  {parity_json}  PyTorch vs ONNX Runtime parity report\n'
+          f'  {bench_json}, {bench_png}  latency samples and plot\n'
+          f'  {eval_json}  COCO mAP on {VAL_IMAGES} held-out images, PyTorch and ONNX Runtime\n'
+          f'  {shapes}/, {samples}/  the generated images and annotations')
 
 
 if __name__ == '__main__':
