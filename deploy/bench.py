@@ -161,8 +161,8 @@ def generated_images(count: int) -> list[np.ndarray]:
     return images
 
 
-def load_images(folder: str | Path | None, max_batch: int) -> tuple[list[np.ndarray], list[str],
-                                                                     str]:
+def load_images(folder: str | Path | None, max_batch: int,
+                max_pixels: int | None = None) -> tuple[list[np.ndarray], list[str], str]:
     """Images decoded once into memory, their names, and a description for the header."""
     if folder is None:
         count = max(len(GENERATED_SIZES_HW), max_batch)
@@ -175,7 +175,7 @@ def load_images(folder: str | Path | None, max_batch: int) -> tuple[list[np.ndar
     if not Path(folder).is_dir():
         raise DetdeployError(f'--images {folder}: not a directory')
     paths = collect_images([folder])[:max(MAX_IMAGES, max_batch)]
-    images = [read_image(path) for path in paths]
+    images = [read_image(path, max_pixels=max_pixels) for path in paths]
     return (images, [str(path) for path in paths],
             f'{len(images)} images from {folder} (sorted, at most {max(MAX_IMAGES, max_batch)}), '
             'decoded once and kept in memory: no disk I/O or decoding is timed')
@@ -207,10 +207,14 @@ def torch_runner(detector, device: str, nms, input_hw: tuple[int, int] | None,
 
 
 def ort_runner(path: str | Path, device: str, threads: int | None,
-               input_hw: tuple[int, int] | None, display_name: str | None = None) -> Runner:
-    """A detdeploy ONNX file in ONNX Runtime; `--nms none` files run without post-processing."""
+               input_hw: tuple[int, int] | None, display_name: str | None = None,
+               overrides=None) -> Runner:
+    """A detdeploy ONNX file in ONNX Runtime; `--nms none` files run without post-processing.
+    `overrides` (`metadata.ModelOverrides`): class names, input size and, for files from other
+    tools, preprocessing."""
     from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
-    backend = OnnxRuntimeBackend(path, OrtOptions(device=device, threads=threads))
+    backend = OnnxRuntimeBackend(path, OrtOptions(device=device, threads=threads),
+                                 overrides=overrides)
     metadata = backend.metadata
     config = metadata.preprocess
     if input_hw is not None and tuple(input_hw) != tuple(config.input_size):

@@ -166,13 +166,13 @@ def result_to_json(result: BenchResult) -> dict:
             'configs': configs}
 
 
-def write_json(result: BenchResult, path: str | Path) -> None:
-    with atomic_write(path, 'w') as handle:
+def write_json(result: BenchResult, path: str | Path, overwrite: bool = True) -> None:
+    with atomic_write(path, 'w', overwrite=overwrite) as handle:
         json.dump(result_to_json(result), handle, indent=1)
         handle.write('\n')
 
 
-def write_plot(result: BenchResult, path: str | Path) -> None:
+def write_plot(result: BenchResult, path: str | Path, overwrite: bool = True) -> None:
     """Left: end-to-end latency per image, one box per configuration (every sample);
     right: end-to-end and inference-only throughput by batch size, one line per runner."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -211,5 +211,5 @@ def write_plot(result: BenchResult, path: str | Path) -> None:
                     f"({system['logical_cores']} cores), {result.settings['rounds']} "
                     'alternating rounds', fontsize=10)
     figure.tight_layout()
-    with atomic_write(path) as handle:
+    with atomic_write(path, overwrite=overwrite) as handle:
         figure.savefig(handle, format='png', dpi=110)

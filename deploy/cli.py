@@ -1,13 +1,16 @@
 """The `detdeploy` command line: a click group of thin commands (one module each in
 `detdeploy.commands`) that parse, call a pipeline, and print.
 
-User errors (`DetdeployError`) become one line on stderr and exit code 2; `--debug` shows the
-traceback instead. Exit codes: 0 ok, 1 a check failed, 2 bad input. Command modules import
+User errors (`DetdeployError`, usage errors, OS errors such as a full disk) become one line on
+stderr and exit code 2; `--debug` shows the traceback instead. Exit codes: 0 ok, 1 a check
+failed, 2 bad input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Command modules import
 heavy libraries (torch, onnxruntime) inside the command, so `detdeploy infer model.onnx`
 never loads torch.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 
 import click
@@ -22,6 +25,17 @@ from .commands import export, infer, make_dataset, train
 from .commands import parity as parity_command
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130          # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_TERMINATED = 143           # 128 + SIGTERM
+NO_ARGS_IS_HELP = getattr(click.exceptions, 'NoArgsIsHelpError', ())   # click >= 8.2
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so temp files are cleaned up on the way."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 @click.group(context_settings={'help_option_names': ['-h', '--help']})
@@ -41,20 +55,58 @@ cli.add_command(train.train)
 cli.add_command(eval_command.eval_command)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning user errors into a one-line message and exit code 2."""
-    args = sys.argv[1:] if argv is None else argv
+def _run(args: list[str]) -> int:
+    """The command, with SIGTERM raising `Terminated` while it runs (so `atomic_write` removes
+    its temp file); the previous handler is restored afterwards."""
+    previous = None
+    with contextlib.suppress(ValueError):          # only the main thread may set handlers
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        code = cli.main(args=args, prog_name='detdeploy', standalone_mode=False)
-    except click.ClickException as exc:
+        with cli.make_context('detdeploy', args) as ctx:
+            cli.invoke(ctx)
+        return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and exit with 0 ok, 1 a check failed, 2 bad input, 130 on
+    Ctrl-C (143 on SIGTERM). Every predictable error is one line on stderr; `--debug` (before
+    the command) shows the traceback of `DetdeployError`s and OS errors instead."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = '--debug' in args
+    try:
+        code = _run(args)
+    except click.exceptions.Exit as exc:           # --help, --version, ctx.exit(code)
+        code = exc.exit_code
+    except NO_ARGS_IS_HELP as exc:                  # `detdeploy` alone: the full help
         exc.show()
         code = exc.exit_code
-    except click.exceptions.Abort:
-        click.echo('aborted', err=True)
-        code = 130
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else 'detdeploy'
+        message = ' '.join(exc.format_message().split())
+        click.echo(f'error: {message} (see {command} --help)', err=True)
+        code = exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f'error: {" ".join(exc.format_message().split())}', err=True)
+        code = EXIT_BAD_INPUT
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo('aborted: interrupted (Ctrl-C)', err=True)
+        code = EXIT_INTERRUPTED
+    except Terminated:
+        click.echo('aborted: terminated (SIGTERM)', err=True)
+        code = EXIT_TERMINATED
     except DetdeployError as exc:
-        if '--debug' in args:
+        if debug:
             raise
         click.echo(f'error: {exc}', err=True)
+        code = EXIT_BAD_INPUT
+    except OSError as exc:
+        # the environment, not detdeploy: a full disk, a permission, a vanished file
+        if debug:
+            raise
+        where = f': {exc.filename}' if exc.filename else ''
+        click.echo(f'error: {exc.strerror or exc}{where} (--debug shows where)', err=True)
         code = EXIT_BAD_INPUT
     sys.exit(code if isinstance(code, int) else 0)

@@ -18,3 +18,7 @@ class CheckpointError(DetdeployError):
 
 class ImageError(DetdeployError):
     """An image that cannot be read or converted."""
+
+
+class ModelFileError(DetdeployError):
+    """A model file that is unsafe to load, incomplete, or does not match its own description."""

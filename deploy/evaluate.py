@@ -60,8 +60,11 @@ def coco_metrics(coco, results: list[dict]) -> dict[str, float]:
 
 
 def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: int = 1,
-             show_progress: bool = False, coco=None) -> EvalResult:
-    """Run `backend` over every image of the annotation file and score its detections."""
+             show_progress: bool = False, coco=None, max_pixels: int | None = None
+             ) -> EvalResult:
+    """Run `backend` over every image of the annotation file and score its detections. An
+    unreadable image stops the evaluation (`ImageError`): an mAP over fewer images than the
+    annotation file lists would not be comparable."""
     from tqdm import tqdm
 
     from detdeploy.runtimes.pipeline import detect
@@ -86,7 +89,7 @@ def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: i
         raise DetdeployError(f'{len(missing)} annotated images are missing, e.g. {missing[0]}')
     results = []
     start = time.perf_counter()
-    stream = detect(backend, files, batch_size=batch_size)
+    stream = detect(backend, files, batch_size=batch_size, max_pixels=max_pixels)
     for image_id, (detections, _) in tqdm(zip(image_ids, stream), total=len(files),
                                           disable=not show_progress, unit='img'):
         for box, score, label in zip(detections.boxes_xyxy_px, detections.scores, detections.labels):
@@ -98,7 +101,7 @@ def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: i
                       seconds, warnings)
 
 
-def write_json(path: str | Path, payload: dict) -> None:
+def write_json(path: str | Path, payload: dict, overwrite: bool = True) -> None:
     from detdeploy.fileio import atomic_write
-    with atomic_write(path, 'w') as handle:
+    with atomic_write(path, 'w', overwrite=overwrite) as handle:
         json.dump(payload, handle, indent=2)

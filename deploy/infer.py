@@ -4,6 +4,7 @@ Returns what it did as data; printing is the CLI's job.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 from dataclasses import dataclass, field
@@ -12,10 +13,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from detdeploy.errors import DetdeployError
-from detdeploy.fileio import atomic_write
+from detdeploy.fileio import atomic_write, make_output_dir, refuse_existing
 from detdeploy.runtimes.detections import ImageDetections
 from detdeploy.runtimes.draw import draw_detections
 from detdeploy.runtimes.pipeline import Backend, detect
+from detdeploy.runtimes.preprocess import DEFAULT_MAX_PIXELS
 
 RESULTS_NAME = 'coco_results'       # <out>/coco_results.json: all images, COCO results format
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff'}
@@ -32,9 +34,16 @@ class ImageReport:
 
 
 @dataclass
+class SkippedImage:
+    source: str
+    reason: str                         # the one-line ImageError message
+
+
+@dataclass
 class InferReport:
     backend: str
     images: list[ImageReport] = field(default_factory=list)
+    skipped: list[SkippedImage] = field(default_factory=list)     # unreadable images
     results_path: Path | None = None
 
 
@@ -44,8 +53,13 @@ def collect_images(paths: list[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            images.extend(sorted(p for p in path.iterdir()
-                                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            try:
+                entries = sorted(path.iterdir())
+            except OSError as exc:
+                raise DetdeployError(f'cannot list image directory {path}: '
+                                     f'{exc.strerror}') from None
+            images.extend(p for p in entries
+                          if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif path.is_file():
             images.append(path)
         else:
@@ -66,6 +80,14 @@ def _output_stems(images: list[Path]) -> list[str]:
     return stems
 
 
+def output_paths(out_dir: str | Path, images: list[Path]) -> list[Path]:
+    """Every file `run_infer` writes into `out_dir` for `images`."""
+    out = Path(out_dir)
+    return [out / f'{RESULTS_NAME}.json'] + [out / f'{stem}.{suffix}'
+                                             for stem in _output_stems(images)
+                                             for suffix in ('json', 'png')]
+
+
 def coco_rows(image_id: int, detections: ImageDetections) -> list[dict]:
     """Detections in COCO's results format (bbox x, y, w, h in original pixels), plus the
     image file and class name."""
@@ -79,43 +101,53 @@ def coco_rows(image_id: int, detections: ImageDetections) -> list[dict]:
 
 
 def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,
-              score_thr: float | None = None, show_thr: float = 0.3,
-              batch_size: int = 1) -> InferReport:
-    """Detect on every image (from `collect_images`). With `out_dir`, write `<stem>.json` and `<stem>.png` per image
-    and `coco_results.json` for all of them.
+              score_thr: float | None = None, show_thr: float = 0.3, batch_size: int = 1,
+              max_pixels: int | None = DEFAULT_MAX_PIXELS, overwrite: bool = True
+              ) -> InferReport:
+    """Detect on every image (from `collect_images`). With `out_dir`, write `<stem>.json` and
+    `<stem>.png` per image and `coco_results.json` for all of them, each file atomically.
 
     The JSON files keep every detection scoring at least `score_thr` (default: all the model
-    returns); the PNG draws those scoring at least `show_thr`.
+    returns); the PNG draws those scoring at least `show_thr`. An image that cannot be read
+    (not an image, truncated, above `max_pixels`) is skipped and listed in `report.skipped`;
+    `image_id`s stay the images' positions in `images`. Without `overwrite`, existing output
+    files are refused before anything runs.
     """
-    out = Path(out_dir) if out_dir is not None else None
+    out = make_output_dir(out_dir) if out_dir is not None else None
+    if out is not None and not overwrite:
+        refuse_existing(output_paths(out, images))
     report = InferReport(backend.name)
+    stems = _output_stems(images)
+
+    def skip(source, error) -> None:
+        report.skipped.append(SkippedImage(str(source), str(error)))
+
     with contextlib.ExitStack() as stack:
         results_file = None
         if out is not None:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise DetdeployError(f'cannot create output directory {out}: '
-                                     f'{exc.strerror}') from None
             report.results_path = out / f'{RESULTS_NAME}.json'
             # Streamed, so memory stays flat over many images; renamed into place at the end.
-            results_file = stack.enter_context(atomic_write(report.results_path, 'w'))
+            results_file = stack.enter_context(
+                atomic_write(report.results_path, 'w', overwrite=overwrite))
             results_file.write('[')
-        results = detect(backend, images, batch_size, keep_images=out is not None)
+        readable = _SourceTracker(images)
+        results = detect(backend, readable, batch_size, keep_images=out is not None,
+                         max_pixels=max_pixels, on_unreadable=readable.skip(skip))
         progress = tqdm(results, total=len(images), unit='img',
                         disable=len(images) < PROGRESS_MIN_IMAGES)
         first_row = True
-        for image_id, (stem, (detections, image_rgb)) in enumerate(
-                zip(_output_stems(images), progress)):
+        for detections, image_rgb in progress:
+            image_id = readable.next_done()
+            stem = stems[image_id]
             if score_thr is not None:
                 detections = detections.above(score_thr)
             shown = detections.above(show_thr)
             json_path = png_path = None
             if out is not None:
                 json_path, png_path = out / f'{stem}.json', out / f'{stem}.png'
-                with atomic_write(json_path, 'w') as handle:
+                with atomic_write(json_path, 'w', overwrite=overwrite) as handle:
                     json.dump(detections.to_dict(), handle, indent=1)
-                with atomic_write(png_path) as handle:
+                with atomic_write(png_path, overwrite=overwrite) as handle:
                     draw_detections(image_rgb, shown).save(handle, format='PNG')
                 for row in coco_rows(image_id, detections):
                     results_file.write(('\n' if first_row else ',\n') + json.dumps(row))
@@ -125,3 +157,31 @@ def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,
         if results_file is not None:
             results_file.write('\n]\n')
     return report
+
+
+class _SourceTracker:
+    """Iterates the image paths for `detect` and pairs its results back with their positions:
+    `detect` reads a whole batch (reporting the unreadable images, in order) before yielding
+    that batch's results, one per readable image, in order."""
+
+    def __init__(self, images: list[Path]):
+        self.images = images
+        self.unreported_skips: collections.deque = collections.deque()
+        self.cursor = 0
+
+    def __iter__(self):
+        return iter(self.images)
+
+    def skip(self, callback):
+        def on_unreadable(source, error) -> None:
+            self.unreported_skips.append(source)
+            callback(source, error)
+        return on_unreadable
+
+    def next_done(self) -> int:
+        """The position in `images` of the next result `detect` yields."""
+        while self.unreported_skips and self.images[self.cursor] is self.unreported_skips[0]:
+            self.unreported_skips.popleft()
+            self.cursor += 1
+        self.cursor += 1
+        return self.cursor - 1

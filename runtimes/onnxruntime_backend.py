@@ -15,7 +15,7 @@ import numpy as np
 
 from detdeploy.errors import DetdeployError
 
-from .metadata import ModelMetadata, read_onnx_metadata
+from .metadata import ModelMetadata, ModelOverrides, resolve_onnx_metadata
 from .preprocess import PreprocessConfig
 
 DEVICE_PROVIDERS = {
@@ -66,10 +66,16 @@ class OnnxRuntimeBackend:
 
     name = 'ort'
 
-    def __init__(self, path: str | Path, options: OrtOptions = OrtOptions()):
+    def __init__(self, path: str | Path, options: OrtOptions = OrtOptions(),
+                 overrides: ModelOverrides | None = None, check_signature: bool = True):
+        """`overrides`: class names and input size from the command line, and preprocessing
+        for files without detdeploy metadata. `check_signature=False` skips the check that the
+        graph's input and outputs fit the metadata (`detdeploy parity` reports those itself)."""
         import onnxruntime
         self.path = Path(path)
-        self.metadata: ModelMetadata = read_onnx_metadata(self.path)
+        # checks external data and the graph's signature before ONNX Runtime opens the file
+        self.metadata: ModelMetadata = resolve_onnx_metadata(self.path, overrides,
+                                                             check_signature)
         if options.optimization not in OPTIMIZATION_LEVELS:
             raise DetdeployError(f"unknown optimization level '{options.optimization}': use "
                                  f"{', '.join(OPTIMIZATION_LEVELS)}")
@@ -124,11 +130,19 @@ class OnnxRuntimeBackend:
                 'outputs': [(o.name, o.shape) for o in self.session.get_outputs()],
                 'nms_mode': self.metadata.nms_mode, 'arch': self.metadata.arch}
 
+    def _session_run(self, batch: np.ndarray) -> list[np.ndarray]:
+        try:
+            return self.session.run(None, {self.input_name: batch})
+        except Exception as exc:  # ONNX Runtime raises its own exception types
+            text = ' '.join(str(exc).split()) or type(exc).__name__
+            raise DetdeployError(f'ONNX Runtime failed to run {self.path} on a batch of shape '
+                                 f'{list(batch.shape)}: {text[:300]}') from None
+
     def run_raw(self, batch: np.ndarray) -> list[np.ndarray]:
         """The file's outputs for a batch, padding or splitting to a static batch size."""
         static = self.metadata.batch
         if static is None or len(batch) == static:
-            return self.session.run(None, {self.input_name: batch})
+            return self._session_run(batch)
         pieces = []
         for start in range(0, len(batch), static):
             chunk = batch[start:start + static]
@@ -136,7 +150,7 @@ class OnnxRuntimeBackend:
             if used < static:
                 chunk = np.concatenate([chunk, np.zeros((static - used, *chunk.shape[1:]),
                                                         chunk.dtype)])
-            pieces.append([out[:used] for out in self.session.run(None, {self.input_name: chunk})])
+            pieces.append([out[:used] for out in self._session_run(chunk)])
         return [np.concatenate(parts) for parts in zip(*pieces)]
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

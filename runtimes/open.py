@@ -39,18 +39,29 @@ def backend_for_file(path: str | Path, backend: str = 'auto') -> str:
 def open_model_file(path: str | Path, backend: str = 'auto', *, device: str = 'cpu',
                     device_id: int = 0, threads: int | None = None, strict_device: bool = False,
                     optimization: str = 'all', trt_fp16: bool = False,
-                    trt_cache_dir: str | None = None):
+                    trt_cache_dir: str | None = None, overrides=None):
     """An OnnxRuntimeBackend or a TensorRTBackend for `path`.
 
     ONNX Runtime takes every option; a TensorRT engine always runs on CUDA device `device_id`,
-    and the other options do not apply to it."""
+    and the other options do not apply to it. `overrides` (a `metadata.ModelOverrides`): class
+    names, input size, and preprocessing for ONNX files without detdeploy metadata; an engine
+    takes only class names."""
     chosen = backend_for_file(path, backend)
+    if Path(path).is_dir():
+        raise DetdeployError(f'{path} is a directory, not a model file')
     if chosen == 'ort':
         from .onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
         return OnnxRuntimeBackend(path, OrtOptions(
             device=device, device_id=device_id, threads=threads, optimization=optimization,
-            strict_device=strict_device, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir))
+            strict_device=strict_device, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir),
+            overrides=overrides)
     if not Path(path).is_file():
         raise DetdeployError(f'engine file not found: {path}')
+    if overrides is not None and (overrides.input_size or overrides.preprocessing_flags()):
+        raise DetdeployError('--input-size, --mean, --std, --channel-order and --pad-value do '
+                             'not apply to a TensorRT engine: its sidecar fixes them')
     from .tensorrt_backend import TensorRTBackend
-    return TensorRTBackend(path, device_id=device_id)
+    engine = TensorRTBackend(path, device_id=device_id)
+    if overrides is not None and overrides.class_names is not None:
+        engine.rename_classes(overrides.class_names)
+    return engine

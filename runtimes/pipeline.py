@@ -5,12 +5,15 @@ Images are streamed in batches, so memory stays bounded however many files there
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
+from detdeploy.errors import ImageError
+
 from .detections import ImageDetections
-from .preprocess import ImageMeta, PreprocessConfig, preprocess, read_image, rescale_boxes
+from .preprocess import (DEFAULT_MAX_PIXELS, ImageMeta, PreprocessConfig, preprocess, read_image,
+                         rescale_boxes)
 
 
 class Backend(Protocol):
@@ -59,17 +62,31 @@ def source_name(source: str | Path | np.ndarray) -> str:
 
 
 def detect(backend: Backend, sources: Iterable[str | Path | np.ndarray], batch_size: int = 1,
-           keep_images: bool = False) -> Iterator[tuple[ImageDetections, np.ndarray | None]]:
+           keep_images: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+           on_unreadable: Callable[[str | Path | np.ndarray, ImageError], None] | None = None
+           ) -> Iterator[tuple[ImageDetections, np.ndarray | None]]:
     """Yield (detections, RGB image if `keep_images`) per source, in order.
 
     Per batch: read, `prepare_batch`, `backend.run`, `to_detections` (the stages that
-    `detdeploy bench` times one by one)."""
+    `detdeploy bench` times one by one). An image that cannot be read raises `ImageError`, or,
+    with `on_unreadable`, is passed to it with the error and skipped."""
     config = backend.preprocess_config
     for chunk in _batches(list(sources), batch_size):
-        images = [read_image(source) for source in chunk]
+        readable, images = [], []
+        for source in chunk:
+            try:
+                images.append(read_image(source, max_pixels=max_pixels))
+            except ImageError as error:
+                if on_unreadable is None:
+                    raise
+                on_unreadable(source, error)
+                continue
+            readable.append(source)
+        if not readable:
+            continue
         batch, metas = prepare_batch(images, config)
         outputs = backend.run(batch)
-        detections = to_detections(outputs, [source_name(s) for s in chunk], metas,
+        detections = to_detections(outputs, [source_name(s) for s in readable], metas,
                                    backend.class_names)
         for image, image_detections in zip(images, detections):
             yield image_detections, image if keep_images else None

@@ -6,6 +6,8 @@ numpy and Pillow. Model execution and NMS are elsewhere.
 """
 from __future__ import annotations
 
+import struct
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +18,17 @@ from detdeploy.errors import ImageError
 
 RESIZE_COEF_BITS = 11                   # OpenCV's fixed-point precision for 8-bit bilinear
 RESIZE_COEF_SCALE = 1 << RESIZE_COEF_BITS
+DEFAULT_MAX_PIXELS = 100_000_000        # decompression-bomb limit: 100 megapixels
+
+
+def allow_pixels(max_pixels: int | None) -> None:
+    """Make Pillow's process-wide bomb check (an error above 2 x its MAX_IMAGE_PIXELS) no
+    stricter than `max_pixels` (None or 0: no limit), so `read_image`'s own limit decides.
+    For command lines; a library caller keeps Pillow's setting unless it calls this."""
+    if not max_pixels:
+        Image.MAX_IMAGE_PIXELS = None
+    elif Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 @dataclass(frozen=True)
@@ -45,24 +58,70 @@ class ImageMeta:
     scale_wh: tuple[float, float]      # resized / original, per axis, as MMDetection's scale_factor
 
 
-def read_image(source: str | Path | np.ndarray, array_order: str = 'bgr') -> np.ndarray:
+def read_image(source: str | Path | np.ndarray, array_order: str = 'bgr',
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An image as an HxWx3 uint8 RGB array.
 
-    Files are read with Pillow (EXIF orientation applied; grayscale, palette and RGBA converted).
+    Files are read with Pillow, EXIF orientation applied. Gray (L, 1), gray+alpha (LA), palette
+    (P, with or without transparency), RGBA, CMYK and YCbCr become RGB, alpha dropped (as
+    OpenCV's IMREAD_COLOR, which MMDetection reads with, drops it). 16-bit images keep their
+    high byte (value >> 8, as OpenCV/libpng reduce them), not clipped at 255. A file with more
+    than `max_pixels` pixels (None or 0: no limit) is refused from its header, before decoding.
     Arrays are HxW (gray), HxWx1, HxWx3 or HxWx4 uint8 in `array_order` ('bgr' as OpenCV
     gives them, or 'rgb'); alpha is dropped.
     """
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, array_order)
     path = Path(source)
+    if path.is_dir():
+        raise ImageError(f'{path} is a directory, not an image')
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert('RGB'))
+        if path.stat().st_size == 0:
+            raise ImageError(f'cannot read image {path}: the file is empty')
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns above 89 MP; the limit that applies is ours, below
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if max_pixels and width * height > max_pixels:
+                    raise ImageError(
+                        f'{path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, '
+                        f'above the limit of {max_pixels / 1e6:g} (--max-pixels; 0 = no limit)')
+                image.load()
+                return _pil_to_rgb(ImageOps.exif_transpose(image), path)
     except FileNotFoundError:
         raise ImageError(f'image not found: {path}') from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f'cannot read image {path}: {exc}') from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f'{path} is larger than Pillow allows ({exc}); check the file, or '
+                         'raise --max-pixels') from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f'cannot read image {path}: not an image, or a format Pillow cannot '
+                         'decode') from None
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError) as exc:
+        # truncated or corrupt data: Pillow raises OSError, ValueError, SyntaxError, ...
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ImageError(f'cannot read image {path}: {text}') from None
+
+
+def _pil_to_rgb(image: Image.Image, path: Path) -> np.ndarray:
+    """A decoded Pillow image in any mode -> HxWx3 uint8 RGB."""
+    mode = image.mode
+    if mode.startswith('I;16') or mode == 'I':
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageError(f'{path}: 32-bit integer pixels outside 0..65535 are not '
+                             'supported; convert the image to 8 or 16 bits')
+        gray = (values >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == 'F':
+        raise ImageError(f'{path}: floating-point images are not supported; convert it to 8 bits')
+    if mode in ('P', 'PA'):
+        # a palette with transparency converts to RGB only via RGBA without a warning
+        image = image.convert('RGBA')
+    rgb = np.asarray(image.convert('RGB'))
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape[:2]:
+        raise ImageError(f'{path}: image of shape {rgb.shape} cannot be used')
+    return rgb
 
 
 def _array_to_rgb(array: np.ndarray, array_order: str) -> np.ndarray:

@@ -5,6 +5,7 @@ Needs tensorrt, CUDA Python (cuda-bindings) and numpy; never torch. Imported laz
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -117,6 +118,13 @@ class TensorRTBackend:
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.metadata.class_names
+
+    def rename_classes(self, names: tuple[str, ...]) -> None:
+        """Class names from the command line instead of the sidecar's (same count)."""
+        if len(names) != len(self.metadata.class_names):
+            raise DetdeployError(f'--class-names gives {len(names)} names but {self.path} has '
+                                 f'{len(self.metadata.class_names)} classes')
+        self.metadata = dataclasses.replace(self.metadata, class_names=tuple(names))
 
     def describe(self) -> dict:
         build = self.sidecar.build

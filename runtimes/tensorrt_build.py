@@ -15,7 +15,7 @@ from detdeploy import __version__
 from detdeploy.errors import DetdeployError
 from detdeploy.fileio import atomic_write
 
-from .metadata import ModelMetadata, read_onnx_metadata
+from .metadata import ModelMetadata, resolve_onnx_metadata
 from .preprocess import preprocess, read_image
 from .tensorrt_common import (BatchProfile, EngineBuildInfo, EngineSidecar, check_cuda_device,
                               cuda_call, import_tensorrt, load_cudart, sha256_bytes, sha256_file,
@@ -36,6 +36,8 @@ class BuildOptions:
     workspace_mb: int | None = None               # None: TensorRT's default (the GPU's memory)
     timing_cache: str | Path | None = None        # loaded if present, saved after the build
     device_id: int = 0
+    overwrite: bool = True                        # False: refuse an existing engine or sidecar
+    max_pixels: int | None = None                 # calibration images above this are refused
 
     @property
     def precision(self) -> str:
@@ -67,12 +69,17 @@ class BuildPlan:
 
 def plan_build(onnx_path: str | Path, options: BuildOptions) -> BuildPlan:
     """Check the file and the options; one-line errors for anything that cannot work."""
-    metadata = read_onnx_metadata(onnx_path)
+    # external data inside the model's folder and complete; the graph fits its metadata
+    metadata = resolve_onnx_metadata(onnx_path)
     if options.int8 and not options.calibration_images:
         raise DetdeployError('--int8 needs --calib-images DIR (a few hundred images like the '
                              'ones the model will see)')
     if options.calibration_images and not options.int8:
         raise DetdeployError('--calib-images is only used with --int8')
+    # an unreadable image found inside TensorRT's calibration callback could not be reported
+    # in one line: every image is read once here
+    for image_path in options.calibration_images:
+        read_image(image_path, max_pixels=options.max_pixels)
     if options.workspace_mb is not None and options.workspace_mb < 1:
         raise DetdeployError(f'--workspace {options.workspace_mb}: give megabytes, at least 1')
     profile = BatchProfile.for_model(metadata, options.min_batch, options.opt_batch,
@@ -227,7 +234,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
         detail = logger.errors[-1][:300] if logger.errors else 'no details from TensorRT'
         raise DetdeployError(f'TensorRT could not build an engine from {onnx_path}: {detail}')
     plan_bytes = memoryview(serialized)
-    with atomic_write(engine_path) as handle:
+    # engine and sidecar are two renames: an interruption between them leaves a sidecar whose
+    # sha256 does not match the engine, which `infer` refuses with "rebuild it"
+    with atomic_write(engine_path, overwrite=options.overwrite) as handle:
         handle.write(plan_bytes)
     if cache_path is not None:
         with atomic_write(cache_path) as handle:
@@ -241,6 +250,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
         calibration_images=len(options.calibration_images) if options.int8 else None,
         detdeploy_version=__version__)
     sidecar = EngineSidecar(plan.metadata, build, sha256_bytes(plan_bytes))
-    written = write_sidecar(engine_path, sidecar)
+    written = write_sidecar(engine_path, sidecar, overwrite=options.overwrite)
     return BuildReport(engine_path, written, len(plan_bytes), time.perf_counter() - started,
                        sidecar, cache_path, cache_loaded, warnings + logger.warnings)

@@ -215,9 +215,10 @@ def sidecar_path(engine_path: str | Path) -> Path:
     return engine_path.with_name(engine_path.name + '.json')
 
 
-def write_sidecar(engine_path: str | Path, sidecar: EngineSidecar) -> Path:
+def write_sidecar(engine_path: str | Path, sidecar: EngineSidecar, overwrite: bool = True
+                  ) -> Path:
     path = sidecar_path(engine_path)
-    with atomic_write(path, 'w') as handle:
+    with atomic_write(path, 'w', overwrite=overwrite) as handle:
         handle.write(sidecar.to_json())
     return path
 

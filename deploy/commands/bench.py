@@ -14,8 +14,8 @@ import click
 
 from detdeploy.errors import DetdeployError
 
-from .common import load_model, pytorch_model_options, torch_device
-from .export import _parse_input_size
+from .common import (apply_max_pixels, foreign_model_options, load_model, max_pixels_option,
+                     model_overrides, no_overwrite_option, pytorch_model_options, torch_device)
 
 
 def _registry_runners(name: str, backends: list[str], device: str, options: dict,
@@ -80,9 +80,13 @@ def _registry_runners(name: str, backends: list[str], device: str, options: dict
               help='Write every sample and the summary here.')
 @click.option('--plot', 'plot_path', type=click.Path(dir_okay=False),
               help='Write a PNG: latency distributions and throughput by batch size.')
+@foreign_model_options
+@max_pixels_option
+@no_overwrite_option
 def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backends, device,
           batch_text, warmup, iters, seconds, threads, images_dir, input_size, nms_preset,
-          json_path, plot_path) -> None:
+          json_path, plot_path, mean, std, channel_order, pad_value, max_pixels,
+          no_overwrite) -> None:
     """Time MODELs end to end and per stage, in alternating rounds.
 
     MODEL: a .onnx file (ONNX Runtime), a .engine file (TensorRT) or a registry name
@@ -92,6 +96,7 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
     from detdeploy.bench import (backends_for, load_images, model_kind, ort_runner,
                                  parse_backends, parse_int_list, run_benchmark, trt_runner)
     from detdeploy.bench_report import format_report, write_json, write_plot
+    from detdeploy.fileio import check_output_file
 
     models = ((model_name,) if model_name else ()) + tuple(models)
     if not models:
@@ -108,10 +113,20 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
     for model, _ in plan:
         if model_kind(model) != 'torch' and not Path(model).is_file():
             raise DetdeployError(f'model file not found: {model}')
+    for flag, path in (('--json', json_path), ('--plot', plot_path)):
+        if path:
+            check_output_file(path, overwrite=not no_overwrite, flag=flag)
+    if json_path and plot_path and Path(json_path).resolve() == Path(plot_path).resolve():
+        raise DetdeployError('--json and --plot name the same file')
+    overrides = model_overrides(class_names, input_size, mean, std, channel_order, pad_value)
+    if overrides.preprocessing_flags() and any(model_kind(m) != 'ort' for m, _ in plan):
+        raise DetdeployError(f'{", ".join(overrides.preprocessing_flags())}: only for .onnx '
+                             'files from other tools')
     options = {'checkpoint': checkpoint, 'class_names': class_names,
                'trust_checkpoint': trust_checkpoint, 'nms_preset': nms_preset,
-               'input_hw': _parse_input_size(input_size), 'threads': threads}
-    images, names, description = load_images(images_dir, max(batches))
+               'input_hw': overrides.input_size, 'threads': threads}
+    images, names, description = load_images(images_dir, max(batches),
+                                             apply_max_pixels(max_pixels))
     with tempfile.TemporaryDirectory(prefix='detdeploy_bench_') as temp:
         runners = []
         for model, model_backends in plan:
@@ -119,7 +134,7 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
             if kind == 'torch':
                 runners += _registry_runners(model, model_backends, device, options, Path(temp))
             elif kind == 'ort':
-                runners.append(ort_runner(model, device, threads, options['input_hw']))
+                runners.append(ort_runner(model, device, threads, None, overrides=overrides))
             else:
                 runners.append(trt_runner(model))
         for runner in runners:
@@ -139,8 +154,8 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
                 progress=(lambda _: progress_bar.update()) if progress_bar else None)
     click.echo(format_report(result))
     if json_path:
-        write_json(result, json_path)
+        write_json(result, json_path, overwrite=not no_overwrite)
         click.echo(f'wrote {json_path} (every sample of {configs} configurations)')
     if plot_path:
-        write_plot(result, plot_path)
+        write_plot(result, plot_path, overwrite=not no_overwrite)
         click.echo(f'wrote {plot_path}')

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import click
 
+from detdeploy.errors import DetdeployError
+
+from .common import apply_max_pixels, max_pixels_option, no_overwrite_option
+
 MAX_WARNINGS_SHOWN = 3
 
 
@@ -30,24 +34,38 @@ MAX_WARNINGS_SHOWN = 3
               help='Timing cache file: loaded if present, saved after the build.')
 @click.option('--device-id', type=click.IntRange(min=0), default=0, show_default=True,
               help='CUDA device to build for.')
+@max_pixels_option
+@no_overwrite_option
 def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_batch, max_batch,
-                 workspace_mb, timing_cache, device_id) -> None:
+                 workspace_mb, timing_cache, device_id, max_pixels, no_overwrite) -> None:
     """Build a TensorRT engine from an ONNX file made by `detdeploy export`.
 
     The engine is a plain TensorRT plan (trtexec and Triton load it); classes, preprocessing and
     build facts go to a JSON file next to it (model.engine -> model.engine.json), which
     `detdeploy infer model.engine` needs.
     """
+    from detdeploy.fileio import check_output_file
     from detdeploy.runtimes.tensorrt_build import BuildOptions, build_engine as build
+    from detdeploy.runtimes.tensorrt_common import sidecar_path
 
+    if not Path(onnx_path).is_file():
+        raise DetdeployError(f'model file not found: {onnx_path}')
+    output = output or str(Path(onnx_path).with_suffix('.engine'))
+    if Path(output).resolve() == Path(onnx_path).resolve():
+        raise DetdeployError(f'-o {output} would replace the ONNX file it is built from; give '
+                             'another name (e.g. MODEL.engine)')
+    check_output_file(output, overwrite=not no_overwrite, flag='-o')
+    check_output_file(sidecar_path(output), overwrite=not no_overwrite)
+    if timing_cache:
+        check_output_file(timing_cache, flag='--timing-cache')
     images: tuple[Path, ...] = ()
     if calib_images:
         from detdeploy.infer import collect_images
         images = tuple(collect_images([calib_images]))
-    output = output or str(Path(onnx_path).with_suffix('.engine'))
     options = BuildOptions(fp16=fp16, int8=int8, calibration_images=images, min_batch=min_batch,
                            opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb,
-                           timing_cache=timing_cache, device_id=device_id)
+                           timing_cache=timing_cache, device_id=device_id,
+                           overwrite=not no_overwrite, max_pixels=apply_max_pixels(max_pixels))
     report = build(onnx_path, output, options)
     build_info = report.sidecar.build
     if report.warnings:

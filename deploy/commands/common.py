@@ -80,3 +80,86 @@ def torch_device(device: str) -> str:
     except RuntimeError:
         raise DetdeployError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
     return device
+
+
+def no_overwrite_option(command):
+    """--no-overwrite, for every command that writes files."""
+    return click.option('--no-overwrite', is_flag=True, help=(
+        'Refuse to replace existing output files [default: replace them atomically].'))(command)
+
+
+def max_pixels_option(command):
+    """--max-pixels, for commands that read image files."""
+    from detdeploy.runtimes.preprocess import DEFAULT_MAX_PIXELS
+    return click.option('--max-pixels', type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS,
+                        show_default=True, help=(
+        'Refuse image files with more pixels than this, checked from the header before '
+        'decoding (decompression bombs); 0 = no limit.'))(command)
+
+
+def apply_max_pixels(max_pixels: int) -> int | None:
+    """Let `read_image`'s limit, not Pillow's process-wide one, decide; None = no limit."""
+    from detdeploy.runtimes.preprocess import allow_pixels
+    allow_pixels(max_pixels)
+    return max_pixels or None
+
+
+def foreign_model_options(command):
+    """--input-size, --mean, --std, --channel-order, --pad-value: what an ONNX file without
+    detdeploy metadata cannot say about itself (with --class-names from pytorch_model_options)."""
+    command = click.option('--pad-value', type=float, help=(
+        'ONNX files from other tools: raw pixel value of the padding [default: 114].'))(command)
+    command = click.option('--channel-order', type=click.Choice(['rgb', 'bgr']), help=(
+        'ONNX files from other tools: channel order the network expects.'))(command)
+    command = click.option('--std', help=(
+        'ONNX files from other tools: per-channel std, in --channel-order (e.g. 255,255,255).'
+        ))(command)
+    command = click.option('--mean', help=(
+        'ONNX files from other tools: per-channel mean, in --channel-order (e.g. 0,0,0).'
+        ))(command)
+    return command
+
+
+def parse_input_size(text: str | None) -> tuple[int, int] | None:
+    """640 or HEIGHTxWIDTH; multiples of 32 are checked where the size is used."""
+    if text is None:
+        return None
+    parts = text.lower().split('x')
+    try:
+        sides = [int(part) for part in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise DetdeployError(f"--input-size '{text}': give one side (640) or HEIGHTxWIDTH "
+                             '(480x640)')
+    return (sides[0], sides[-1])
+
+
+def _parse_triple(text: str | None, flag: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(','))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise DetdeployError(f"{flag} '{text}': give three numbers, e.g. 0,0,0")
+    return values
+
+
+def model_overrides(class_names: str | None = None, input_size: str | None = None,
+                    mean: str | None = None, std: str | None = None,
+                    channel_order: str | None = None, pad_value: float | None = None):
+    """The `ModelOverrides` for a model file from the command line's flags."""
+    from detdeploy.runtimes.metadata import ModelOverrides
+    return ModelOverrides(class_names=parse_class_names(class_names),
+                          input_size=parse_input_size(input_size),
+                          mean=_parse_triple(mean, '--mean'), std=_parse_triple(std, '--std'),
+                          channel_order=channel_order, pad_value=pad_value)
+
+
+def refuse_weight_flags(model: str, checkpoint: str | None, trust_checkpoint: bool) -> None:
+    """--checkpoint and --trust-checkpoint load PyTorch weights: they do nothing for a file."""
+    if checkpoint or trust_checkpoint:
+        flag = '--checkpoint' if checkpoint else '--trust-checkpoint'
+        raise DetdeployError(f'{flag} is for registry models; {model} carries its own weights')

@@ -14,7 +14,9 @@ import click
 
 from detdeploy.errors import DetdeployError
 
-from .common import load_model, pytorch_model_options, torch_device
+from .common import (apply_max_pixels, foreign_model_options, load_model, max_pixels_option,
+                     model_overrides, no_overwrite_option, pytorch_model_options,
+                     refuse_weight_flags, torch_device)
 
 EXIT_CHECK_FAILED = 1
 
@@ -97,15 +99,22 @@ def format_table(results) -> str:
               help='Exit with code 1 when any backend scores an AP below this.')
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False),
               help='Write the metrics of every backend here.')
+@click.option('--input-size', help='.onnx files from other tools with a dynamic input, and '
+              '--dynamic-shape files: network input, 640 or HxW (multiples of 32).')
+@foreign_model_options
+@max_pixels_option
+@no_overwrite_option
 def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, ann_file,
                  image_dir, backends, device, threads, batch_size, nms_preset, min_ap,
-                 json_path) -> None:
+                 json_path, input_size, mean, std, channel_order, pad_value, max_pixels,
+                 no_overwrite) -> None:
     """COCO box mAP (AP, AP50, AP75, small/medium/large) of MODEL on a COCO-format dataset.
 
     MODEL: a registry name (with --checkpoint; the default is the bundled model), a .onnx or an
     .engine file. With several backends, a table and each one's AP difference to the first.
     """
     from detdeploy.evaluate import evaluate, load_coco, write_json
+    from detdeploy.fileio import check_output_file
     from detdeploy.runtimes.open import is_model_file, open_model_file
 
     if model and model_name:
@@ -114,13 +123,24 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     if is_model_file(model) and not Path(model).is_file():
         raise DetdeployError(f'model file not found: {model}')
     chosen = _parse_backends(backends, model)
+    if json_path:
+        check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
+    overrides = model_overrides(class_names if is_model_file(model) else None, input_size, mean,
+                                std, channel_order, pad_value)
+    if not is_model_file(model) and (overrides.input_size or overrides.preprocessing_flags()):
+        raise DetdeployError('--input-size, --mean, --std, --channel-order and --pad-value are '
+                             f'for model files, not the registry model {model}')
+    if is_model_file(model):
+        refuse_weight_flags(model, checkpoint, trust_checkpoint)
+    limit = apply_max_pixels(max_pixels)
     coco = load_coco(ann_file)
     options = {'checkpoint': checkpoint, 'class_names': class_names, 'device': device,
                'trust_checkpoint': trust_checkpoint, 'nms_preset': nms_preset,
                'threads': threads}
     with tempfile.TemporaryDirectory(prefix='detdeploy_eval_') as temp:
         if is_model_file(model):
-            runners = [open_model_file(model, b, device=device, threads=threads) for b in chosen]
+            runners = [open_model_file(model, b, device=device, threads=threads,
+                                       overrides=overrides) for b in chosen]
         else:
             runners = _registry_backends(model, chosen, options, Path(temp))
         results = []
@@ -128,7 +148,7 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
             if getattr(runner, 'fallback', None):
                 click.echo(f'warning: {runner.fallback}', err=True)
             result = evaluate(runner, ann_file, image_dir, batch_size=batch_size,
-                              show_progress=sys.stderr.isatty(), coco=coco)
+                              show_progress=sys.stderr.isatty(), coco=coco, max_pixels=limit)
             for warning in result.warnings:
                 click.echo(f'warning: {result.backend}: {warning}', err=True)
             results.append(result)
@@ -136,7 +156,8 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     if json_path:
         write_json(json_path, {'model': model, 'ann': str(ann_file), 'results': [
             {'backend': r.backend, 'metrics': r.metrics, 'images': r.num_images,
-             'detections': r.num_detections, 'seconds': r.seconds} for r in results]})
+             'detections': r.num_detections, 'seconds': r.seconds} for r in results]},
+            overwrite=not no_overwrite)
         click.echo(f'wrote {json_path}')
     if min_ap is not None:
         below = [r for r in results if r.metrics['AP'] < min_ap]

@@ -3,22 +3,8 @@ from __future__ import annotations
 
 import click
 
-from detdeploy.errors import DetdeployError
-
-from .common import load_model, pytorch_model_options
-
-
-def _parse_input_size(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    parts = text.lower().split('x')
-    try:
-        sides = [int(part) for part in parts]
-    except ValueError:
-        sides = []
-    if len(sides) not in (1, 2):
-        raise DetdeployError(f"--input-size '{text}': give one side (640) or HEIGHTxWIDTH (480x640)")
-    return (sides[0], sides[-1])
+from .common import (DEFAULT_MODEL, load_model, no_overwrite_option, parse_input_size,
+                     pytorch_model_options)
 
 
 @click.command()
@@ -47,16 +33,22 @@ def _parse_input_size(text: str | None) -> tuple[int, int] | None:
 @click.option('--trt-plugin-domain', type=click.Choice(['TRT', 'trt.plugins']), default='TRT',
               show_default=True, help="EfficientNMS_TRT node domain: TRT for TensorRT's parser, "
               "trt.plugins for ONNX Runtime's TensorRT provider.")
+@no_overwrite_option
 def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mode, nms_preset,
            score_thr, iou_thr, pre_top_k, max_det, batch, dynamic_batch, dynamic_shape, input_size,
-           opset, no_simplify, trt_plugin_domain) -> None:
+           opset, no_simplify, trt_plugin_domain, no_overwrite) -> None:
     """Export a detector to ONNX with NMS inside the graph."""
     import dataclasses
 
     from detdeploy.export.exporter import ExportOptions, export_onnx
+    from detdeploy.fileio import check_output_file
     from detdeploy.models import DEPLOY_NMS, EVAL_NMS
+    from detdeploy.models.registry import get_spec
 
-    input_hw = _parse_input_size(input_size)
+    input_hw = parse_input_size(input_size)
+    # before minutes of tracing: the name is known, the folder writable, no file refused
+    output = output or f'{get_spec(model_name or DEFAULT_MODEL).name}.onnx'
+    check_output_file(output, overwrite=not no_overwrite, flag='-o')
     nms = EVAL_NMS if nms_preset == 'eval' else DEPLOY_NMS
     overrides = {'score_thr': score_thr, 'iou_thr': iou_thr, 'pre_top_k': pre_top_k,
                  'max_det': max_det}
@@ -66,7 +58,7 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
     options = ExportOptions(nms_mode=nms_mode, nms=nms, batch=batch, dynamic_batch=dynamic_batch,
                             dynamic_shape=dynamic_shape, input_hw=input_hw, opset=opset,
                             simplify=not no_simplify, trt_plugin_domain=trt_plugin_domain)
-    report = export_onnx(detector, output or f'{detector.spec.name}.onnx', options)
+    report = export_onnx(detector, output, options)
     for warning in report.warnings:
         click.echo(f'warning: {warning}', err=True)
     click.echo(f'wrote {report.path} ({report.size_bytes / 1e6:.1f} MB, opset {report.opset}) '

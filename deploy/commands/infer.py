@@ -1,11 +1,16 @@
 """`detdeploy infer`: detect objects in images with a PyTorch model or an exported file."""
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from detdeploy.errors import DetdeployError
 
-from .common import load_model, pytorch_model_options, split_model_and_images, torch_device
+from .common import (apply_max_pixels, foreign_model_options, load_model, max_pixels_option,
+                     model_overrides, no_overwrite_option, parse_input_size,
+                     pytorch_model_options, refuse_weight_flags, split_model_and_images,
+                     torch_device)
 
 
 @click.command()
@@ -34,46 +39,80 @@ from .common import load_model, pytorch_model_options, split_model_and_images, t
               help='Draw detections scoring at least this in the PNGs.')
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True,
               help='Images per forward pass.')
+@click.option('--input-size', help='Network input, 640 or HxW (multiples of 32): registry '
+              "models and --dynamic-shape files [default: the model's or the file's].")
+@foreign_model_options
+@max_pixels_option
+@no_overwrite_option
 def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend, device,
           device_id, strict_device, threads, trt_fp16, trt_cache_dir, out_dir, score_thr,
-          show_thr, batch_size) -> None:
+          show_thr, batch_size, input_size, mean, std, channel_order, pad_value, max_pixels,
+          no_overwrite) -> None:
     """Detect objects in images with a registry model (PyTorch), an exported .onnx file (ONNX
     Runtime) or a TensorRT .engine from `detdeploy build-engine`.
 
     MODEL is a .onnx or .engine file or a registry name; without it, --model or rtmdet-tiny.
+    An .onnx file from another tool runs if its outputs are num_dets, boxes, scores, labels;
+    give its classes and preprocessing (--class-names, --mean, --std, --channel-order).
+    An image that cannot be read is skipped with a warning; the run then exits with code 2.
     """
+    from detdeploy.fileio import check_output_dir
     from detdeploy.infer import collect_images, run_infer
     from detdeploy.runtimes.open import backend_for_file, is_model_file, open_model_file
 
     model, images = split_model_and_images(inputs, model_name)
     image_paths = collect_images(images)
+    if out_dir is not None:
+        check_output_dir(out_dir)
+    limit = apply_max_pixels(max_pixels)
     is_file = is_model_file(model)
     if backend == 'torch' or (backend == 'auto' and not is_file):
         if is_file:
             raise DetdeployError(f'--backend torch needs a registry name, got {model}')
+        given = model_overrides(mean=mean, std=std, channel_order=channel_order,
+                                pad_value=pad_value).preprocessing_flags()
+        if given:
+            raise DetdeployError(f'{", ".join(given)}: only for .onnx files from other tools; '
+                                 f'{model} has its own preprocessing')
+        from detdeploy.runtimes.metadata import check_input_size
         from detdeploy.runtimes.torch_backend import TorchBackend
         device = torch_device(device or 'cpu')
+        input_hw = parse_input_size(input_size)
+        if input_hw is not None:
+            check_input_size(input_hw)
         detector = load_model(model, checkpoint, class_names, trust_checkpoint,
                               'uses random weights (detections are meaningless)')
-        runner = TorchBackend(detector, device=device)
+        config = detector.spec.preprocessing
+        if input_hw is not None:
+            config = dataclasses.replace(config, input_size=input_hw)
+        runner = TorchBackend(detector, device=device, preprocess_config=config)
     else:
         if not is_file:
             raise DetdeployError(f"--backend {backend} needs an .onnx or .engine file, got "
                                  f"'{model}'")
+        refuse_weight_flags(model, checkpoint, trust_checkpoint)
         chosen = backend_for_file(model, backend)
         device, device_id = _file_device(chosen, device, device_id)
         runner = open_model_file(model, chosen, device=device, device_id=device_id,
                                  threads=threads, strict_device=strict_device,
-                                 trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir)
+                                 trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir,
+                                 overrides=model_overrides(class_names, input_size, mean, std,
+                                                           channel_order, pad_value))
         if getattr(runner, 'fallback', None):
             click.echo(f'warning: {runner.fallback}', err=True)
-    report = run_infer(runner, image_paths, out_dir, score_thr, show_thr, batch_size)
+    report = run_infer(runner, image_paths, out_dir, score_thr, show_thr, batch_size,
+                       max_pixels=limit, overwrite=not no_overwrite)
     for image in report.images:
         written = f' -> {image.json_path}, {image.png_path}' if image.json_path else ''
         click.echo(f'{image.source}: {image.num_detections} detections, '
                    f'{image.num_shown} at score >= {show_thr:g}{written}')
+    for skipped in report.skipped:
+        click.echo(f'warning: {skipped.reason}; skipped', err=True)
     if report.results_path:
         click.echo(f'all detections (COCO results format): {report.results_path}')
+    if report.skipped:
+        raise DetdeployError(f'{len(report.skipped)} of {len(image_paths)} images could not be '
+                             'read (warnings above); the others were processed')
 
 
 def _file_device(backend: str, device: str | None, device_id: int | None) -> tuple[str, int]:

@@ -5,6 +5,8 @@ import sys
 
 import click
 
+from .common import no_overwrite_option
+
 
 @click.command('make-dataset')
 @click.argument('kind', type=click.Choice(['shapes']))
@@ -18,13 +20,24 @@ import click
               help='Image side in pixels (square images).')
 @click.option('--seed', type=int, default=0, show_default=True,
               help='Same seed, same dataset, byte for byte.')
-def make_dataset(kind, out_dir, train, val, size, seed) -> None:
+@no_overwrite_option
+def make_dataset(kind, out_dir, train, val, size, seed, no_overwrite) -> None:
     """Write a synthetic detection dataset (KIND: shapes) in COCO format.
 
+    Existing files of the same names are replaced, each atomically (--no-overwrite refuses).
     Six classes (circle, square, triangle, star, hexagon, cross) in varied sizes, colours and
     rotations, partly overlapping, among unlabelled clutter on textured backgrounds.
     """
+    from detdeploy.fileio import check_output_dir, refuse_existing
     from detdeploy.training.shapes import make_shapes_dataset
+
+    out = check_output_dir(out_dir)
+    if no_overwrite:
+        counts = {'train': train, 'val': val}
+        refuse_existing([out / 'annotations' / f'instances_{split}.json'
+                         for split, count in counts.items() if count] +
+                        [out / split / f'{index:06d}.png'
+                         for split, count in counts.items() for index in range(count)])
     written = make_shapes_dataset(out_dir, train, val, size=size, seed=seed,
                                   show_progress=sys.stderr.isatty())
     for split, path in written.items():

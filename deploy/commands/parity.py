@@ -8,7 +8,8 @@ import click
 
 from detdeploy.errors import DetdeployError
 
-from .common import load_model, pytorch_model_options, torch_device
+from .common import (apply_max_pixels, load_model, max_pixels_option, no_overwrite_option,
+                     pytorch_model_options, torch_device)
 
 EXIT_MISMATCH = 1
 SHOWN_UNMATCHED = 2
@@ -37,9 +38,11 @@ SHOWN_UNMATCHED = 2
               help='If raw outputs differ, bisect the graph for the first diverging layer.')
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False),
               help='Write the full report here (JSON).')
+@max_pixels_option
+@no_overwrite_option
 def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, image_inputs,
            random_count, backend, device, torch_device_name, atol, rtol, batch_size, per_layer,
-           json_path) -> None:
+           json_path, max_pixels, no_overwrite) -> None:
     """Check that MODEL_FILE gives the PyTorch model's answers: metadata, detections, raw
     outputs (and with --per-layer, the first layer that differs). Exit 0 pass, 1 mismatch."""
     from detdeploy.infer import collect_images
@@ -47,10 +50,14 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
                                   write_report)
     from detdeploy.parity_compare import tolerances_for
 
+    from detdeploy.fileio import check_output_file
+
     if bool(image_inputs) == bool(random_count):
         raise DetdeployError('give either --images DIR... or --random N')
     if not Path(model_file).is_file():
         raise DetdeployError(f'model file not found: {model_file}')
+    if json_path:
+        check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
     if model_name is None and backend == 'ort':
         from detdeploy.runtimes.metadata import read_onnx_metadata
         model_name = read_onnx_metadata(model_file).arch
@@ -58,7 +65,8 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
         from detdeploy.runtimes.tensorrt_common import read_sidecar
         model_name = read_sidecar(Path(model_file)).metadata.arch
     images = (random_images(random_count) if random_count
-              else file_images(collect_images(list(image_inputs))))
+              else file_images(collect_images(list(image_inputs)),
+                               apply_max_pixels(max_pixels)))
     detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
                           'uses random weights: the file must have been exported from the same '
                           'random weights to agree')
@@ -72,7 +80,7 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
                             per_layer=per_layer, batch_size=batch_size)
     report = run_parity(model_file, detector, images, options)
     if json_path:
-        write_report(report, json_path)
+        write_report(report, json_path, overwrite=not no_overwrite)
     lines = format_report(report)
     for line in lines[:-1]:
         click.echo(line)

@@ -23,6 +23,23 @@ def _scale_range(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _check_run_folder(out_dir: str, resume: bool, overwrite: bool) -> None:
+    """A folder holding a run is continued (--resume) or replaced (--overwrite), never replaced
+    by accident: its checkpoints may be hours of training."""
+    from detdeploy.fileio import check_output_dir
+    from detdeploy.training.trainer import BEST, LAST, LOG
+
+    if resume and overwrite:
+        raise DetdeployError('give --resume (continue the run) or --overwrite (start over), '
+                             'not both')
+    out = check_output_dir(out_dir)
+    held = [name for name in (LAST, BEST, LOG) if (out / name).exists()]
+    if held and not resume and not overwrite:
+        raise DetdeployError(f'--out {out} already holds a run ({", ".join(held)}): pass '
+                             '--resume to continue it, --overwrite to start over, or choose '
+                             'another --out')
+
+
 @click.command()
 @click.option('--model', 'model_name', default='rtmdet-tiny', show_default=True,
               help='Registry name: rtmdet-tiny, -s, -m, -l, -x.')
@@ -41,6 +58,9 @@ def _scale_range(text: str) -> tuple[float, float]:
               help='Run folder: last.pth, best.pth, log.jsonl, curves.png.')
 @click.option('--resume', is_flag=True,
               help='Continue the run in --out exactly (model, optimizer, scheduler, EMA, epoch).')
+@click.option('--overwrite', is_flag=True,
+              help='Start a new run in an --out that holds one (its files are replaced); '
+              'without it, such an --out is refused.')
 @click.option('--checkpoint', 'init_checkpoint', type=click.Path(dir_okay=False),
               help='Initial weights (e.g. an MMDetection checkpoint); a classifier with another '
               'class count is left initialised.')
@@ -63,7 +83,7 @@ def _scale_range(text: str) -> tuple[float, float]:
 @click.option('--max-iters-per-epoch', type=click.IntRange(min=1),
               help='Cut every epoch short (quick checks).')
 def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batch, img_size,
-          out_dir, resume, init_checkpoint, lr, weight_decay, warmup_iters, val_interval,
+          out_dir, resume, overwrite, init_checkpoint, lr, weight_decay, warmup_iters, val_interval,
           scale_range, mosaic_prob, mixup_prob, workers, seed, max_iters_per_epoch) -> None:
     """Train a detector the way MMDetection trains RTMDet: dynamic soft-label assignment,
     quality focal + GIoU losses, AdamW with warm-up and flat-then-cosine decay, EMA weights for
@@ -72,6 +92,7 @@ def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batc
     from detdeploy.training.trainer import Trainer, TrainConfig
 
     get_spec(model_name)                            # unknown names: one line, with a suggestion
+    _check_run_folder(out_dir, resume, overwrite)
     if bool(val_ann) != bool(val_images):
         raise DetdeployError('give --val-ann and --val-images together')
     if img_size % 32:
