@@ -102,7 +102,7 @@ def test_score_thr_and_show_thr(tmp_path, tiny_checkpoint, image_dir, infer_run)
 
 
 def test_random_weights_are_announced(image_dir):
-    result = run_cli('infer', image_dir / 'gray.png')
+    result = run_cli('infer', '--model', 'rtmdet-tiny', image_dir / 'gray.png')
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines() == [
         'note: no --checkpoint given, rtmdet-tiny uses random weights (detections are meaningless)']
