@@ -46,12 +46,21 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict, dict]:
     try:
         obj = torch.load(path, map_location='cpu', weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(exc))
+        # torch names the refused global: "Unsupported global: GLOBAL m.C" for classes
+        # outside its allow-list, "unsupported GLOBAL m.f whose module m is blocked" for
+        # modules such as os or subprocess, whose functions would run when unpickled
+        unsafe = re.search(r'unsupported (?:global: )?GLOBAL (\S+)', str(exc), re.IGNORECASE)
         if unsafe:
+            blocked = ('whose module' in str(exc) and 'is blocked' in str(exc))
+            runs = ', a function that would run while loading' if blocked else ''
             raise CheckpointError(
-                f'{path} needs arbitrary unpickling to load (it stores {unsafe.group(1)}); '
-                'if you trust its source, pass --trust-checkpoint') from None
+                f'{path} needs arbitrary unpickling to load (it stores {unsafe.group(1)}'
+                f'{runs}); if you trust its source, pass --trust-checkpoint') from None
         reason = re.search(r'WeightsUnpickler error:\s*([^\n]+)', str(exc))
+        if reason is None and 'Weights only load failed' in str(exc):
+            raise CheckpointError(
+                f"{path} needs arbitrary unpickling to load (torch's weights-only loader "
+                'refused it); if you trust its source, pass --trust-checkpoint') from None
         raise CheckpointError(f'{path} is not a PyTorch checkpoint '
                               f'({reason.group(1) if reason else _first_line(exc)})') from None
     except Exception as exc:  # torch raises several types for files that are not checkpoints
