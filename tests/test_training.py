@@ -109,6 +109,22 @@ def test_resume_refuses_a_changed_setting(shapes, tmp_path):
         Trainer(config(shapes, tmp_path, epochs=1, lr=0.01), resume=True, show_progress=False)
 
 
+def test_resume_may_lengthen_or_shorten_the_run(shapes, tmp_path):
+    from detdeploy.errors import DetdeployError
+    notes = []
+    Trainer(config(shapes, tmp_path, epochs=3, max_iters_per_epoch=1), show_progress=False
+            ).fit()                                     # 3 epochs of one step
+    longer = Trainer(config(shapes, tmp_path, epochs=4, max_iters_per_epoch=1), resume=True,
+                     show_progress=False, echo=notes.append)
+    assert longer.epochs_changed == (3, 4) and 'recomputed for 4 epochs' in notes[0]
+    longer.fit()
+    meta = torch.load(tmp_path / LAST, weights_only=True)['meta']['detdeploy_train']
+    assert (meta['epoch'], meta['train_config']['epochs']) == (4, 4)
+    with pytest.raises(DetdeployError, match='already done 4 epochs'):
+        Trainer(config(shapes, tmp_path, epochs=2, max_iters_per_epoch=1), resume=True,
+                show_progress=False)
+
+
 def test_checkpoint_is_mmdetection_format_and_reloads_strictly(shapes, tmp_path):
     trainer = Trainer(config(shapes, tmp_path, epochs=1, val_ann=str(
         shapes / 'annotations/instances_val.json'), val_images=str(shapes / 'val')),

@@ -152,8 +152,12 @@ class Trainer:
         self.iteration = 0
         self.best_ap = -1.0
         self.history: list[dict] = []
+        self.epochs_changed: tuple[int, int] | None = None
         if resume:
             self._resume()
+            if self.epochs_changed:
+                self._log({'epoch': self.epoch, 'iter': self.iteration,
+                           'epochs_changed': list(self.epochs_changed)})
 
     # --- state -------------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -178,10 +182,21 @@ class Trainer:
         if not state or not meta:
             raise DetdeployError(f'--resume: {path} holds no training state')
         saved = meta['train_config']
-        for key in ('model', 'img_size', 'batch', 'seed', 'epochs', 'lr'):
+        for key in ('model', 'img_size', 'batch', 'seed', 'lr'):
             if saved[key] != getattr(self.config, key):
                 raise DetdeployError(f'--resume: --{key.replace("_", "-")} {getattr(self.config, key)}'
                                      f' differs from the run in {self.out} ({saved[key]})')
+        if saved['epochs'] != self.config.epochs:
+            # A run may be shortened or extended: the flat-then-cosine decay is recomputed for
+            # the new length from the current step on (earlier steps are not revisited).
+            if self.config.epochs <= meta['epoch']:
+                raise DetdeployError(f'--resume: --epochs {self.config.epochs}, but the run in '
+                                     f'{self.out} has already done {meta["epoch"]} epochs')
+            if self.dist.is_main:
+                self.echo(f'note: --epochs {self.config.epochs} (the run was started with '
+                          f'{saved["epochs"]}): the learning-rate decay is recomputed for '
+                          f'{self.config.epochs} epochs from epoch {meta["epoch"] + 1} on')
+            self.epochs_changed = (saved['epochs'], self.config.epochs)
         self.model.load_state_dict(state['model'])
         self.ema.load_state_dict(state['ema'])
         self.optimizer.load_state_dict(state['optimizer'])
