@@ -17,6 +17,7 @@ from detdeploy.errors import DetdeployError, ModelFileError
 
 from .preprocess import PreprocessConfig
 
+CHANNEL_ORDERS = ('rgb', 'bgr')
 OUTPUT_LAYOUTS = {
     'onnx': 'num_dets [B,1] int32; boxes [B,K,4] float32 xyxy network-input px; scores [B,K] '
             'float32; labels [B,K] int32; rows past num_dets are padding (0 boxes/scores, '
@@ -81,7 +82,7 @@ class ModelMetadata:
                 f'{source} has no detdeploy metadata (was it exported by another tool?); '
                 'export it with `detdeploy export`')
         try:
-            return cls(
+            metadata = cls(
                 arch=props['arch'],
                 class_names=tuple(json.loads(props['class_names'])),
                 preprocess=PreprocessConfig.from_dict(json.loads(props['preprocess'])),
@@ -98,6 +99,28 @@ class ModelMetadata:
                 trt_plugin_domain=props.get('trt_plugin_domain'))
         except (KeyError, ValueError, TypeError) as exc:
             raise MetadataError(f'{source} has incomplete detdeploy metadata ({exc!r})') from None
+        problem = metadata.problem()
+        if problem:
+            raise MetadataError(f'{source} has invalid detdeploy metadata: {problem}')
+        return metadata
+
+    def problem(self) -> str | None:
+        """What makes these values unusable (a hand-edited or damaged file), or None."""
+        pre = self.preprocess
+        if not self.class_names or not all(isinstance(n, str) for n in self.class_names):
+            return 'class_names must be a non-empty list of strings'
+        if len(pre.input_size) != 2 or not all(isinstance(v, int) and v > 0
+                                               for v in pre.input_size):
+            return f'preprocess.input_size {list(pre.input_size)} is not two positive integers'
+        if pre.channel_order not in CHANNEL_ORDERS:
+            return f"preprocess.channel_order '{pre.channel_order}' is not rgb or bgr"
+        if len(pre.mean) != 3 or len(pre.std) != 3 or not all(v > 0 for v in pre.std):
+            return 'preprocess mean and std need three values each, std above 0'
+        if self.nms_mode not in OUTPUT_LAYOUTS:
+            return f"nms_mode '{self.nms_mode}' is not one of {', '.join(OUTPUT_LAYOUTS)}"
+        if self.batch is not None and self.batch < 1:
+            return f'batch {self.batch} is below 1'
+        return None
 
 
 # What each output must be, in order: (name, dtype kind 'i' integer / 'f' float, rank).
@@ -108,7 +131,6 @@ OUTPUT_SIGNATURES = {
 }
 SIDE_MULTIPLE = 32                      # the largest stride of the detectors: sides divide by it
 FOREIGN_ARCH = 'foreign'                # arch of a file without detdeploy metadata
-CHANNEL_ORDERS = ('rgb', 'bgr')
 
 
 @dataclass(frozen=True)
@@ -161,16 +183,16 @@ def resolve_onnx_metadata(path: str | Path, overrides: ModelOverrides | None = N
                           check_signature: bool = True) -> ModelMetadata:
     """What a runtime needs to run `path`: its detdeploy metadata with `overrides` applied, or,
     for a file without metadata whose outputs follow the four-output NMS layout, metadata made
-    from the graph and the overrides (one line naming the flags still missing). With
+    from the graph and the overrides (one line naming the flags still missing). Without
+    `overrides` (a caller with no such flags), a file without metadata is refused. With
     `check_signature`, the graph's input and outputs must match the result."""
-    overrides = overrides or ModelOverrides()
     model = load_onnx_graph(path)
     props = {p.key: p.value for p in model.metadata_props}
-    if 'detdeploy_version' not in props:
+    if 'detdeploy_version' not in props and overrides is not None:
         metadata = foreign_metadata(model, Path(path), overrides)
     else:
-        metadata = apply_overrides(ModelMetadata.from_props(props, str(path)), overrides,
-                                   str(path))
+        metadata = apply_overrides(ModelMetadata.from_props(props, str(path)),
+                                   overrides or ModelOverrides(), str(path))
     if check_signature:
         check_graph_signature(model, metadata, str(path))
     return metadata

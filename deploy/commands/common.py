@@ -29,7 +29,12 @@ def parse_class_names(text: str | None) -> tuple[str, ...] | None:
         return None
     path = Path(text)
     if path.is_file():
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            lines = path.read_text(encoding='utf-8').splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DetdeployError(f'--class-names {text}: cannot read it as a text file with one '
+                                 f'name per line ({type(exc).__name__})') from None
+        names = [line.strip() for line in lines if line.strip()]
     else:
         names = [name.strip() for name in text.split(',') if name.strip()]
     if not names:

@@ -178,3 +178,51 @@ def test_metadata_error_type(tmp_path):
     model = io_helpers.save(io_helpers.detector_model(with_metadata=False), tmp_path / 'f.onnx')
     with pytest.raises(MetadataError):
         resolve_onnx_metadata(model)
+
+
+def test_tensorrt_batches_above_the_profile_are_split_and_the_profile_is_named():
+    """No GPU here: the host logic of the TensorRT backend. Above the profile's max a batch is
+    run in pieces (as ONNX Runtime does above a static batch); a profile that cannot hold its
+    own sizes names them."""
+    from detdeploy.runtimes.tensorrt_common import BatchProfile, run_in_chunks
+    seen = []
+
+    def run_chunk(chunk):
+        seen.append(len(chunk))
+        return [chunk[:, :1, 0, 0]]
+    batch = np.arange(5, dtype=np.float32).reshape(5, 1, 1, 1)
+    [out] = run_in_chunks(batch, max_batch=2, static_batch=None, run_chunk=run_chunk)
+    assert seen == [2, 2, 1] and out[:, 0].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(DetdeployError, match='--opt-batch 9 must lie between --min-batch 1 and '
+                                             '--max-batch 8'):
+        BatchProfile(1, 9, 8)
+
+
+def test_damaged_metadata_is_one_line(tmp_path, image, capsys):
+    meta = io_helpers.metadata()
+    props = meta.to_props()
+    props['preprocess'] = json.dumps({**json.loads(props['preprocess']), 'input_size': [0, 64]})
+    model = io_helpers.detector_model(with_metadata=False)
+    io_helpers.helper.set_model_props(model, props)
+    path = io_helpers.save(model, tmp_path / 'damaged.onnx')
+    code, _, err = io_helpers.run_main(capsys, 'infer', path, image)
+    io_helpers.assert_one_line_error(code, err, 'has invalid detdeploy metadata: '
+                                                'preprocess.input_size [0, 64] is not two '
+                                                'positive integers')
+
+
+def test_commands_without_foreign_flags_say_export(tmp_path, capsys):
+    model = io_helpers.save(io_helpers.detector_model(with_metadata=False), tmp_path / 'f.onnx')
+    for args in (['build-engine', model, '-o', tmp_path / 'f.engine'],
+                 ['parity', model, '--random', '1']):
+        code, _, err = io_helpers.run_main(capsys, *args)
+        io_helpers.assert_one_line_error(code, err, 'has no detdeploy metadata (was it exported '
+                                                    'by another tool?); export it with')
+
+
+def test_class_names_file_that_is_not_text(tmp_path, image, capsys):
+    model = io_helpers.save(io_helpers.detector_model(), tmp_path / 'ours.onnx')
+    (tmp_path / 'names.txt').write_bytes(b'\xff\xfe\x00binary')
+    code, _, err = io_helpers.run_main(capsys, 'infer', model, image, '--class-names',
+                                       tmp_path / 'names.txt')
+    io_helpers.assert_one_line_error(code, err, 'cannot read it as a text file')
