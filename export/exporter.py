@@ -23,7 +23,7 @@ from detdeploy.fileio import atomic_write
 from detdeploy.models import DEPLOY_NMS, LoadedDetector, NMSConfig
 from detdeploy.runtimes.metadata import ModelMetadata
 
-from .graph import NMS_MODES, OUTPUT_NAMES, DetectorGraph
+from .graph import NMS_MODES, OUTPUT_NAMES, DetectorGraph, PostprocessGraph
 from .onnx_nms import TRT_PLUGIN_DOMAINS, batched_nms_to_onnx, efficient_nms_translation
 from .simplify import simplify
 
@@ -94,24 +94,42 @@ def _shape(value_info: onnx.ValueInfoProto) -> list:
     return [dim.dim_param or dim.dim_value for dim in value_info.type.tensor_type.shape.dim]
 
 
-def trace_to_onnx(graph: DetectorGraph, example: torch.Tensor, options: ExportOptions
-                  ) -> onnx.ModelProto:
-    """The dynamo export of `graph`, with detdeploy's NMS ops translated."""
+def _dynamo_export(module: torch.nn.Module, args: tuple, input_names: list[str],
+                   output_names: list[str], dynamic_shapes: dict | None, opset: int | None,
+                   trt_plugin_domain: str = 'TRT') -> onnx.ModelProto:
+    """`torch.onnx.export(dynamo=True)` with detdeploy's NMS ops translated, quietly."""
     table = {
         torch.ops.detdeploy.batched_nms.default: batched_nms_to_onnx,
-        torch.ops.detdeploy.efficient_nms.default:
-            efficient_nms_translation(options.trt_plugin_domain),
+        torch.ops.detdeploy.efficient_nms.default: efficient_nms_translation(trt_plugin_domain),
     }
     # The exporter reports progress on stdout and warns about its own internals; keep the
     # command's output to our summary.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter('ignore')
         program = torch.onnx.export(
-            graph, (example,), dynamo=True, custom_translation_table=table,
-            dynamic_shapes=_dynamic_shapes(options), input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES[options.nms_mode]), opset_version=options.opset,
-            verbose=False)
+            module, args, dynamo=True, custom_translation_table=table,
+            dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
+            opset_version=opset, verbose=False)
     return program.model_proto
+
+
+def trace_to_onnx(graph: DetectorGraph, example: torch.Tensor, options: ExportOptions
+                  ) -> onnx.ModelProto:
+    """The dynamo export of `graph`, with detdeploy's NMS ops translated."""
+    return _dynamo_export(graph, (example,), [INPUT_NAME], list(OUTPUT_NAMES[options.nms_mode]),
+                          _dynamic_shapes(options), options.opset, options.trt_plugin_domain)
+
+
+def export_postprocess(graph: PostprocessGraph, num_classes: int, batch: int = 1,
+                       opset: int | None = None) -> onnx.ModelProto:
+    """The post-processing alone as ONNX, unsimplified and without metadata: inputs `class_scores`
+    [batch, N, num_classes] and `box_distances` [batch, N, 4], the four `onnx`-mode outputs."""
+    example = (torch.rand(batch, graph.num_anchors, num_classes),
+               torch.rand(batch, graph.num_anchors, 4) * 16)
+    model = _dynamo_export(graph, example, ['class_scores', 'box_distances'],
+                           list(OUTPUT_NAMES['onnx']), None, opset)
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def export_onnx(detector: LoadedDetector, output_path: str | Path,

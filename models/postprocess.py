@@ -96,6 +96,15 @@ def distance2bbox(points: torch.Tensor, distances: torch.Tensor,
     return torch.stack([x1, y1, x2, y2], dim=-1)
 
 
+def decode_boxes(distances: torch.Tensor, feature_sizes: list[tuple[int, int]],
+                 strides: tuple[int, ...], clamp_hw: tuple[int, int]) -> torch.Tensor:
+    """Per-anchor distances [B, N, 4] of all levels -> xyxy boxes [B, N, 4] clamped to
+    `clamp_hw`. A NaN distance gives a NaN coordinate (clamping keeps NaN, in PyTorch and in
+    ONNX `Clip`); +-inf ones are clamped to the edges."""
+    priors = grid_priors(feature_sizes, strides, distances.device, distances.dtype)
+    return distance2bbox(priors[None], distances, clamp_hw)
+
+
 def decode_outputs(raw: RawOutputs, strides: tuple[int, ...],
                    clamp_hw: tuple[int, int]) -> DecodedOutputs:
     """Concatenate levels, apply sigmoid, decode distances at the priors, clamp to `clamp_hw`."""
@@ -104,8 +113,7 @@ def decode_outputs(raw: RawOutputs, strides: tuple[int, ...],
                         for s in raw.cls_scores], 1).sigmoid()
     distances = torch.cat([b.permute(0, 2, 3, 1).reshape(batch, -1, 4) for b in raw.bbox_preds], 1)
     feature_sizes = [(s.shape[-2], s.shape[-1]) for s in raw.cls_scores]
-    priors = grid_priors(feature_sizes, strides, distances.device, distances.dtype)
-    boxes = distance2bbox(priors[None], distances, clamp_hw)
+    boxes = decode_boxes(distances, feature_sizes, strides, clamp_hw)
     return DecodedOutputs(boxes, scores, [h * w for h, w in feature_sizes])
 
 
@@ -131,9 +139,15 @@ class Candidates(NamedTuple):
 
 def select_candidates(decoded: DecodedOutputs, score_thr: float, pre_top_k: int) -> Candidates:
     """Per level, the best `pre_top_k` (anchor, class) pairs; one anchor can carry several
-    labels. Pairs scoring at most `score_thr`, or whose box has no area, get score -1."""
+    labels. Pairs scoring at most `score_thr`, or whose box has no area, get score -1.
+
+    A NaN score is -1 before ranking: it is never selected and takes a level's pre-top-k slot
+    only when fewer real scores are left (sorting would rank NaN first in PyTorch, but ONNX
+    Runtime's TopK skips it). A box with a NaN coordinate has no area, so is never selected.
+    """
     boxes, scores, level_sizes = decoded
     batch, _, num_classes = scores.shape
+    scores = torch.where(scores.isnan(), torch.full_like(scores, -1.0), scores)
     picked_scores, picked_pairs = [], []
     start = 0
     for size in level_sizes:
@@ -157,12 +171,16 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     """Per-class NMS over one image's boxes; indices kept, by descending score.
 
     Separates classes by offsetting boxes by `label * (max_coordinate + 1)`, as mmcv's
-    `batched_nms` does at any box count, so results match MMDetection bit for bit.
+    `batched_nms` does at any box count, so results match MMDetection bit for bit. A box is
+    suppressed when its float32 IoU exceeds `iou_thr` rounded to float32, as in mmcv's kernel
+    and ONNX's NonMaxSuppression (torchvision would compare with the float64 value: at 0.6,
+    which rounds up in float32, an IoU of exactly float32(0.6) would be suppressed).
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     offsets = labels.to(boxes) * (boxes.max() + 1)
-    return torchvision.ops.nms(boxes + offsets[:, None], scores, iou_thr)
+    iou_thr_float32 = torch.tensor(iou_thr, dtype=torch.float32).item()
+    return torchvision.ops.nms(boxes + offsets[:, None], scores, iou_thr_float32)
 
 
 @torch.library.custom_op('detdeploy::batched_nms', mutates_args=())
@@ -231,14 +249,18 @@ def dense_candidate_scores(candidates: Candidates, num_anchors: int, num_classes
         batch, num_anchors, num_classes)
 
 
-def postprocess(raw: RawOutputs, strides: tuple[int, ...], clamp_hw: tuple[int, int],
-                cfg: NMSConfig) -> DetectionOutputs:
-    """Raw head outputs -> the four NMS outputs (network-input pixels)."""
-    candidates = select_candidates(decode_outputs(raw, strides, clamp_hw),
-                                   cfg.score_thr, cfg.pre_top_k)
+def nms_outputs(decoded: DecodedOutputs, cfg: NMSConfig) -> DetectionOutputs:
+    """Decoded boxes and scores -> the four NMS outputs: candidates, then per-class NMS."""
+    candidates = select_candidates(decoded, cfg.score_thr, cfg.pre_top_k)
     return DetectionOutputs(*batched_nms_op(candidates.boxes, candidates.scores,
                                             candidates.labels, cfg.score_thr, cfg.iou_thr,
                                             cfg.max_det))
+
+
+def postprocess(raw: RawOutputs, strides: tuple[int, ...], clamp_hw: tuple[int, int],
+                cfg: NMSConfig) -> DetectionOutputs:
+    """Raw head outputs -> the four NMS outputs (network-input pixels)."""
+    return nms_outputs(decode_outputs(raw, strides, clamp_hw), cfg)
 
 
 def split_detections(outputs: DetectionOutputs) -> list[Detections]:
