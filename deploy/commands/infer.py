@@ -56,14 +56,16 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
     give its classes and preprocessing (--class-names, --mean, --std, --channel-order).
     An image that cannot be read is skipped with a warning; the run then exits with code 2.
     """
-    from detdeploy.fileio import check_output_dir
-    from detdeploy.infer import collect_images, run_infer
+    from detdeploy.fileio import check_output_dir, refuse_existing
+    from detdeploy.infer import collect_images, output_paths, run_infer
     from detdeploy.runtimes.open import backend_for_file, is_model_file, open_model_file
 
     model, images = split_model_and_images(inputs, model_name)
     image_paths = collect_images(images)
     if out_dir is not None:
         check_output_dir(out_dir)
+        if no_overwrite:            # before a model is loaded
+            refuse_existing(output_paths(out_dir, image_paths))
     limit = apply_max_pixels(max_pixels)
     is_file = is_model_file(model)
     if backend == 'torch' or (backend == 'auto' and not is_file):
