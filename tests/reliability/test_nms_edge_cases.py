@@ -4,6 +4,8 @@
 The post-processing is exported alone (`PostprocessGraph`: scores and box distances in, the four
 NMS outputs out), so NaN, inf, degenerate and duplicated boxes can be fed to both runtimes.
 """
+import dataclasses
+
 import numpy as np
 import onnxruntime
 import pytest
@@ -258,13 +260,18 @@ def test_iou_exactly_at_the_float32_threshold_is_kept(runner):
 
 
 def test_max_det_cut(runner):
-    scores = spread_scores(8)
-    outputs = runner.both(scores, distances_for(small_boxes()))
-    everything = runner.torch(scores, distances_for(small_boxes()))
+    """The first `max_det` of what a larger max-det keeps, best first."""
+    scores, distances = spread_scores(8), distances_for(small_boxes())
+    outputs = runner.both(scores, distances)
     assert outputs[0].tolist() == [[NMS.max_det]] * BATCH
-    assert_same_outputs(outputs, everything)
-    kept = detections(outputs, 0)[1]
-    assert (np.diff(kept) <= 0).all()
+    uncut = PostprocessGraph(FEATURE_SIZES, STRIDES, INPUT_HW,
+                             dataclasses.replace(NMS, max_det=1000))
+    with torch.no_grad():
+        everything = [t.numpy() for t in uncut(torch.from_numpy(scores),
+                                                torch.from_numpy(distances))]
+    assert (everything[0] > NMS.max_det).all()
+    assert_same_outputs(outputs[1:], [t[:, :NMS.max_det] for t in everything[1:]])
+    assert (np.diff(detections(outputs, 0)[1]) <= 0).all()
 
 
 # Scores from a small pool (ties, the threshold itself, NaN); boxes from a small pool of
