@@ -1,0 +1,87 @@
+"""The bundled default model (rtmdet-tiny trained on shapes): size, format, how commands pick it,
+its mAP floor on the held-out val set, and ONNX Runtime (eval preset) vs PyTorch AP."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detdeploy.evaluate import evaluate, load_coco
+from detdeploy.models import EVAL_NMS, load_detector
+from detdeploy.models.bundled import BUNDLED_FILE, bundled_checkpoint
+from detdeploy.training.shapes import SHAPE_CLASSES, make_shapes_dataset
+
+MAP_FLOOR = 0.60
+MAX_AP_DIFFERENCE = 0.002
+
+
+@pytest.fixture(scope='module')
+def val_set(tmp_path_factory) -> Path:
+    """The bundled model's held-out val set: seed 0, 300 images of 256x256 (README)."""
+    out = tmp_path_factory.mktemp('bundled_val')
+    make_shapes_dataset(out, train=0, val=300, size=256, seed=0)
+    return out
+
+
+@pytest.fixture(scope='module')
+def detector():
+    return load_detector('rtmdet', BUNDLED_FILE)
+
+
+@pytest.fixture(scope='module')
+def torch_result(detector, val_set):
+    from detdeploy.runtimes.torch_backend import TorchBackend
+    ann = val_set / 'annotations/instances_val.json'
+    return evaluate(TorchBackend(detector, nms=EVAL_NMS), ann, val_set / 'val', batch_size=8,
+                    coco=load_coco(ann))
+
+
+def test_bundled_file_is_small_fp16_and_loads_safely():
+    assert BUNDLED_FILE.stat().st_size <= 20 * 1024 * 1024
+    checkpoint = torch.load(BUNDLED_FILE, map_location='cpu', weights_only=True)
+    floats = [v for v in checkpoint['state_dict'].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    assert 'train_state' not in checkpoint
+    card = checkpoint['meta']['detdeploy_model_card']
+    assert card['train_config']['img_size'] == 256
+    assert tuple(checkpoint['meta']['dataset_meta']['classes']) == SHAPE_CLASSES
+
+
+def test_rtmdet_without_checkpoint_means_the_bundled_model(detector):
+    assert bundled_checkpoint('rtmdet') == BUNDLED_FILE
+    assert bundled_checkpoint(None) == BUNDLED_FILE
+    assert bundled_checkpoint('rtmdet-tiny') is None            # sizes stay architectures
+    assert detector.class_names == SHAPE_CLASSES
+    assert detector.spec.name == 'rtmdet-tiny'
+    assert detector.spec.preprocessing.input_size == (256, 256)
+
+
+def test_commands_say_they_use_the_bundled_model(val_set, tmp_path):
+    image = val_set / 'val/000000.png'
+    done = subprocess.run([sys.executable, '-m', 'detdeploy', 'infer', str(image)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        'note: no --checkpoint given, using the bundled rtmdet-tiny shapes model '
+        '(6 classes, 256x256)']
+    assert 'detections' in done.stdout
+
+
+def test_bundled_model_map_floor(torch_result):
+    assert torch_result.num_images == 300
+    assert torch_result.metrics['AP'] >= MAP_FLOOR, torch_result.metrics
+
+
+def test_onnx_eval_preset_matches_pytorch_ap(detector, val_set, torch_result, tmp_path):
+    from detdeploy.export.exporter import ExportOptions, export_onnx
+    from detdeploy.runtimes.open import open_model_file
+    path = tmp_path / 'bundled_eval.onnx'
+    export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=EVAL_NMS, dynamic_batch=True))
+    ann = val_set / 'annotations/instances_val.json'
+    ort_result = evaluate(open_model_file(path, 'ort'), ann, val_set / 'val', batch_size=8,
+                          coco=load_coco(ann))
+    difference = abs(ort_result.metrics['AP'] - torch_result.metrics['AP'])
+    assert difference <= MAX_AP_DIFFERENCE, (ort_result.metrics, torch_result.metrics)
