@@ -140,10 +140,11 @@ def _array_to_rgb(array: np.ndarray, array_order: str) -> np.ndarray:
 def keep_ratio_size(original_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
     """The largest keep-ratio size that fits in `target_hw`; sides rounded half up as mmcv's
     `rescale_size` does. For a square target this is mmcv's long-edge/short-edge rule exactly;
-    for a non-square one it fits the image into the network input."""
+    for a non-square one it fits the image into the network input. A side never rounds to 0
+    (a 1x2000 image at 640 keeps one row; mmcv would give 0 and fail)."""
     height, width = original_hw
     scale = min(target_hw[0] / height, target_hw[1] / width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def _linear_taps(src_len: int, dst_len: int, edge_weights: bool

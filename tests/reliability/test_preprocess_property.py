@@ -38,7 +38,7 @@ def expected_rgb(array: np.ndarray, order: str) -> np.ndarray:
 
 
 def resizable(hw, input_hw) -> bool:
-    """Sides that keep at least one pixel; see test_extreme_aspect_ratio_keeps_a_pixel."""
+    """Every size is resizable now (a side never rounds to 0)."""
     return min(keep_ratio_size(hw, input_hw)) >= 1
 
 
@@ -81,11 +81,9 @@ def test_host_preprocess_shape_dtype_and_padding(height, width, layout, order, i
             assert (content == low).all()
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason='runtimes/preprocess.py: keep_ratio_size rounds the short side of an '
-                          'extreme aspect ratio to 0 and resize divides by it (reported)')
 def test_extreme_aspect_ratio_keeps_a_pixel():
-    """A 1x2000 image fits 640x640 at scale 0.32: its height rounds to 0 (mmcv's rounding)."""
+    """A 1x2000 image fits 640x640 at scale 0.32: its height would round to 0 (mmcv's rounding);
+    it keeps one row."""
     tensor, meta = preprocess(np.zeros((1, 2000, 3), np.uint8), PreprocessConfig())
     assert min(meta.resized_hw) >= 1
 
