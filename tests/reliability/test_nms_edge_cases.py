@@ -64,13 +64,8 @@ class PostprocessRunner:
 
 
 @pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-    """PyTorch on one thread in this module: on a busy 2-core machine its pool of two is far
-    slower (rtmdet-tiny at 64x96: 0.5-1.9 s per image, against 0.09 s on one). Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_torch_thread(one_torch_thread):
+    """Every test here runs PyTorch on one thread (tests/reliability/conftest.py)."""
 
 
 @pytest.fixture(scope='module')

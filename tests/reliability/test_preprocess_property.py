@@ -102,14 +102,8 @@ SATURATED = np.float32(1 - 2 ** -22)       # four float32 steps below 1
 
 
 @pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-    """PyTorch on one thread in this module: on a busy 2-core machine its pool of two is far
-    slower (rtmdet-tiny at 64x96: 0.5-1.9 s per image, against 0.09 s on one). Restored after."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_torch_thread(one_torch_thread):
+    """Every test here runs PyTorch on one thread (tests/reliability/conftest.py)."""
 
 
 
