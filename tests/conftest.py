@@ -97,3 +97,13 @@ def tiny_onnx(tmp_path_factory, tiny_checkpoint):
                          ExportOptions(nms_mode='onnx', nms=DEPLOY_NMS, dynamic_batch=True,
                                        input_hw=(320, 320)))
     return path, report
+
+
+@pytest.fixture(scope='module')
+def one_torch_thread():
+    """PyTorch on one thread for a module: on a busy 2-core machine its pool of two is far
+    slower (rtmdet-tiny at 64x96: 0.5-1.9 s per image, against 0.09 s on one). Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

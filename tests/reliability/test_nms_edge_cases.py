@@ -65,7 +65,7 @@ class PostprocessRunner:
 
 @pytest.fixture(scope='module', autouse=True)
 def _one_torch_thread(one_torch_thread):
-    """Every test here runs PyTorch on one thread (tests/reliability/conftest.py)."""
+    """Every test here runs PyTorch on one thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope='module')

@@ -103,7 +103,7 @@ SATURATED = np.float32(1 - 2 ** -22)       # four float32 steps below 1
 
 @pytest.fixture(scope='module', autouse=True)
 def _one_torch_thread(one_torch_thread):
-    """Every test here runs PyTorch on one thread (tests/reliability/conftest.py)."""
+    """Every test here runs PyTorch on one thread (tests/conftest.py)."""
 
 
 
