@@ -14,8 +14,9 @@ import click
 
 from detdeploy.errors import DetdeployError
 
-from .common import (apply_max_pixels, foreign_model_options, load_model, max_pixels_option,
-                     model_overrides, no_overwrite_option, pytorch_model_options, torch_device)
+from .common import (apply_max_pixels, export_for_ort, foreign_model_options, load_model,
+                     max_pixels_option, model_overrides, no_overwrite_option,
+                     pytorch_model_options, torch_device)
 
 
 def _registry_runners(name: str, backends: list[str], device: str, options: dict,
@@ -37,13 +38,8 @@ def _registry_runners(name: str, backends: list[str], device: str, options: dict
             runners.append(torch_runner(detector, torch_device(device), nms,
                                         options['input_hw'], options['threads']))
         else:
-            from detdeploy.export.exporter import ExportOptions, export_onnx
-            path = temp_dir / f'{detector.spec.name}.onnx'
-            click.echo(f'exporting {detector.spec.name} to ONNX for the ort backend '
-                       f'(--nms onnx, {options["nms_preset"]} preset, dynamic batch)', err=True)
-            export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=nms,
-                                                      dynamic_batch=True,
-                                                      input_hw=options['input_hw']))
+            path = export_for_ort(detector, nms, options['nms_preset'], temp_dir,
+                                  options['input_hw'])
             runner = ort_runner(path, device, options['threads'], options['input_hw'],
                                 display_name=detector.spec.name)
             runner.notes.append('exported on the fly from the same weights as the torch run')

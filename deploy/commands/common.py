@@ -168,3 +168,16 @@ def refuse_weight_flags(model: str, checkpoint: str | None, trust_checkpoint: bo
     if checkpoint or trust_checkpoint:
         flag = '--checkpoint' if checkpoint else '--trust-checkpoint'
         raise DetdeployError(f'{flag} is for registry models; {model} carries its own weights')
+
+
+def export_for_ort(detector, nms, preset: str, temp_dir: Path,
+                   input_hw: tuple[int, int] | None = None) -> Path:
+    """A registry model exported to a temporary ONNX file (NMS in the graph, dynamic batch), so
+    `bench` and `eval` can run the same weights on ONNX Runtime; says so in one line."""
+    from detdeploy.export.exporter import ExportOptions, export_onnx
+    path = Path(temp_dir) / f'{detector.spec.name}.onnx'
+    click.echo(f'exporting {detector.spec.name} to ONNX for the ort backend '
+               f'(--nms onnx, {preset} preset, dynamic batch)', err=True)
+    export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=nms, dynamic_batch=True,
+                                              input_hw=input_hw))
+    return path

@@ -14,30 +14,11 @@ import click
 
 from detdeploy.errors import DetdeployError
 
-from .common import (apply_max_pixels, foreign_model_options, load_model, max_pixels_option,
-                     model_overrides, no_overwrite_option, pytorch_model_options,
-                     refuse_weight_flags, torch_device)
+from .common import (DEFAULT_MODEL, apply_max_pixels, export_for_ort, foreign_model_options,
+                     load_model, max_pixels_option, model_overrides, no_overwrite_option,
+                     pytorch_model_options, refuse_weight_flags, torch_device)
 
 EXIT_CHECK_FAILED = 1
-
-
-def _parse_backends(text: str | None, model: str) -> list[str]:
-    from detdeploy.runtimes.open import backend_for_file, is_model_file
-    if text is None:
-        return [backend_for_file(model)] if is_model_file(model) else ['torch']
-    backends = [b.strip() for b in text.split(',') if b.strip()]
-    unknown = [b for b in backends if b not in ('torch', 'ort', 'trt')]
-    if unknown or not backends or len(set(backends)) != len(backends):
-        raise DetdeployError(f"--backend '{text}': give distinct backends from torch, ort, trt")
-    if is_model_file(model):
-        for backend in backends:
-            if backend == 'torch':
-                raise DetdeployError(f'--backend torch needs a registry name, got {model}')
-            backend_for_file(model, backend)
-    elif 'trt' in backends:
-        raise DetdeployError('--backend trt needs an engine file: export, then `detdeploy '
-                             'build-engine`, then eval the .engine')
-    return backends
 
 
 def _registry_backends(model, backends, options, temp_dir: Path) -> list:
@@ -52,13 +33,8 @@ def _registry_backends(model, backends, options, temp_dir: Path) -> list:
         if backend == 'torch':
             runners.append(TorchBackend(detector, nms=nms, device=torch_device(options['device'])))
         else:
-            from detdeploy.export.exporter import ExportOptions, export_onnx
             from detdeploy.runtimes.open import open_model_file
-            path = temp_dir / f'{detector.spec.name}.onnx'
-            click.echo(f'exporting {detector.spec.name} to ONNX for the ort backend '
-                       f'(--nms onnx, {options["nms_preset"]} preset)', err=True)
-            export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=nms,
-                                                      dynamic_batch=True))
+            path = export_for_ort(detector, nms, options['nms_preset'], temp_dir)
             runners.append(open_model_file(path, 'ort', device=options['device'],
                                            threads=options['threads']))
     return runners
@@ -113,16 +89,17 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     MODEL: a registry name (with --checkpoint; the default is the bundled model), a .onnx or an
     .engine file. With several backends, a table and each one's AP difference to the first.
     """
+    from detdeploy.bench import backends_for, parse_backends
     from detdeploy.evaluate import evaluate, load_coco, write_json
     from detdeploy.fileio import check_output_file
     from detdeploy.runtimes.open import is_model_file, open_model_file
 
     if model and model_name:
         raise DetdeployError(f'give MODEL or --model, not both ({model}, {model_name})')
-    model = model or model_name or 'rtmdet'
+    model = model or model_name or DEFAULT_MODEL
     if is_model_file(model) and not Path(model).is_file():
         raise DetdeployError(f'model file not found: {model}')
-    chosen = _parse_backends(backends, model)
+    chosen = backends_for(model, parse_backends(backends))
     if json_path:
         check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
     overrides = model_overrides(class_names if is_model_file(model) else None, input_size, mean,
