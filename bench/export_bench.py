@@ -4,7 +4,7 @@ Run by hand:  .venv/bin/python bench/export_bench.py [--archs tiny,s] [--rounds 
 
 1. Exports each size (`--nms onnx`, 640x640, onnxsim on) and prints the wall time.
 2. Exports rtmdet-tiny with `--nms onnx` and `--nms none` at 640x640 and times both in ONNX
-   Runtime (CPU) with `detdeploy.bench` in alternating rounds (A B A B ...), so machine drift
+   Runtime (CPU) with `detdeploy.benchmark.timing` in alternating rounds (A B A B ...), so machine drift
    hits both alike; prints the median per-round difference of the inference stage (the
    in-graph NMS cost) and its share of the end-to-end time (issue 6 target: at most 5 % at the
    deploy preset). Weights are synthetic (`randomize_detector`), with spread scores, so NMS has
@@ -26,7 +26,7 @@ import torch
 
 from detdeploy.export.exporter import ExportOptions, export_onnx
 from detdeploy.models import DEPLOY_NMS, EVAL_NMS, load_detector
-from detdeploy.bench import load_images, ort_runner, run_benchmark
+from detdeploy.benchmark.timing import load_images, ort_runner, run_benchmark
 from detdeploy.models.synthetic_weights import randomize_detector
 from detdeploy.runtimes.pipeline import prepare_batch
 
@@ -43,7 +43,7 @@ def export_times(archs: list[str], folder: Path) -> None:
 
 def nms_cost(folder: Path, rounds: int, threads: int, preset_name: str, batch: int = 1) -> None:
     """In-graph NMS cost: the same weights exported with `--nms onnx` and `--nms none`, both run
-    through `detdeploy.bench` (ONNX Runtime CPU, generated images in memory) in alternating
+    through `detdeploy.benchmark.timing` (ONNX Runtime CPU, generated images in memory) in alternating
     rounds; NMS = paired per-round difference of the inference stage, also as a share of the
     `--nms onnx` file's end-to-end time (image in, rescaled detections out)."""
     preset = EVAL_NMS if preset_name == 'eval' else DEPLOY_NMS

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime
 import torch
 
-from detdeploy.bench import load_images, torch_runner
+from detdeploy.benchmark.timing import load_images, torch_runner
 from detdeploy.export.exporter import ExportOptions, export_onnx
 from detdeploy.models import DEPLOY_NMS, load_detector
 from detdeploy.models.synthetic_weights import randomize_detector

@@ -6,7 +6,7 @@ Run by hand:  .venv/bin/python bench/runtime_bench.py [--archs tiny,s] [--batche
 Per size: synthetic weights (`randomize_detector`: spread scores, so NMS has real candidates),
 exported with `--nms onnx` at the deploy preset and a dynamic batch; the same weights and NMS
 settings run in PyTorch. All (backend, batch) configurations of a size are timed by
-`detdeploy.bench.run_benchmark` in alternating rounds on generated images held in memory; the
+`detdeploy.benchmark.timing.run_benchmark` in alternating rounds on generated images held in memory; the
 summary gives ONNX Runtime / PyTorch ratios paired round by round (median over rounds).
 Target (issue 6): end to end at most 0.5 for rtmdet-tiny at batch 1.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detdeploy.bench import load_images, ort_runner, parse_int_list, run_benchmark, torch_runner
-from detdeploy.bench_report import format_report, write_json
-from detdeploy.bench_stats import paired_ratios
+from detdeploy.benchmark.timing import load_images, ort_runner, parse_int_list, run_benchmark, torch_runner
+from detdeploy.benchmark.report import format_report, write_json
+from detdeploy.benchmark.stats import paired_ratios
 from detdeploy.export.exporter import ExportOptions, export_onnx
 from detdeploy.models import DEPLOY_NMS, load_detector
 from detdeploy.models.synthetic_weights import randomize_detector

@@ -147,7 +147,7 @@ class RssRecordingBackend:
 
 
 def streaming_infer(model: Path, folder: Path, args) -> bool:
-    from detdeploy.infer import collect_images, run_infer
+    from detdeploy.inference.batch import collect_images, run_infer
     from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
     height, width = parse_hw(args.image_size)
     image_dir = folder / 'images'

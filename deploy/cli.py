@@ -16,7 +16,7 @@ import sys
 import click
 
 from detdeploy import __version__
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 
 from .commands import bench as bench_command
 from .commands import build_engine as build_engine_command

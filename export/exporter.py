@@ -18,17 +18,18 @@ import onnx
 import torch
 
 import detdeploy
-from detdeploy.errors import DetdeployError
-from detdeploy.fileio import atomic_write
-from detdeploy.models import DEPLOY_NMS, LoadedDetector, NMSConfig
-from detdeploy.runtimes.metadata import ModelMetadata
+from detdeploy.core.errors import DetdeployError
+from detdeploy.core.fileio import atomic_write
+from detdeploy.core.nms import NMSConfig
+from detdeploy.core.preprocessing import check_input_size
+from detdeploy.core.tasks import DETECT, NMS_MODES, has_schema, output_names
+from detdeploy.models import LoadedDetector
 
-from .graph import NMS_MODES, OUTPUT_NAMES, DetectorGraph, PostprocessGraph
+from .graph import DetectorGraph, PostprocessGraph
 from .onnx_nms import TRT_PLUGIN_DOMAINS, batched_nms_to_onnx, efficient_nms_translation
 from .simplify import simplify
 
 INPUT_NAME = 'images'
-SIDE_MULTIPLE = 32          # the largest stride: input sides must be multiples of it
 MAX_DYNAMIC_BATCH = 1024
 MAX_DYNAMIC_SIDE = 4096
 TRT_SLOW_SCORE_THR = 0.01   # EfficientNMS_TRT gets much slower below this
@@ -37,7 +38,7 @@ TRT_SLOW_SCORE_THR = 0.01   # EfficientNMS_TRT gets much slower below this
 @dataclass(frozen=True)
 class ExportOptions:
     nms_mode: str = 'onnx'
-    nms: NMSConfig = DEPLOY_NMS
+    nms: NMSConfig | None = None                 # default: the model's deploy preset
     batch: int = 1
     dynamic_batch: bool = False
     dynamic_shape: bool = False
@@ -61,32 +62,28 @@ class ExportReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def validate_options(options: ExportOptions, input_hw: tuple[int, int]) -> None:
+def validate_options(options: ExportOptions, input_hw: tuple[int, int], task: str,
+                     size_divisor: int) -> None:
     if options.nms_mode not in NMS_MODES:
         raise DetdeployError(f"unknown NMS mode '{options.nms_mode}': use {', '.join(NMS_MODES)}")
-    if any(side <= 0 or side % SIDE_MULTIPLE for side in input_hw):
-        raise DetdeployError(f'input size {input_hw[0]}x{input_hw[1]}: both sides must be '
-                             f'positive multiples of {SIDE_MULTIPLE}')
+    if not has_schema(task, options.nms_mode):
+        raise DetdeployError(f"--nms {options.nms_mode} is not available for {task} models")
+    check_input_size(tuple(input_hw), size_divisor, 'input size')
     if options.batch < 1:
         raise DetdeployError(f'batch must be at least 1, got {options.batch}')
-    nms = options.nms
-    for name, value in (('score threshold', nms.score_thr), ('IoU threshold', nms.iou_thr)):
-        if not 0 <= value <= 1:
-            raise DetdeployError(f'{name} must be in [0, 1], got {value}')
-    if nms.pre_top_k < 1 or nms.max_det < 1:
-        raise DetdeployError('pre-top-k and max-det must be at least 1')
+    options.nms.check()
     if options.trt_plugin_domain not in TRT_PLUGIN_DOMAINS:
         raise DetdeployError(f"TensorRT plugin domain must be one of {TRT_PLUGIN_DOMAINS}")
 
 
-def _dynamic_shapes(options: ExportOptions) -> dict | None:
+def _dynamic_shapes(options: ExportOptions, size_divisor: int) -> dict | None:
     axes = {}
     if options.dynamic_batch:
         axes[0] = torch.export.Dim('batch', min=1, max=MAX_DYNAMIC_BATCH)
     if options.dynamic_shape:
-        blocks = MAX_DYNAMIC_SIDE // SIDE_MULTIPLE
-        axes[2] = SIDE_MULTIPLE * torch.export.Dim('height_blocks', min=1, max=blocks)
-        axes[3] = SIDE_MULTIPLE * torch.export.Dim('width_blocks', min=1, max=blocks)
+        blocks = MAX_DYNAMIC_SIDE // size_divisor
+        axes[2] = size_divisor * torch.export.Dim('height_blocks', min=1, max=blocks)
+        axes[3] = size_divisor * torch.export.Dim('width_blocks', min=1, max=blocks)
     return {INPUT_NAME: axes} if axes else None
 
 
@@ -113,11 +110,20 @@ def _dynamo_export(module: torch.nn.Module, args: tuple, input_names: list[str],
     return program.model_proto
 
 
-def trace_to_onnx(graph: DetectorGraph, example: torch.Tensor, options: ExportOptions
-                  ) -> onnx.ModelProto:
-    """The dynamo export of `graph`, with detdeploy's NMS ops translated."""
-    return _dynamo_export(graph, (example,), [INPUT_NAME], list(OUTPUT_NAMES[options.nms_mode]),
-                          _dynamic_shapes(options), options.opset, options.trt_plugin_domain)
+def trace_to_onnx(graph: DetectorGraph, example: torch.Tensor, options: ExportOptions,
+                  raw_names: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """The dynamo export of `graph`, with detdeploy's NMS ops translated; with `raw_names`
+    (`graph.expose_raw`), the raw outputs are graph outputs too, under those names."""
+    return _dynamo_export(graph, (example,), [INPUT_NAME], graph.output_names(raw_names),
+                          _dynamic_shapes(options, graph.model.size_divisor), options.opset,
+                          options.trt_plugin_domain)
+
+
+def _drop_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
+    """Remove graph outputs by name; the tensors stay in the graph under those names."""
+    kept = [output for output in model.graph.output if output.name not in names]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
 
 
 def export_postprocess(graph: PostprocessGraph, num_classes: int, batch: int = 1,
@@ -127,7 +133,7 @@ def export_postprocess(graph: PostprocessGraph, num_classes: int, batch: int = 1
     example = (torch.rand(batch, graph.num_anchors, num_classes),
                torch.rand(batch, graph.num_anchors, 4) * 16)
     model = _dynamo_export(graph, example, ['class_scores', 'box_distances'],
-                           list(OUTPUT_NAMES['onnx']), None, opset)
+                           list(output_names(DETECT, 'onnx')), None, opset)
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -139,19 +145,26 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
     output_path = Path(output_path)
     if not output_path.parent.is_dir():
         raise DetdeployError(f'output directory does not exist: {output_path.parent}')
+    model_module = detector.model
     input_hw = options.input_hw or detector.spec.preprocessing.input_size
-    validate_options(options, input_hw)
+    if options.nms is None:
+        options = dataclasses.replace(options, nms=detector.spec.nms('deploy'))
+    validate_options(options, input_hw, model_module.task, model_module.size_divisor)
     notes = []
     if options.nms_mode == 'trt' and options.nms.score_thr < TRT_SLOW_SCORE_THR:
         notes.append(f'score threshold {options.nms.score_thr} is below {TRT_SLOW_SCORE_THR}: '
                      'EfficientNMS_TRT gets much slower there')
 
-    graph = DetectorGraph(detector.model, options.nms_mode, options.nms).eval()
+    graph = DetectorGraph(model_module, options.nms_mode, options.nms, expose_raw=True).eval()
     # A batch-1 example would let the tracer specialise a dynamic batch axis to 1.
     example_batch = 2 if options.dynamic_batch else options.batch
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(example_batch, 3, *input_hw, generator=generator)
-    model = trace_to_onnx(graph, example, options)
+    # The raw outputs are graph outputs while tracing and simplifying, so that the tensors keep
+    # their names (`cls_scores.0`, ...) for parity; then they are inner tensors again.
+    with torch.no_grad():
+        raw_names = tuple(model_module.named_raw_outputs(model_module(example[:1])))
+    model = trace_to_onnx(graph, example, options, raw_names)
     nodes_exported = len(model.graph.node)
 
     simplified = False
@@ -163,17 +176,13 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
         if result.warning:
             notes.append(f'not simplified: {result.warning}; kept the exported graph')
 
-    processing = detector.spec.preprocessing
-    processing = dataclasses.replace(processing, input_size=tuple(input_hw))
+    _drop_outputs(model, raw_names)
+    processing = detector.spec.preprocessing.with_input_size(tuple(input_hw))
     opset = next(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx'))
-    metadata = ModelMetadata(
-        arch=detector.spec.name, class_names=detector.class_names, preprocess=processing,
-        nms_mode=options.nms_mode, nms=options.nms.to_dict(),
+    metadata = detector.metadata(
+        options.nms, options.nms_mode, processing, precision='fp32', raw_outputs=raw_names,
         batch=None if options.dynamic_batch else options.batch,
-        dynamic_shape=options.dynamic_shape, opset=opset,
-        detdeploy_version=detdeploy.__version__, torch_version=torch.__version__,
-        onnx_version=onnx.__version__, checkpoint=detector.source,
-        checkpoint_sha256=detector.checkpoint_sha256,
+        dynamic_shape=options.dynamic_shape, opset=opset, onnx_version=onnx.__version__,
         trt_plugin_domain=options.trt_plugin_domain if options.nms_mode == 'trt' else None)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, metadata.to_props())
@@ -190,3 +199,13 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
         nodes_exported=nodes_exported, nodes_final=len(model.graph.node),
         simplified=simplified, seconds=time.perf_counter() - started, warnings=notes)
 
+
+
+def export_for_runtime(detector: LoadedDetector, folder: str | Path, nms: NMSConfig,
+                       input_hw: tuple[int, int] | None = None) -> Path:
+    """A registry model exported into `folder` (NMS in the graph, dynamic batch), so that
+    `bench`, `eval` and `infer` can run the same weights on ONNX Runtime."""
+    path = Path(folder) / f'{detector.spec.name}.onnx'
+    export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=nms, dynamic_batch=True,
+                                              input_hw=input_hw))
+    return path

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from detdeploy.fileio import atomic_write
+from detdeploy.core.fileio import atomic_write
 
 BUNDLED_ALIAS = 'rtmdet'
 BUNDLED_FILE = Path(__file__).parent / 'weights' / 'rtmdet_tiny_shapes.pth'

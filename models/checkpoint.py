@@ -6,7 +6,6 @@ unless the caller passes `trust=True`. This module does not build models from na
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 from dataclasses import dataclass, replace
@@ -14,24 +13,41 @@ from pathlib import Path
 
 import torch
 
-from detdeploy.errors import CheckpointError
-from detdeploy.fileio import atomic_write
+from detdeploy.core.errors import CheckpointError
+from detdeploy.core.fileio import atomic_write, file_sha256
+from detdeploy.core.metadata import ModelMetadata
+from detdeploy.core.nms import NMSConfig
+from detdeploy.core.preprocessing import PreprocessConfig
 
-from .registry import ModelSpec, build_model, get_spec
-from .rtmdet import RTMDet
+from .base import Detector, ModelSpec
+from .registry import get_spec
 
-NUM_CLASSES_KEY = 'bbox_head.rtm_cls.0.weight'
 SHOWN_KEYS = 3
 
 
 @dataclass
 class LoadedDetector:
     """A model ready for inference, with what we know of where it came from."""
-    model: RTMDet
+    model: Detector
     spec: ModelSpec
     class_names: tuple[str, ...]
     source: str                    # checkpoint path, or 'random weights'
     checkpoint_sha256: str | None = None
+
+    def metadata(self, nms: NMSConfig, nms_mode: str = 'onnx',
+                 preprocess: PreprocessConfig | None = None, **fields) -> ModelMetadata:
+        """The description an exported file of this model carries (the PyTorch backend uses
+        the same); `fields` sets the file-only ones (batch, opset, versions, ...)."""
+        import detdeploy
+        values = dict(batch=None, dynamic_shape=True, opset=0,
+                      detdeploy_version=detdeploy.__version__, torch_version=torch.__version__,
+                      onnx_version='')
+        values.update(fields)
+        return ModelMetadata(
+            arch=self.spec.name, family=self.model.family, task=self.model.task,
+            class_names=self.class_names, preprocess=preprocess or self.spec.preprocessing,
+            nms_mode=nms_mode, nms=nms, checkpoint=self.source,
+            checkpoint_sha256=self.checkpoint_sha256, **values)
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict, dict]:
@@ -92,12 +108,12 @@ def class_names_from_meta(meta: dict) -> tuple[str, ...] | None:
     return None
 
 
-def input_size_from_meta(meta: dict) -> tuple[int, int] | None:
-    """The (height, width) a checkpoint was trained for, if its meta says."""
+def input_size_from_meta(meta: dict, size_divisor: int) -> tuple[int, int] | None:
+    """The (height, width) a checkpoint was trained for, if its meta says (and it fits)."""
     ours = meta.get('detdeploy') if isinstance(meta, dict) else None
     size = ours.get('input_size') if isinstance(ours, dict) else None
     if (isinstance(size, (list, tuple)) and len(size) == 2
-            and all(isinstance(v, int) and v > 0 and v % 32 == 0 for v in size)):
+            and all(isinstance(v, int) and v > 0 and v % size_divisor == 0 for v in size)):
         return (size[0], size[1])
     return None
 
@@ -118,14 +134,6 @@ def describe_mismatch(model: torch.nn.Module, state_dict: dict) -> str | None:
     return '; '.join(parts) or None
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_detector(name: str, checkpoint: str | Path | None = None,
                   class_names: tuple[str, ...] | None = None, trust: bool = False
                   ) -> LoadedDetector:
@@ -137,20 +145,20 @@ def load_detector(name: str, checkpoint: str | Path | None = None,
     spec = get_spec(name)
     if checkpoint is None:
         names = class_names or spec.class_names
-        model = build_model(spec.name, num_classes=len(names))
-        return LoadedDetector(model, spec, tuple(names), 'random weights')
+        return LoadedDetector(spec.build(len(names)), spec, tuple(names), 'random weights')
 
     state_dict, meta = read_checkpoint(checkpoint, trust=trust)
-    num_classes = (state_dict[NUM_CLASSES_KEY].shape[0] if NUM_CLASSES_KEY in state_dict
+    class_count_key = spec.model_class.num_classes_key
+    num_classes = (state_dict[class_count_key].shape[0] if class_count_key in state_dict
                    else len(spec.class_names))
-    model = build_model(spec.name, num_classes=num_classes)
+    model = spec.build(num_classes)
     mismatch = describe_mismatch(model, state_dict)
     if mismatch:
         raise CheckpointError(f'checkpoint {checkpoint} does not fit {spec.name}: {mismatch}')
     model.load_state_dict(state_dict, strict=True)
-    input_size = input_size_from_meta(meta)
-    if input_size and tuple(input_size) != spec.preprocessing.input_size:
-        spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=input_size))
+    input_size = input_size_from_meta(meta, spec.preprocessing.size_divisor)
+    if input_size:
+        spec = replace(spec, preprocessing=spec.preprocessing.with_input_size(input_size))
     names = class_names or class_names_from_meta(meta)
     if names is None:
         names = (spec.class_names if num_classes == len(spec.class_names)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .base import Detector
+
 
 def make_image(height: int, width: int, seed: int) -> np.ndarray:
     """A uint8 RGB image with smooth colour blobs on noise (something for a detector to see)."""
@@ -28,19 +30,19 @@ def calibration_images(seed: int, count: int = 4, size: int = 320) -> torch.Tens
     return (batch - 120.0) / 58.0
 
 
-def randomize_detector(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def randomize_detector(model: Detector, seed: int = 0) -> Detector:
     """Give a model non-trivial weights, as a trained one has: random BN affine parameters,
     BN statistics measured in eval mode on random images, layer by layer (so features stay
     normalised and keep their spatial variation),
     head towers with He-initialised convs, spread class scores and boxes with positive extent.
     The result depends only on `seed` and the model's initial weights."""
     generator = torch.Generator().manual_seed(seed)
-    head = model.bbox_head
+    tower_convs, predictor_kinds, box_bias = model.synthetic_head()
     with torch.no_grad():
-        for tower in (*head.cls_convs, *head.reg_convs):    # MMDetection's N(0, 0.01) init
-            for layer in tower:                              # makes head features near constant
-                fan_in = layer.conv.weight[0].numel()
-                layer.conv.weight.normal_(0, (2 / fan_in) ** 0.5, generator=generator)
+        # MMDetection's N(0, 0.01) head init makes head features near constant
+        for conv in tower_convs:
+            fan_in = conv.weight[0].numel()
+            conv.weight.normal_(0, (2 / fan_in) ** 0.5, generator=generator)
         batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         for bn in batch_norms:
             bn.weight.copy_(1 + 0.1 * torch.randn(bn.num_features, generator=generator))
@@ -55,20 +57,20 @@ def randomize_detector(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
         for hook in hooks:
             hook.remove()
         # Scale the predictors on the features they see, so logits and box terms stay moderate.
-        predictors = [*head.rtm_cls, *head.rtm_reg]
+        predictors = [conv for conv, _ in predictor_kinds]
         features = {}
         hooks = [p.register_forward_hook(lambda mod, args, out: features.__setitem__(mod, args[0]))
                  for p in predictors]
         model(calibration_images(seed + 1))
         for hook in hooks:
             hook.remove()
-        for predictor in predictors:
+        for predictor, kind in predictor_kinds:
             predictor.weight.normal_(0, 1, generator=generator)
             spread = torch.nn.functional.conv2d(features[predictor], predictor.weight).std()
-            is_cls = predictor.out_channels == head.num_classes
-            predictor.weight.mul_((1.0 if is_cls else 0.2) / spread)
-            if is_cls:
+            is_logits = kind == 'logits'
+            predictor.weight.mul_((1.0 if is_logits else 0.2) / spread)
+            if is_logits:
                 predictor.bias.copy_(-3 + torch.randn(predictor.out_channels, generator=generator))
             else:
-                predictor.bias.fill_(0.7 if head.exp_on_reg else 2.0)
+                predictor.bias.fill_(box_bias)
     return model.eval()

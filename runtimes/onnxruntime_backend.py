@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 
-from .metadata import ModelMetadata, ModelOverrides, resolve_onnx_metadata
-from .preprocess import PreprocessConfig
+from detdeploy.core.metadata import ModelMetadata, ModelOverrides
+
+from .backend import INTERMEDIATE_TENSORS, IO_BINDING, Backend, run_in_chunks
+from .model_file import load_onnx_graph, resolve_onnx_metadata
 
 DEVICE_PROVIDERS = {
     'cpu': ['CPUExecutionProvider'],
@@ -60,11 +62,12 @@ def provider_list(options: OrtOptions) -> list:
     return providers
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     """Run a detdeploy ONNX file; one instance may be called from several threads at once
     (ONNX Runtime's `InferenceSession.run` is thread-safe and this class keeps no run state)."""
 
     name = 'ort'
+    capabilities = frozenset({IO_BINDING, INTERMEDIATE_TENSORS})
 
     def __init__(self, path: str | Path, options: OrtOptions = OrtOptions(),
                  overrides: ModelOverrides | None = None, check_signature: bool = True):
@@ -115,17 +118,19 @@ class OnnxRuntimeBackend:
             raise DetdeployError(f'--strict-device: {self.fallback}')
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
-
-    @property
-    def preprocess_config(self) -> PreprocessConfig:
-        return self.metadata.preprocess
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.metadata.class_names
+        self._graph = None                  # the ONNX graph, loaded for `run_tensors`
+        self.tensor_sessions_created = 0
 
     def describe(self) -> dict:
-        return {'backend': self.name, 'path': str(self.path), 'providers': self.providers,
+        session_options = self.session.get_session_options()
+        intra_op = session_options.intra_op_num_threads
+        return {'backend': self.name, 'path': str(self.path), 'device': self.options.device,
+                'providers': self.providers,
+                'threads': {'ort_intra_op': intra_op or 'default (one per physical core)',
+                            'ort_inter_op': session_options.inter_op_num_threads or 'default',
+                            'ort_execution_mode':
+                                str(session_options.execution_mode).split('.')[-1]},
+                'weights': self.metadata.checkpoint,
                 'inputs': [(i.name, i.shape) for i in self.session.get_inputs()],
                 'outputs': [(o.name, o.shape) for o in self.session.get_outputs()],
                 'nms_mode': self.metadata.nms_mode, 'arch': self.metadata.arch}
@@ -138,37 +143,39 @@ class OnnxRuntimeBackend:
             raise DetdeployError(f'ONNX Runtime failed to run {self.path} on a batch of shape '
                                  f'{list(batch.shape)}: {text[:300]}') from None
 
-    def run_raw(self, batch: np.ndarray) -> list[np.ndarray]:
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         """The file's outputs for a batch, padding or splitting to a static batch size."""
-        static = self.metadata.batch
-        if static is None or len(batch) == static:
-            return self._session_run(batch)
-        pieces = []
-        for start in range(0, len(batch), static):
-            chunk = batch[start:start + static]
-            used = len(chunk)
-            if used < static:
-                chunk = np.concatenate([chunk, np.zeros((static - used, *chunk.shape[1:]),
-                                                        chunk.dtype)])
-            pieces.append([out[:used] for out in self._session_run(chunk)])
-        return [np.concatenate(parts) for parts in zip(*pieces)]
+        return run_in_chunks(batch, None, self.metadata.batch, self._session_run)
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """num_dets, boxes, scores, labels for a preprocessed [B, 3, H, W] float32 batch."""
-        if self.metadata.nms_mode == 'none':
-            raise DetdeployError(f'{self.path} was exported with --nms none (raw outputs); '
-                                 'detection needs a file exported with --nms onnx')
-        height, width = batch.shape[2:]
-        if self.metadata.dynamic_shape and (height % 32 or width % 32):
-            raise DetdeployError(f'input {height}x{width}: sides must be multiples of 32')
-        return tuple(self.run_raw(np.ascontiguousarray(batch, dtype=np.float32)))
+    def run_tensors(self, names: list[str], batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Any named tensors of the graph for a batch, from a copy of the graph pruned to
+        what they need (so post-processing, and any TensorRT plugin node, is left out)."""
+        import onnxruntime
+        session_options = onnxruntime.SessionOptions()
+        session_options.log_severity_level = 4
+        if self.options.threads:
+            session_options.intra_op_num_threads = self.options.threads
+        if self._graph is None:
+            self._graph = load_onnx_graph(self.path)
+            import onnx
+            onnx.external_data_helper.load_external_data_for_model(self._graph,
+                                                                   str(self.path.parent))
+        session = onnxruntime.InferenceSession(graph_with_outputs(self._graph, names),
+                                               session_options,
+                                               providers=provider_list(self.options))
+        self.tensor_sessions_created += 1
+        input_name = session.get_inputs()[0].name
+        outputs = run_in_chunks(np.ascontiguousarray(batch, dtype=np.float32), None,
+                                self.metadata.batch,
+                                lambda chunk: session.run(names, {input_name: chunk}))
+        return dict(zip(names, outputs))
 
     def io_binding(self) -> 'OrtIoBinding':
         """A reusable I/O binding on the device the session runs on (see OrtIoBinding)."""
         return OrtIoBinding(self)
 
     def run_bound(self, batch: np.ndarray) -> list[np.ndarray]:
-        """`run_raw` through an I/O binding: the same outputs, as numpy arrays on the host."""
+        """`run` through an I/O binding: the same outputs, as numpy arrays on the host."""
         binding = self.io_binding()
         binding.set_input(batch)
         binding.run()
@@ -227,3 +234,31 @@ class OrtIoBinding:
     def outputs(self) -> list[np.ndarray]:
         """The outputs of the last run, copied to the host, without any padding rows."""
         return [array[:self.used] for array in self.binding.copy_outputs_to_cpu()]
+
+
+def graph_with_outputs(model, tensors: list[str]) -> bytes:
+    """A serialized copy of `model` whose outputs are `tensors`, pruned to the nodes they need."""
+    import onnx
+    producer = {name: index for index, node in enumerate(model.graph.node)
+                for name in node.output}
+    keep, todo = set(), [producer[name] for name in tensors if name in producer]
+    while todo:
+        index = todo.pop()
+        if index in keep:
+            continue
+        keep.add(index)
+        todo.extend(producer[name] for name in model.graph.node[index].input if name in producer)
+    needed = {name for index in keep for name in model.graph.node[index].input}
+    types = {info.name: info.type.tensor_type.elem_type
+             for info in (*model.graph.value_info, *model.graph.output)}
+    copy = onnx.ModelProto()
+    copy.ir_version = model.ir_version
+    copy.opset_import.extend(model.opset_import)
+    copy.graph.name = model.graph.name
+    copy.graph.node.extend(model.graph.node[i] for i in sorted(keep))
+    copy.graph.initializer.extend(i for i in model.graph.initializer if i.name in needed)
+    initializers = {i.name for i in model.graph.initializer}
+    copy.graph.input.extend(i for i in model.graph.input if i.name not in initializers)
+    copy.graph.output.extend(onnx.helper.make_tensor_value_info(
+        name, types.get(name, onnx.TensorProto.FLOAT), None) for name in tensors)
+    return copy.SerializeToString()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 
 ONNX_SUFFIXES = ('.onnx',)
 ENGINE_SUFFIXES = ('.engine', '.plan')

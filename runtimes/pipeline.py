@@ -5,24 +5,30 @@ Images are streamed in batches, so memory stays bounded however many files there
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from detdeploy.errors import ImageError
+from detdeploy.core.detections import ImageDetections
+from detdeploy.core.errors import DetdeployError, ImageError
+from detdeploy.core.preprocessing import PreprocessConfig
+from detdeploy.core.tasks import DETECT
 
-from .detections import ImageDetections
-from .preprocess import (DEFAULT_MAX_PIXELS, ImageMeta, PreprocessConfig, preprocess, read_image,
+from .backend import Backend
+from .preprocess import (DEFAULT_MAX_PIXELS, ImageMeta, batch_canvas_size, preprocess, read_image,
                          rescale_boxes)
 
 
-class Backend(Protocol):
-    name: str
-    preprocess_config: PreprocessConfig
-    class_names: tuple[str, ...]
-
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """num_dets [B, 1], boxes [B, K, 4] (network-input px), scores [B, K], labels [B, K]."""
+def require_detections(backend: Backend) -> None:
+    """Detections need a model whose graph ends in NMS, of a task this host code handles."""
+    metadata = backend.metadata
+    if not metadata.has_nms:
+        raise DetdeployError(f'{getattr(backend, "path", metadata.arch)} was exported with '
+                             '--nms none (raw outputs); detection needs a file exported with '
+                             '--nms onnx')
+    if metadata.task != DETECT:
+        raise DetdeployError(f"{metadata.arch}: turning '{metadata.task}' outputs into "
+                             'detections is not implemented yet (boxes only)')
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -33,7 +39,8 @@ def _batches(items: list, size: int) -> Iterator[list]:
 def prepare_batch(images_rgb: list[np.ndarray], config: PreprocessConfig
                   ) -> tuple[np.ndarray, list[ImageMeta]]:
     """Stage 1: RGB images -> one [B, 3, H, W] float32 network batch and each image's geometry."""
-    prepared = [preprocess(image, config) for image in images_rgb]
+    canvas_hw = batch_canvas_size(images_rgb, config)
+    prepared = [preprocess(image, config, canvas_hw) for image in images_rgb]
     return np.stack([tensor for tensor, _ in prepared]), [meta for _, meta in prepared]
 
 
@@ -70,6 +77,7 @@ def detect(backend: Backend, sources: Iterable[str | Path | np.ndarray], batch_s
     Per batch: read, `prepare_batch`, `backend.run`, `to_detections` (the stages that
     `detdeploy bench` times one by one). An image that cannot be read raises `ImageError`, or,
     with `on_unreadable`, is passed to it with the error and skipped."""
+    require_detections(backend)
     config = backend.preprocess_config
     for chunk in _batches(list(sources), batch_size):
         readable, images = [], []

@@ -1,20 +1,22 @@
-"""Host-side image handling in numpy: read, keep-ratio resize, pad, normalise, rescale boxes back.
+"""Host-side image handling in numpy: read, resize, pad, normalise, rescale boxes back.
 
-Reproduces MMDetection's RTMDet test pipeline (mmcv `imrescale` with OpenCV bilinear
-interpolation, `Pad`, `DetDataPreprocessor`) without torch or OpenCV, so a deployment needs only
-numpy and Pillow. Model execution and NMS are elsewhere.
+Carries out a `core.preprocessing.PreprocessConfig` (which decides the sizes) as MMDetection's
+test pipelines do (mmcv `imrescale` with OpenCV bilinear interpolation, `Pad`,
+`DetDataPreprocessor`), without torch or OpenCV, so a deployment needs only numpy and Pillow.
+Model execution and NMS are elsewhere.
 """
 from __future__ import annotations
 
 import struct
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from detdeploy.errors import ImageError
+from detdeploy.core.errors import ImageError
+from detdeploy.core.preprocessing import PreprocessConfig
 
 RESIZE_COEF_BITS = 11                   # OpenCV's fixed-point precision for 8-bit bilinear
 RESIZE_COEF_SCALE = 1 << RESIZE_COEF_BITS
@@ -29,25 +31,6 @@ def allow_pixels(max_pixels: int | None) -> None:
         Image.MAX_IMAGE_PIXELS = None
     elif Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < max_pixels:
         Image.MAX_IMAGE_PIXELS = max_pixels
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """How an image becomes the network input; stored in exported files' metadata."""
-    input_size: tuple[int, int] = (640, 640)        # network input (height, width)
-    channel_order: str = 'bgr'                       # channel order the network expects
-    mean: tuple[float, float, float] = (103.53, 116.28, 123.675)   # in channel_order
-    std: tuple[float, float, float] = (57.375, 57.12, 58.395)
-    pad_value: float = 114.0                         # raw pixel value of the padding
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> 'PreprocessConfig':
-        return cls(input_size=tuple(values['input_size']), channel_order=values['channel_order'],
-                   mean=tuple(values['mean']), std=tuple(values['std']),
-                   pad_value=float(values['pad_value']))
 
 
 @dataclass(frozen=True)
@@ -137,16 +120,6 @@ def _array_to_rgb(array: np.ndarray, array_order: str) -> np.ndarray:
     return np.ascontiguousarray(rgb[:, :, ::-1] if array_order == 'bgr' else rgb)
 
 
-def keep_ratio_size(original_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
-    """The largest keep-ratio size that fits in `target_hw`; sides rounded half up as mmcv's
-    `rescale_size` does. For a square target this is mmcv's long-edge/short-edge rule exactly;
-    for a non-square one it fits the image into the network input. A side never rounds to 0
-    (a 1x2000 image at 640 keeps one row; mmcv would give 0 and fail)."""
-    height, width = original_hw
-    scale = min(target_hw[0] / height, target_hw[1] / width)
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
-
-
 def _linear_taps(src_len: int, dst_len: int, edge_weights: bool
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source indices and 11-bit fixed-point weights of OpenCV's INTER_LINEAR along one axis.
@@ -186,20 +159,35 @@ def resize_bilinear(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return ((upper + lower + 2) >> 2).clip(0, 255).astype(np.uint8)
 
 
-def preprocess(image_rgb: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, ImageMeta]:
-    """One RGB uint8 image -> normalised CHW float32 network input and its geometry."""
+def preprocess(image_rgb: np.ndarray, config: PreprocessConfig,
+               canvas_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, ImageMeta]:
+    """One RGB uint8 image -> normalised CHW float32 network input and its geometry.
+
+    The image is resized as `config` says and padded bottom/right to `canvas_hw` (default: the
+    config's canvas for this image; a batch passes its largest)."""
     original_hw = image_rgb.shape[:2]
-    resized_hw = keep_ratio_size(original_hw, config.input_size)
+    resized_hw = config.resized_size(original_hw)
+    canvas_hw = canvas_hw or config.canvas_size(resized_hw)
     resized = resize_bilinear(image_rgb, resized_hw)
     if config.channel_order == 'bgr':
         resized = resized[:, :, ::-1]
-    canvas = np.full((*config.input_size, 3), config.pad_value, dtype=np.float32)
+    canvas = np.full((*canvas_hw, 3), config.pad_value, dtype=np.float32)
     canvas[:resized_hw[0], :resized_hw[1]] = resized
+    if config.pixel_scale != 1.0:
+        canvas *= np.float32(config.pixel_scale)
     canvas -= np.asarray(config.mean, dtype=np.float32)
     canvas /= np.asarray(config.std, dtype=np.float32)
     scale_wh = (resized_hw[1] / original_hw[1], resized_hw[0] / original_hw[0])
     return np.ascontiguousarray(canvas.transpose(2, 0, 1)), ImageMeta(
         tuple(original_hw), resized_hw, scale_wh)
+
+
+def batch_canvas_size(images_rgb: list[np.ndarray], config: PreprocessConfig
+                      ) -> tuple[int, int]:
+    """The padded size shared by a batch: the config's fixed size, or (padding to a size
+    divisor) the largest padded image."""
+    canvases = [config.canvas_size(config.resized_size(image.shape[:2])) for image in images_rgb]
+    return max(h for h, _ in canvases), max(w for _, w in canvases)
 
 
 def rescale_boxes(boxes_xyxy: np.ndarray, meta: ImageMeta) -> np.ndarray:

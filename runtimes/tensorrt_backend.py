@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 
-from .metadata import ModelMetadata
-from .preprocess import PreprocessConfig
+from detdeploy.core.metadata import ModelMetadata
+
+from .backend import Backend, run_in_chunks
 from .tensorrt_common import (EngineSidecar, check_cuda_device, check_engine_matches, cuda_call,
-                              import_tensorrt, load_cudart, read_sidecar, run_in_chunks,
+                              import_tensorrt, load_cudart, read_sidecar,
                               sidecar_path)
 
 
@@ -74,7 +75,7 @@ class _ExecutionSlot:
         self.cudart.cudaStreamDestroy(self.stream)
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     """Run a detdeploy TensorRT engine. Thread-safe: each calling thread gets its own execution
     context, CUDA stream and buffers (created on its first call); the engine is shared."""
 
@@ -111,14 +112,6 @@ class TensorRTBackend:
         self._slots: list[_ExecutionSlot] = []
         self._slots_lock = threading.Lock()
 
-    @property
-    def preprocess_config(self) -> PreprocessConfig:
-        return self.metadata.preprocess
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.metadata.class_names
-
     def rename_classes(self, names: tuple[str, ...]) -> None:
         """Class names from the command line instead of the sidecar's (same count)."""
         if len(names) != len(self.metadata.class_names):
@@ -136,6 +129,7 @@ class TensorRTBackend:
                 'inputs': [(self.input_name, ['batch', 3, *build.input_hw])],
                 'outputs': [(name, list(self.engine.get_tensor_shape(name)))
                             for name in self.output_names],
+                'providers': ['TensorRT'], 'threads': {}, 'weights': self.metadata.checkpoint,
                 'nms_mode': self.metadata.nms_mode, 'arch': self.metadata.arch}
 
     def _slot(self) -> _ExecutionSlot:
@@ -148,7 +142,10 @@ class TensorRTBackend:
                 self._slots.append(slot)
         return slot
 
-    def run_raw(self, batch: np.ndarray) -> list[np.ndarray]:
+    def synchronize(self) -> None:
+        """Nothing queued outlives a run: each run waits for its stream."""
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         """The engine's outputs for a batch: split above the profile's max batch, padded to a
         static batch."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
@@ -160,13 +157,6 @@ class TensorRTBackend:
         slot = self._slot()
         return run_in_chunks(batch, self.max_batch, self.static_batch,
                              lambda chunk: slot.execute(np.ascontiguousarray(chunk)))
-
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """num_dets, boxes, scores, labels for a preprocessed [B, 3, H, W] float32 batch."""
-        if self.metadata.nms_mode == 'none':
-            raise DetdeployError(f'{self.path} was built from a --nms none file (raw outputs); '
-                                 'detection needs --nms onnx or trt')
-        return tuple(self.run_raw(batch))
 
     def close(self) -> None:
         """Free every thread's device buffers and streams (the backend is unusable after)."""

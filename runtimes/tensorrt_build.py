@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from detdeploy import __version__
-from detdeploy.errors import DetdeployError
-from detdeploy.fileio import atomic_write
+from detdeploy.core.errors import DetdeployError
+from detdeploy.core.fileio import atomic_write
 
-from .metadata import ModelMetadata, resolve_onnx_metadata
+from detdeploy.core.metadata import ModelMetadata
+
+from .model_file import resolve_onnx_metadata
 from .preprocess import preprocess, read_image
 from .tensorrt_common import (BatchProfile, EngineBuildInfo, EngineSidecar, check_cuda_device,
                               cuda_call, import_tensorrt, load_cudart, sha256_bytes, sha256_file,

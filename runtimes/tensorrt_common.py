@@ -9,14 +9,13 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from detdeploy.errors import DetdeployError
-from detdeploy.fileio import atomic_write
+from detdeploy.core.errors import DetdeployError
+from detdeploy.core.fileio import atomic_write
 
-from .metadata import ModelMetadata
+from detdeploy.core.metadata import ModelMetadata
 
 INSTALL_HINT = "pip install 'detdeploy[tensorrt]' on a machine with an NVIDIA GPU"
 SIDECAR_FORMAT = 'detdeploy-engine'
@@ -260,21 +259,3 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b''):
             digest.update(block)
     return digest.hexdigest()
-
-
-def run_in_chunks(batch: np.ndarray, max_batch: int, static_batch: int | None,
-                  run_chunk: Callable[[np.ndarray], list[np.ndarray]]) -> list[np.ndarray]:
-    """Run `batch` in pieces of at most `max_batch` images; an engine with a static batch gets
-    every piece zero-padded to that size (outputs of the padding are dropped)."""
-    limit = static_batch or max_batch
-    if static_batch is None and len(batch) <= max_batch:
-        return run_chunk(batch)
-    pieces = []
-    for start in range(0, len(batch), limit):
-        chunk = batch[start:start + limit]
-        used = len(chunk)
-        if static_batch is not None and used < static_batch:
-            chunk = np.concatenate([chunk, np.zeros((static_batch - used, *chunk.shape[1:]),
-                                                    chunk.dtype)])
-        pieces.append([out[:used] for out in run_chunk(chunk)])
-    return [np.concatenate(parts) for parts in zip(*pieces)]

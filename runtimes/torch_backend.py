@@ -1,42 +1,50 @@
 """The PyTorch backend: runs a `detdeploy.models` detector on a preprocessed numpy batch.
 
-It is the reference every exported model is compared with; the only module of `runtimes`
-that imports torch.
+It is the reference every exported model is compared with, and the only module of `runtimes`
+that imports torch. Its metadata is what an export of the same model would carry, so host code
+treats it like a file.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from detdeploy.models import LoadedDetector, NMSConfig
+from detdeploy.core.nms import NMSConfig
+from detdeploy.core.preprocessing import PreprocessConfig
+from detdeploy.models import LoadedDetector
 
-from .preprocess import PreprocessConfig
+from .backend import Backend
 
 
-class TorchBackend:
-    """Run a loaded PyTorch detector; boxes come back in network-input pixels."""
+class TorchBackend(Backend):
+    """Run a loaded PyTorch detector in eager mode; outputs as the `onnx` NMS mode's."""
 
     name = 'torch'
 
     def __init__(self, detector: LoadedDetector, nms: NMSConfig | None = None,
                  device: str = 'cpu', preprocess_config: PreprocessConfig | None = None):
+        """`nms` defaults to the model's deploy preset, as `detdeploy export` does."""
         self.detector = detector
-        self.nms = nms or detector.spec.test_nms
-        self._preprocess_config = preprocess_config or detector.spec.preprocessing
+        self.nms = nms or detector.spec.nms('deploy')
+        self.metadata = detector.metadata(self.nms, 'onnx', preprocess_config)
         self.device = torch.device(device)
         self.model = detector.model.to(self.device).eval()
 
-    @property
-    def preprocess_config(self) -> PreprocessConfig:
-        return self._preprocess_config
+    def describe(self) -> dict:
+        return {'backend': self.name, 'device': str(self.device),
+                'providers': [f'torch {self.device}'],
+                'threads': {'torch_intra_op': torch.get_num_threads(),
+                            'torch_inter_op': torch.get_num_interop_threads()},
+                'weights': self.detector.source, 'nms_mode': 'torch (eager)',
+                'arch': self.detector.spec.name}
 
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.detector.class_names
+    def synchronize(self) -> None:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The four NMS outputs (num_dets, boxes, scores, labels) for a [B, 3, H, W] float32
-        batch; boxes in network-input pixels, clamped to the input's extent."""
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The four NMS outputs (num_dets, boxes, scores, labels); boxes in network-input
+        pixels, clamped to the input's extent."""
         images = torch.from_numpy(batch).to(self.device)
         outputs = self.model.predict_outputs(images, self.nms)
-        return tuple(tensor.cpu().numpy() for tensor in outputs)
+        return [tensor.cpu().numpy() for tensor in outputs]

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detdeploy.bench import IO_BINDING_KEY, Runner, run_benchmark
-from detdeploy.bench_report import SCHEMA_VERSION, format_report, result_to_json
-from detdeploy.bench_stats import (alternating_schedule, paired_ratios, summarize,
+from detdeploy.benchmark.timing import IO_BINDING_KEY, Runner, run_benchmark
+from detdeploy.benchmark.report import SCHEMA_VERSION, format_report, result_to_json
+from detdeploy.benchmark.stats import (alternating_schedule, paired_ratios, summarize,
                                    throughput_ips)
 from detdeploy.cli import main
 from detdeploy.runtimes.preprocess import PreprocessConfig

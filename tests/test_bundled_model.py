@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detdeploy.evaluate import evaluate, load_coco
+from detdeploy.evaluation.coco_eval import evaluate, load_coco
 from detdeploy.models import EVAL_NMS, load_detector
 from detdeploy.models.bundled import BUNDLED_FILE, bundled_checkpoint
 from detdeploy.training.shapes import SHAPE_CLASSES, make_shapes_dataset

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import randomize_detector
-from detdeploy.errors import CheckpointError
+from detdeploy.core.errors import CheckpointError
 from detdeploy.models import build_model, get_spec, load_detector, read_checkpoint, save_checkpoint
 
 
@@ -108,7 +108,7 @@ def test_saving_is_atomic(tmp_path, tiny_detector, monkeypatch):
 
 
 def test_unwritable_target_is_a_user_error(tiny_detector):
-    from detdeploy.errors import DetdeployError
+    from detdeploy.core.errors import DetdeployError
     with pytest.raises(DetdeployError, match='cannot write /proc/model.pth'):
         save_checkpoint('/proc/model.pth', tiny_detector.model, tiny_detector.spec,
                         tiny_detector.class_names)

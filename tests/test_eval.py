@@ -1,4 +1,4 @@
-"""`detdeploy eval` and `detdeploy.evaluate`: our mAP equals pycocotools run directly on the same
+"""`detdeploy eval` and `detdeploy.evaluation.coco_eval`: our mAP equals pycocotools run directly on the same
 detections; CLI tables, exit codes and bad input."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detdeploy.evaluate import METRIC_NAMES, evaluate
+from detdeploy.evaluation.coco_eval import METRIC_NAMES, evaluate
 from detdeploy.runtimes.preprocess import PreprocessConfig
 from detdeploy.training.shapes import SHAPE_CLASSES, make_shapes_dataset
 

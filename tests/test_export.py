@@ -15,7 +15,7 @@ from detdeploy.export.exporter import ExportOptions, export_onnx
 from detdeploy.export.graph import DetectorGraph
 from detdeploy.models import DEPLOY_NMS, EVAL_NMS, NMSConfig, load_detector
 from detdeploy.models.checkpoint import file_sha256
-from detdeploy.runtimes.metadata import read_onnx_metadata
+from detdeploy.runtimes.model_file import read_onnx_metadata
 from detdeploy.runtimes.preprocess import PreprocessConfig, preprocess
 
 DETDEPLOY = str(Path(sys.executable).parent / 'detdeploy')

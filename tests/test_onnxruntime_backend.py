@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import assert_detections_agree, make_image
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 from detdeploy.models import DEPLOY_NMS
 from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from detdeploy.runtimes.pipeline import detect

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_image
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from detdeploy.runtimes.preprocess import preprocess
 

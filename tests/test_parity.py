@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from detdeploy.cli import main
-from detdeploy.parity_compare import (TOLERANCE_PRESETS, DetectionSet, compare_arrays,
+from detdeploy.verification.compare import (TOLERANCE_PRESETS, DetectionSet, compare_arrays,
                                       match_detections, tolerances_for)
 
 PERTURBED_WEIGHT = 'model.backbone.stage2.1.main_conv.conv.weight'

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import DATA_DIR
-from detdeploy.errors import ImageError
+from detdeploy.core.errors import ImageError
 from detdeploy.runtimes.preprocess import (ImageMeta, PreprocessConfig, keep_ratio_size,
                                            preprocess, read_image, rescale_boxes, resize_bilinear)
 

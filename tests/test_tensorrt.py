@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import assert_detections_agree, make_image
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 from detdeploy.models import DEPLOY_NMS
-from detdeploy.runtimes.metadata import read_onnx_metadata
+from detdeploy.runtimes.model_file import read_onnx_metadata
 from detdeploy.runtimes.tensorrt_build import BuildOptions, build_engine, plan_build
 from detdeploy.runtimes.tensorrt_common import (BatchProfile, EngineBuildInfo, EngineSidecar,
                                                 TensorRTUnavailable, check_engine_matches,

@@ -103,14 +103,14 @@ def test_resume_gives_identical_next_step_losses(shapes, tmp_path):
 
 
 def test_resume_refuses_a_changed_setting(shapes, tmp_path):
-    from detdeploy.errors import DetdeployError
+    from detdeploy.core.errors import DetdeployError
     Trainer(config(shapes, tmp_path, epochs=1), show_progress=False).fit()
     with pytest.raises(DetdeployError, match='--lr'):
         Trainer(config(shapes, tmp_path, epochs=1, lr=0.01), resume=True, show_progress=False)
 
 
 def test_resume_may_lengthen_or_shorten_the_run(shapes, tmp_path):
-    from detdeploy.errors import DetdeployError
+    from detdeploy.core.errors import DetdeployError
     notes = []
     Trainer(config(shapes, tmp_path, epochs=3, max_iters_per_epoch=1), show_progress=False
             ).fit()                                     # 3 epochs of one step

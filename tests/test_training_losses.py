@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from conftest import DATA_DIR
-from detdeploy.models.assigner import DynamicSoftLabelAssigner
+from detdeploy.models.rtmdet.assigner import DynamicSoftLabelAssigner
 from detdeploy.models.losses import giou_loss, quality_focal_loss
 from detdeploy.models.postprocess import RawOutputs
-from detdeploy.models.rtmdet_loss import RTMDetLoss
+from detdeploy.models.rtmdet.loss import RTMDetLoss
 
 STRIDES = (8, 16, 32)
 IOU_ATOL = 1e-6

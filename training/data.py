@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 from detdeploy.runtimes.preprocess import PreprocessConfig, read_image
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from detdeploy.errors import DetdeployError
-from detdeploy.fileio import atomic_write
+from detdeploy.core.errors import DetdeployError
+from detdeploy.core.fileio import atomic_write
 
 SHAPE_CLASSES = ('circle', 'square', 'triangle', 'star', 'hexagon', 'cross')
 SUPERSAMPLE = 2                 # drawn at 2x and downsampled: smooth edges

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from detdeploy.errors import DetdeployError
-from detdeploy.fileio import atomic_write
-from detdeploy.models import EVAL_NMS, LoadedDetector, build_model, get_spec, save_checkpoint
+from detdeploy.core.errors import DetdeployError
+from detdeploy.core.fileio import atomic_write
+from detdeploy.models import LoadedDetector, build_model, get_spec, save_checkpoint
 from detdeploy.models.checkpoint import read_checkpoint
-from detdeploy.models.rtmdet_loss import RTMDetLoss
+from detdeploy.models.rtmdet.loss import RTMDetLoss
 
 from .data import AugmentConfig, CocoDetectionDataset, collate, read_coco
 from .ema import ExpMomentumEMA
@@ -272,10 +272,10 @@ class Trainer:
         return means
 
     def evaluate(self) -> dict[str, float]:
-        from detdeploy.evaluate import evaluate
+        from detdeploy.evaluation.coco_eval import evaluate
         from detdeploy.runtimes.torch_backend import TorchBackend
         detector = LoadedDetector(self.ema.module.eval(), self.spec, self.class_names, 'EMA')
-        backend = TorchBackend(detector, nms=EVAL_NMS, device=str(self.dist.device))
+        backend = TorchBackend(detector, nms=detector.spec.nms('eval'), device=str(self.dist.device))
         result = evaluate(backend, self.config.val_ann, self.config.val_images, batch_size=8)
         return result.metrics
 

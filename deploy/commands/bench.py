@@ -1,7 +1,7 @@
 """`detdeploy bench`: latency and throughput of models on PyTorch, ONNX Runtime and TensorRT.
 
-Parses, builds the runners and calls `detdeploy.bench.run_benchmark`; printing and files are
-`detdeploy.bench_report`'s.
+Parses, builds the runners and calls `detdeploy.benchmark.timing.run_benchmark`; printing and files are
+`detdeploy.benchmark.report`'s.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 
 from .common import (apply_max_pixels, export_for_ort, foreign_model_options, load_model,
                      max_pixels_option, model_overrides, no_overwrite_option,
@@ -21,14 +21,13 @@ from .common import (apply_max_pixels, export_for_ort, foreign_model_options, lo
 
 def _registry_runners(name: str, backends: list[str], device: str, options: dict,
                       temp_dir: Path) -> list:
-    from detdeploy.bench import ort_runner, torch_runner
-    from detdeploy.models import DEPLOY_NMS, EVAL_NMS
+    from detdeploy.benchmark.timing import ort_runner, torch_runner
     from detdeploy.models.synthetic_weights import randomize_detector
 
-    nms = EVAL_NMS if options['nms_preset'] == 'eval' else DEPLOY_NMS
     detector = load_model(name, options['checkpoint'], options['class_names'],
                           options['trust_checkpoint'], 'is benchmarked with synthetic weights '
                           '(spread scores, so NMS has work; detections are meaningless)')
+    nms = detector.spec.nms(options['nms_preset'])
     if detector.source == 'random weights':
         randomize_detector(detector.model)
         detector.source = 'synthetic weights (randomize_detector)'
@@ -89,10 +88,10 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
     (PyTorch; with --checkpoint). Configurations are every model x backend x batch size;
     the first is the baseline the ratios compare with.
     """
-    from detdeploy.bench import (backends_for, load_images, model_kind, ort_runner,
+    from detdeploy.benchmark.timing import (backends_for, load_images, model_kind, ort_runner,
                                  parse_backends, parse_int_list, run_benchmark, trt_runner)
-    from detdeploy.bench_report import format_report, write_json, write_plot
-    from detdeploy.fileio import check_output_file
+    from detdeploy.benchmark.report import format_report, write_json, write_plot
+    from detdeploy.core.fileio import check_output_file
 
     models = ((model_name,) if model_name else ()) + tuple(models)
     if not models:

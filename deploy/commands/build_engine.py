@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 
 from .common import apply_max_pixels, max_pixels_option, no_overwrite_option
 
@@ -44,7 +44,7 @@ def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_bat
     build facts go to a JSON file next to it (model.engine -> model.engine.json), which
     `detdeploy infer model.engine` needs.
     """
-    from detdeploy.fileio import check_output_file
+    from detdeploy.core.fileio import check_output_file
     from detdeploy.runtimes.tensorrt_build import BuildOptions, build_engine as build
     from detdeploy.runtimes.tensorrt_common import sidecar_path
 
@@ -60,7 +60,7 @@ def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_bat
         check_output_file(timing_cache, flag='--timing-cache')
     images: tuple[Path, ...] = ()
     if calib_images:
-        from detdeploy.infer import collect_images
+        from detdeploy.inference.batch import collect_images
         images = tuple(collect_images([calib_images]))
     options = BuildOptions(fp16=fp16, int8=int8, calibration_images=images, min_batch=min_batch,
                            opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 
 DEFAULT_MODEL = 'rtmdet'
 
@@ -156,7 +156,7 @@ def model_overrides(class_names: str | None = None, input_size: str | None = Non
                     mean: str | None = None, std: str | None = None,
                     channel_order: str | None = None, pad_value: float | None = None):
     """The `ModelOverrides` for a model file from the command line's flags."""
-    from detdeploy.runtimes.metadata import ModelOverrides
+    from detdeploy.runtimes.model_file import ModelOverrides
     return ModelOverrides(class_names=parse_class_names(class_names),
                           input_size=parse_input_size(input_size),
                           mean=_parse_triple(mean, '--mean'), std=_parse_triple(std, '--std'),
@@ -172,12 +172,8 @@ def refuse_weight_flags(model: str, checkpoint: str | None, trust_checkpoint: bo
 
 def export_for_ort(detector, nms, preset: str, temp_dir: Path,
                    input_hw: tuple[int, int] | None = None) -> Path:
-    """A registry model exported to a temporary ONNX file (NMS in the graph, dynamic batch), so
-    `bench` and `eval` can run the same weights on ONNX Runtime; says so in one line."""
-    from detdeploy.export.exporter import ExportOptions, export_onnx
-    path = Path(temp_dir) / f'{detector.spec.name}.onnx'
+    """`export.exporter.export_for_runtime`, saying so in one line."""
+    from detdeploy.export.exporter import export_for_runtime
     click.echo(f'exporting {detector.spec.name} to ONNX for the ort backend '
                f'(--nms onnx, {preset} preset, dynamic batch)', err=True)
-    export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=nms, dynamic_batch=True,
-                                              input_hw=input_hw))
-    return path
+    return export_for_runtime(detector, temp_dir, nms, input_hw)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 
 from .common import (DEFAULT_MODEL, apply_max_pixels, export_for_ort, foreign_model_options,
                      load_model, max_pixels_option, model_overrides, no_overwrite_option,
@@ -22,12 +22,11 @@ EXIT_CHECK_FAILED = 1
 
 
 def _registry_backends(model, backends, options, temp_dir: Path) -> list:
-    from detdeploy.models import DEPLOY_NMS, EVAL_NMS
     from detdeploy.runtimes.torch_backend import TorchBackend
-    nms = EVAL_NMS if options['nms_preset'] == 'eval' else DEPLOY_NMS
     detector = load_model(model, options['checkpoint'], options['class_names'],
                           options['trust_checkpoint'],
                           'uses random weights (expect an AP of 0)')
+    nms = detector.spec.nms(options['nms_preset'])
     runners = []
     for backend in backends:
         if backend == 'torch':
@@ -41,7 +40,7 @@ def _registry_backends(model, backends, options, temp_dir: Path) -> list:
 
 
 def format_table(results) -> str:
-    from detdeploy.evaluate import METRIC_NAMES
+    from detdeploy.evaluation.coco_eval import METRIC_NAMES
     header = f"{'backend':<24}" + ''.join(f'{m:>8}' for m in METRIC_NAMES) + \
         f"{'dAP':>9}{'images':>8}{'dets':>8}{'s':>7}"
     lines = [header]
@@ -89,9 +88,9 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     MODEL: a registry name (with --checkpoint; the default is the bundled model), a .onnx or an
     .engine file. With several backends, a table and each one's AP difference to the first.
     """
-    from detdeploy.bench import backends_for, parse_backends
-    from detdeploy.evaluate import evaluate, load_coco, write_json
-    from detdeploy.fileio import check_output_file
+    from detdeploy.benchmark.timing import backends_for, parse_backends
+    from detdeploy.evaluation.coco_eval import evaluate, load_coco, write_json
+    from detdeploy.core.fileio import check_output_file
     from detdeploy.runtimes.open import is_model_file, open_model_file
 
     if model and model_name:

@@ -41,20 +41,19 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
     import dataclasses
 
     from detdeploy.export.exporter import ExportOptions, export_onnx
-    from detdeploy.fileio import check_output_file
-    from detdeploy.models import DEPLOY_NMS, EVAL_NMS
+    from detdeploy.core.fileio import check_output_file
     from detdeploy.models.registry import get_spec
 
     input_hw = parse_input_size(input_size)
     # before minutes of tracing: the name is known, the folder writable, no file refused
     output = output or f'{get_spec(model_name or DEFAULT_MODEL).name}.onnx'
     check_output_file(output, overwrite=not no_overwrite, flag='-o')
-    nms = EVAL_NMS if nms_preset == 'eval' else DEPLOY_NMS
-    overrides = {'score_thr': score_thr, 'iou_thr': iou_thr, 'pre_top_k': pre_top_k,
-                 'max_det': max_det}
-    nms = dataclasses.replace(nms, **{k: v for k, v in overrides.items() if v is not None})
     detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
                           'is exported with random weights')
+    overrides = {'score_thr': score_thr, 'iou_thr': iou_thr, 'pre_top_k': pre_top_k,
+                 'max_det': max_det}
+    nms = dataclasses.replace(detector.spec.nms(nms_preset),
+                              **{k: v for k, v in overrides.items() if v is not None}).check()
     options = ExportOptions(nms_mode=nms_mode, nms=nms, batch=batch, dynamic_batch=dynamic_batch,
                             dynamic_shape=dynamic_shape, input_hw=input_hw, opset=opset,
                             simplify=not no_simplify, trt_plugin_domain=trt_plugin_domain)
@@ -70,5 +69,4 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
                   else 'not simplified')
     click.echo(f'  nodes: {report.nodes_exported} exported, {simplified}')
     if nms_mode != 'none':
-        click.echo(f'  nms: {nms_mode}, score > {nms.score_thr:g}, top {nms.pre_top_k} pairs per '
-                   f'level, IoU {nms.iou_thr:g}, max {nms.max_det} per image')
+        click.echo(f'  nms: {nms_mode}, {nms_preset} preset: {nms.describe()}')

@@ -5,7 +5,7 @@ import dataclasses
 
 import click
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 
 from .common import (apply_max_pixels, foreign_model_options, load_model, max_pixels_option,
                      model_overrides, no_overwrite_option, parse_input_size,
@@ -56,8 +56,8 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
     give its classes and preprocessing (--class-names, --mean, --std, --channel-order).
     An image that cannot be read is skipped with a warning; the run then exits with code 2.
     """
-    from detdeploy.fileio import check_output_dir, refuse_existing
-    from detdeploy.infer import collect_images, output_paths, run_infer
+    from detdeploy.core.fileio import check_output_dir, refuse_existing
+    from detdeploy.inference.batch import collect_images, output_paths, run_infer
     from detdeploy.runtimes.open import backend_for_file, is_model_file, open_model_file
 
     model, images = split_model_and_images(inputs, model_name)
@@ -76,7 +76,7 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
         if given:
             raise DetdeployError(f'{", ".join(given)}: only for .onnx files from other tools; '
                                  f'{model} has its own preprocessing')
-        from detdeploy.runtimes.metadata import check_input_size
+        from detdeploy.runtimes.model_file import check_input_size
         from detdeploy.runtimes.torch_backend import TorchBackend
         device = torch_device(device or 'cpu')
         input_hw = parse_input_size(input_size)

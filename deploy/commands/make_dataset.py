@@ -28,7 +28,7 @@ def make_dataset(kind, out_dir, train, val, size, seed, no_overwrite) -> None:
     Six classes (circle, square, triangle, star, hexagon, cross) in varied sizes, colours and
     rotations, partly overlapping, among unlabelled clutter on textured backgrounds.
     """
-    from detdeploy.fileio import check_output_dir, refuse_existing
+    from detdeploy.core.fileio import check_output_dir, refuse_existing
     from detdeploy.training.shapes import make_shapes_dataset
 
     out = check_output_dir(out_dir)

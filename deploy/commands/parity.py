@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 
 from .common import (apply_max_pixels, load_model, max_pixels_option, no_overwrite_option,
                      pytorch_model_options, torch_device)
@@ -45,12 +45,12 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
            json_path, max_pixels, no_overwrite) -> None:
     """Check that MODEL_FILE gives the PyTorch model's answers: metadata, detections, raw
     outputs (and with --per-layer, the first layer that differs). Exit 0 pass, 1 mismatch."""
-    from detdeploy.infer import collect_images
-    from detdeploy.parity import (ParityOptions, file_images, random_images, run_parity,
+    from detdeploy.inference.batch import collect_images
+    from detdeploy.verification.parity import (ParityOptions, file_images, random_images, run_parity,
                                   write_report)
-    from detdeploy.parity_compare import tolerances_for
+    from detdeploy.verification.compare import tolerances_for
 
-    from detdeploy.fileio import check_output_file
+    from detdeploy.core.fileio import check_output_file
 
     if bool(image_inputs) == bool(random_count):
         raise DetdeployError('give either --images DIR... or --random N')
@@ -59,7 +59,7 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
     if json_path:
         check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
     if model_name is None and backend == 'ort':
-        from detdeploy.runtimes.metadata import read_onnx_metadata
+        from detdeploy.runtimes.model_file import read_onnx_metadata
         model_name = read_onnx_metadata(model_file).arch
     elif model_name is None:
         from detdeploy.runtimes.tensorrt_common import read_sidecar

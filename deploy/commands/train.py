@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 
 
 def _scale_range(text: str) -> tuple[float, float]:
@@ -26,7 +26,7 @@ def _scale_range(text: str) -> tuple[float, float]:
 def _check_run_folder(out_dir: str, resume: bool, overwrite: bool) -> None:
     """A folder holding a run is continued (--resume) or replaced (--overwrite), never replaced
     by accident: its checkpoints may be hours of training."""
-    from detdeploy.fileio import check_output_dir
+    from detdeploy.core.fileio import check_output_dir
     from detdeploy.training.trainer import BEST, LAST, LOG
 
     if resume and overwrite:

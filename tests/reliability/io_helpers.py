@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from detdeploy.runtimes.metadata import ModelMetadata
+from detdeploy.runtimes.model_file import ModelMetadata
 from detdeploy.runtimes.preprocess import PreprocessConfig
 
 BOX_XYXY = [4.0, 8.0, 40.0, 48.0]          # network-input px

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 import io_helpers
-from detdeploy.errors import DetdeployError
-from detdeploy.fileio import atomic_write
+from detdeploy.core.errors import DetdeployError
+from detdeploy.core.fileio import atomic_write
 
 OLD = b'old contents: must survive an interrupted write\n'
 
@@ -106,7 +106,7 @@ def test_interrupt_inside_a_write_leaves_the_old_file(tmp_path):
 
 def fail_before_rename(monkeypatch):
     """Interrupt every `atomic_write` after its data is written, just before the rename."""
-    import detdeploy.fileio as fileio
+    import detdeploy.core.fileio as fileio
 
     def interrupted(fd):
         raise KeyboardInterrupt
@@ -116,7 +116,7 @@ def fail_before_rename(monkeypatch):
 def writers(tmp_path):
     """Every writer of detdeploy that can run here, each as (target, write it)."""
     from detdeploy import bench_report, evaluate, parity
-    from detdeploy.infer import run_infer
+    from detdeploy.inference.batch import run_infer
     from detdeploy.models import save_checkpoint
     from detdeploy.models.registry import get_spec
     from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend

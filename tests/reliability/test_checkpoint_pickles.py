@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import io_helpers
-from detdeploy.errors import CheckpointError
+from detdeploy.core.errors import CheckpointError
 from detdeploy.models import load_detector, read_checkpoint
 from detdeploy.models.registry import build_model
 

@@ -110,11 +110,11 @@ def test_build_engine_without_tensorrt(files, capsys):
 
 def test_os_error_in_the_middle_of_a_run(files, capsys, monkeypatch):
     """A full disk while writing: one line naming the error and the file; --debug shows where."""
-    import detdeploy.infer
+    import detdeploy.inference.batch
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, 'No space left on device', str(files / 'out' / 'img.png'))
-    monkeypatch.setattr(detdeploy.infer, 'run_infer', disk_full)
+    monkeypatch.setattr(detdeploy.inference.batch, 'run_infer', disk_full)
     args = ['infer', files / 'good.onnx', files / 'img.png', '--out', files / 'out']
     code, _, err = io_helpers.run_main(capsys, *args)
     io_helpers.assert_one_line_error(code, err, f'No space left on device: {files}/out/img.png')

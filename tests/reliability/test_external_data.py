@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import io_helpers
-from detdeploy.errors import ModelFileError
+from detdeploy.core.errors import ModelFileError
 from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend
 
 BOX = 'box'                     # the initializer whose external data the tests edit (16 bytes)

@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto
 
 import io_helpers
-from detdeploy.errors import DetdeployError
-from detdeploy.runtimes.metadata import MetadataError, ModelOverrides, resolve_onnx_metadata
+from detdeploy.core.errors import DetdeployError
+from detdeploy.runtimes.model_file import MetadataError, ModelOverrides, resolve_onnx_metadata
 from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend
 
 FOREIGN_FLAGS = ('--class-names', 'cat,dog', '--mean', '0,0,0', '--std', '255,255,255',

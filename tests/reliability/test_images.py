@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import io_helpers
-from detdeploy.errors import ImageError
+from detdeploy.core.errors import ImageError
 from detdeploy.runtimes.preprocess import DEFAULT_MAX_PIXELS, allow_pixels, read_image
 
 

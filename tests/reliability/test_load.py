@@ -136,7 +136,7 @@ def test_infer_streams_1000_images_in_bounded_memory(onnx_model, thousand_images
     """Memory after 200 images and after 1,000 is the same: images and results are not kept
     (1,000 decoded images alone would be 47 MB). Without an output folder: drawing 100 labels
     and writing JSON per image would take minutes here (bench/soak_bench.py runs that path)."""
-    from detdeploy.infer import collect_images, run_infer
+    from detdeploy.inference.batch import collect_images, run_infer
     from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
     backend = RssRecordingBackend(OnnxRuntimeBackend(onnx_model, OrtOptions(threads=1)))
     images = collect_images([thousand_images])

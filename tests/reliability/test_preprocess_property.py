@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_detections_agree
-from detdeploy.errors import ImageError
+from detdeploy.core.errors import ImageError
 from detdeploy.runtimes.pipeline import detect
 from detdeploy.runtimes.preprocess import (PreprocessConfig, keep_ratio_size, preprocess,
                                            read_image)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from detdeploy.errors import DetdeployError
-from detdeploy.fileio import atomic_write, make_output_dir, refuse_existing
-from detdeploy.runtimes.detections import ImageDetections
-from detdeploy.runtimes.draw import draw_detections
+from detdeploy.core.errors import DetdeployError
+from detdeploy.core.fileio import atomic_write, make_output_dir, refuse_existing
+from detdeploy.core.detections import ImageDetections
+from detdeploy.inference.draw import draw_detections
 from detdeploy.runtimes.pipeline import Backend, detect
 from detdeploy.runtimes.preprocess import DEFAULT_MAX_PIXELS
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..box_coders import distance2bbox
+from ..losses import giou_loss, quality_focal_loss
+from ..priors import grid_priors_with_strides
 from .assigner import DynamicSoftLabelAssigner
-from .losses import giou_loss, quality_focal_loss
-from .postprocess import RawOutputs, distance2bbox, grid_priors
+from .model import RawOutputs
 
 
 def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
@@ -34,10 +36,7 @@ class RTMDetLoss:
     def priors(self, raw: RawOutputs) -> torch.Tensor:
         """[A, 4]: x, y, stride, stride of every anchor point, levels concatenated."""
         sizes = [(s.shape[-2], s.shape[-1]) for s in raw.cls_scores]
-        points = grid_priors(sizes, self.strides, raw.cls_scores[0].device)
-        strides = torch.cat([points.new_full((h * w,), float(stride))
-                             for (h, w), stride in zip(sizes, self.strides)])
-        return torch.cat([points, strides[:, None], strides[:, None]], dim=1)
+        return grid_priors_with_strides(sizes, self.strides, raw.cls_scores[0].device)
 
     def __call__(self, raw: RawOutputs, gt_boxes: list[torch.Tensor],
                  gt_labels: list[torch.Tensor]) -> dict[str, torch.Tensor]:

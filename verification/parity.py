@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from detdeploy.errors import DetdeployError
-from detdeploy.fileio import atomic_write
-from detdeploy.runtimes.metadata import ModelMetadata
+from detdeploy.core.errors import DetdeployError
+from detdeploy.core.fileio import atomic_write
+from detdeploy.runtimes.model_file import ModelMetadata
 from detdeploy.runtimes.pipeline import prepare_batch
 from detdeploy.runtimes.preprocess import PreprocessConfig, read_image
 
 from .layer_search import LayerDivergence, find_first_divergence
-from .parity_compare import (ArrayComparison, DetectionSet, ImageMatch, Tolerances,
+from .compare import (ArrayComparison, DetectionSet, ImageMatch, Tolerances,
                              compare_arrays, match_detections, merge_comparisons,
                              tolerances_for)
 
@@ -291,7 +291,7 @@ def run_parity(model_file: str | Path, detector, images: list[tuple[str, np.ndar
     from detdeploy.models import NMSConfig
     from detdeploy.runtimes.torch_backend import TorchBackend
 
-    from .parity_graph import Graph, TensorRunner, find_raw_tensors, load_model
+    from .onnx_graph import Graph, TensorRunner, find_raw_tensors, load_model
 
     model_file = Path(model_file)
     backend = _make_backend(model_file, options)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 
 METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
@@ -102,6 +102,6 @@ def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: i
 
 
 def write_json(path: str | Path, payload: dict, overwrite: bool = True) -> None:
-    from detdeploy.fileio import atomic_write
+    from detdeploy.core.fileio import atomic_write
     with atomic_write(path, 'w', overwrite=overwrite) as handle:
         json.dump(payload, handle, indent=2)

@@ -1,8 +1,9 @@
-"""RTMDet in plain PyTorch: CSPNeXt backbone, CSPNeXtPAFPN neck, RTMDetSepBNHead.
+"""RTMDet in plain PyTorch: CSPNeXt backbone, CSPNeXtPAFPN neck, RTMDetSepBNHead, and its
+decoding (distances from anchor points) into the shared dense post-processing.
 
 Module and attribute names follow MMDetection 3.x, so its RTMDet checkpoints load with
-`strict=True`. The forward pass returns the raw per-level head outputs; decoding and NMS live in
-`postprocess.py`, named sizes and class names in `registry.py`.
+`strict=True`. The forward pass returns the raw per-level head outputs; NMS is `models.nms`,
+named sizes and presets are `sizes.py`.
 """
 from __future__ import annotations
 
@@ -11,9 +12,42 @@ import math
 import torch
 from torch import nn
 
-from .blocks import ConvModule, CSPLayer, SPPBottleneck
-from .postprocess import (EVAL_NMS, DetectionOutputs, Detections, NMSConfig, RawOutputs,
-                          postprocess, split_detections)
+from typing import NamedTuple
+
+from detdeploy.core.nms import NMSConfig
+
+from ..base import Detector
+from ..box_coders import distance2bbox
+from ..conv_modules import ConvModule
+from ..csp_layers import CSPLayer, SPPBottleneck
+from ..nms import DecodedOutputs, dense_outputs
+from ..priors import grid_priors
+
+
+class RawOutputs(NamedTuple):
+    """Per-level head outputs: class logits [B, C, H, W] and box distances [B, 4, H, W] (px)."""
+    cls_scores: tuple[torch.Tensor, ...]
+    bbox_preds: tuple[torch.Tensor, ...]
+
+
+def decode_boxes(distances: torch.Tensor, feature_sizes: list[tuple[int, int]],
+                 strides: tuple[int, ...], clamp_hw: tuple[int, int]) -> torch.Tensor:
+    """Per-anchor distances [B, N, 4] of all levels -> xyxy boxes [B, N, 4] clamped to
+    `clamp_hw`."""
+    priors = grid_priors(feature_sizes, strides, distances.device, distances.dtype)
+    return distance2bbox(priors[None], distances, clamp_hw)
+
+
+def decode_outputs(raw: RawOutputs, strides: tuple[int, ...],
+                   clamp_hw: tuple[int, int]) -> DecodedOutputs:
+    """Concatenate levels, apply sigmoid, decode distances at the priors, clamp to `clamp_hw`."""
+    batch = raw.cls_scores[0].shape[0]
+    scores = torch.cat([s.permute(0, 2, 3, 1).reshape(batch, -1, s.shape[1])
+                        for s in raw.cls_scores], 1).sigmoid()
+    distances = torch.cat([b.permute(0, 2, 3, 1).reshape(batch, -1, 4) for b in raw.bbox_preds], 1)
+    feature_sizes = [(s.shape[-2], s.shape[-1]) for s in raw.cls_scores]
+    boxes = decode_boxes(distances, feature_sizes, strides, clamp_hw)
+    return DecodedOutputs(boxes, scores, [h * w for h, w in feature_sizes])
 
 # MMDetection's CSPNeXt 'P5' arch: (in_channels, out_channels, num_blocks, add_identity, use_spp)
 CSPNEXT_P5 = ((64, 128, 3, True, False), (128, 256, 6, True, False),
@@ -159,8 +193,12 @@ class RTMDetSepBNHead(nn.Module):
         return RawOutputs(tuple(cls_scores), tuple(bbox_preds))
 
 
-class RTMDet(nn.Module):
-    """RTMDet detector: `forward` gives raw head outputs, `predict` gives final detections."""
+class RTMDet(Detector):
+    """RTMDet detector: `forward` gives raw head outputs, `postprocess` the detections."""
+
+    family = 'rtmdet'
+    task = 'detect'
+    num_classes_key = 'bbox_head.rtm_cls.0.weight'
 
     def __init__(self, deepen_factor: float, widen_factor: float, neck_channels: tuple[int, ...],
                  out_channels: int, num_csp_blocks: int, exp_on_reg: bool, num_classes: int = 80):
@@ -179,18 +217,25 @@ class RTMDet(nn.Module):
     def strides(self) -> tuple[int, ...]:
         return self.bbox_head.strides
 
+    @property
+    def size_divisor(self) -> int:
+        return max(self.strides)
+
     def forward(self, images: torch.Tensor) -> RawOutputs:
         return self.bbox_head(self.neck(self.backbone(images)))
 
-    @torch.no_grad()
-    def predict_outputs(self, images: torch.Tensor, nms: NMSConfig = EVAL_NMS) -> DetectionOutputs:
-        """The four NMS outputs for a batch, boxes in network-input pixels.
+    def named_raw_outputs(self, raw: RawOutputs) -> dict[str, torch.Tensor]:
+        named = {f'cls_scores.{level}': t for level, t in enumerate(raw.cls_scores)}
+        named.update({f'bbox_preds.{level}': t for level, t in enumerate(raw.bbox_preds)})
+        return named
 
-        Boxes are clamped to the network input's extent, as MMDetection does (its `Pad` step
-        sets `img_shape` to the padded size) and as an exported graph must.
-        """
-        return postprocess(self(images), self.strides, tuple(images.shape[-2:]), nms)
+    def postprocess(self, raw: RawOutputs, input_hw: tuple[int, int], nms: NMSConfig,
+                    nms_mode: str) -> tuple[torch.Tensor, ...]:
+        return dense_outputs(decode_outputs(raw, self.strides, input_hw), nms, nms_mode)
 
-    def predict(self, images: torch.Tensor, nms: NMSConfig = EVAL_NMS) -> list[Detections]:
-        """Detections per image, best first, in network-input pixels."""
-        return split_detections(self.predict_outputs(images, nms))
+    def synthetic_head(self) -> tuple[list[nn.Conv2d], list[tuple[nn.Conv2d, str]], float]:
+        head = self.bbox_head
+        towers = [layer.conv for tower in (*head.cls_convs, *head.reg_convs) for layer in tower]
+        predictors = ([(conv, 'logits') for conv in head.rtm_cls]
+                      + [(conv, 'box') for conv in head.rtm_reg])
+        return towers, predictors, 0.7 if head.exp_on_reg else 2.0

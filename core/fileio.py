@@ -3,26 +3,23 @@ checks commands run on their output paths before doing any work.
 
 Readers see the old file or the new one, never a half-written one; the temp file
 (`.NAME.XXXX.tmp`) is removed if writing fails or is interrupted. Imports only
-`detdeploy.errors`, so every subpackage may use it.
+`detdeploy.core.errors`, so every subpackage may use it.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
-from detdeploy.errors import DetdeployError
+from .errors import OutputError
 
 # mkstemp creates files readable by the owner only; a finished file gets the permissions an
 # ordinary open() would have given it. Read once: os.umask can only be read by setting it.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-class OutputError(DetdeployError):
-    """An output path that cannot be written, or exists under --no-overwrite."""
 
 
 def _exists_message(path: Path) -> str:
@@ -164,3 +161,12 @@ def _fsync_directory(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .parity_compare import ArrayComparison, compare_arrays
-from .parity_graph import Graph, TensorRunner, module_outputs_from_scopes, \
+from .compare import ArrayComparison, compare_arrays
+from .onnx_graph import Graph, TensorRunner, module_outputs_from_scopes, \
     module_outputs_from_weights
 
 PROBES_PER_STEP = 3          # tensors marked as outputs per bisection step (a 4-way split)

@@ -6,7 +6,7 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .detections import ImageDetections
+from detdeploy.core.detections import ImageDetections
 
 
 def class_colour(label: int) -> tuple[int, int, int]:

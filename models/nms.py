@@ -1,24 +1,21 @@
-"""From raw dense-head outputs to detections, in PyTorch: priors, decoding, candidates, NMS.
+"""Post-processing shared by dense (anchor-point) heads, in PyTorch: candidate selection, NMS as
+custom ops, and the outputs of each NMS mode.
 
-Follows MMDetection's RTMDet test-time post-processing (`_predict_by_feat_single`,
-`_bbox_post_process`), batched and traceable so that the exporter turns the same code into the
-ONNX graph. NMS is the custom op `detdeploy::batched_nms`: this module holds its eager
-implementation; `detdeploy.export` translates it to ONNX. Boxes stay in network-input pixels;
-rescaling to the original image is the host's job (`detdeploy.runtimes`).
+Batched and traceable, so the exporter turns the same code into the ONNX graph. NMS is the custom
+op `detdeploy::batched_nms` (TensorRT's plugin: `detdeploy::efficient_nms`): this module holds
+their eager implementations; `detdeploy.export` translates them to ONNX. A family decodes its
+head into `DecodedOutputs` (boxes and class scores per anchor); everything after that is here.
+Boxes stay in network-input pixels; rescaling to the original image is the host's job.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
 import torchvision
 
-
-class RawOutputs(NamedTuple):
-    """Per-level head outputs: class logits [B, C, H, W] and box distances [B, 4, H, W] (px)."""
-    cls_scores: tuple[torch.Tensor, ...]
-    bbox_preds: tuple[torch.Tensor, ...]
+from detdeploy.core.nms import NMSConfig
+from detdeploy.core.tasks import NMS_MODES
 
 
 class DecodedOutputs(NamedTuple):
@@ -42,79 +39,6 @@ class Detections(NamedTuple):
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
-
-
-@dataclass(frozen=True)
-class NMSConfig:
-    """Post-processing settings.
-
-    `pre_top_k` keeps the best (anchor, class) pairs per pyramid level, `score_thr` those
-    scoring strictly above it; per-class NMS at `iou_thr`; at most `max_det` per image.
-    """
-    score_thr: float = 0.001
-    pre_top_k: int = 30000
-    iou_thr: float = 0.65
-    max_det: int = 300
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-EVAL_NMS = NMSConfig(score_thr=0.001, pre_top_k=30000, iou_thr=0.65, max_det=300)
-"""MMDetection RTMDet's test config: what its published mAP is measured with."""
-DEPLOY_NMS = NMSConfig(score_thr=0.05, pre_top_k=1000, iou_thr=0.65, max_det=100)
-"""Deployment defaults: fewer, surer candidates and a smaller output."""
-
-
-def grid_priors(feature_sizes: list[tuple[int, int]], strides: tuple[int, ...],
-                device: torch.device | None = None, dtype: torch.dtype = torch.float32
-                ) -> torch.Tensor:
-    """Anchor points (x, y) of every level, row-major within a level, offset 0: [sum(H*W), 2]."""
-    points = []
-    for (height, width), stride in zip(feature_sizes, strides):
-        shift_x = torch.arange(width, device=device, dtype=dtype) * stride
-        shift_y = torch.arange(height, device=device, dtype=dtype) * stride
-        yy, xx = torch.meshgrid(shift_y, shift_x, indexing='ij')
-        points.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1))
-    return torch.cat(points)
-
-
-def distance2bbox(points: torch.Tensor, distances: torch.Tensor,
-                  max_shape: tuple[int, int] | None = None) -> torch.Tensor:
-    """Decode (left, top, right, bottom) distances from points to xyxy boxes.
-
-    With `max_shape` (height, width), x is clamped to [0, width] and y to [0, height].
-    """
-    x1 = points[..., 0] - distances[..., 0]
-    y1 = points[..., 1] - distances[..., 1]
-    x2 = points[..., 0] + distances[..., 2]
-    y2 = points[..., 1] + distances[..., 3]
-    if max_shape is not None:
-        height, width = max_shape
-        x1, x2 = x1.clamp(0, width), x2.clamp(0, width)
-        y1, y2 = y1.clamp(0, height), y2.clamp(0, height)
-    return torch.stack([x1, y1, x2, y2], dim=-1)
-
-
-def decode_boxes(distances: torch.Tensor, feature_sizes: list[tuple[int, int]],
-                 strides: tuple[int, ...], clamp_hw: tuple[int, int]) -> torch.Tensor:
-    """Per-anchor distances [B, N, 4] of all levels -> xyxy boxes [B, N, 4] clamped to
-    `clamp_hw`. A NaN distance gives a NaN coordinate (clamping keeps NaN, in PyTorch and in
-    ONNX `Clip`); +-inf ones are clamped to the edges."""
-    priors = grid_priors(feature_sizes, strides, distances.device, distances.dtype)
-    return distance2bbox(priors[None], distances, clamp_hw)
-
-
-def decode_outputs(raw: RawOutputs, strides: tuple[int, ...],
-                   clamp_hw: tuple[int, int]) -> DecodedOutputs:
-    """Concatenate levels, apply sigmoid, decode distances at the priors, clamp to `clamp_hw`."""
-    batch = raw.cls_scores[0].shape[0]
-    scores = torch.cat([s.permute(0, 2, 3, 1).reshape(batch, -1, s.shape[1])
-                        for s in raw.cls_scores], 1).sigmoid()
-    distances = torch.cat([b.permute(0, 2, 3, 1).reshape(batch, -1, 4) for b in raw.bbox_preds], 1)
-    feature_sizes = [(s.shape[-2], s.shape[-1]) for s in raw.cls_scores]
-    boxes = decode_boxes(distances, feature_sizes, strides, clamp_hw)
-    return DecodedOutputs(boxes, scores, [h * w for h, w in feature_sizes])
 
 
 def _top_k_lower_index_first(values: torch.Tensor, k) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,10 +181,22 @@ def nms_outputs(decoded: DecodedOutputs, cfg: NMSConfig) -> DetectionOutputs:
                                             cfg.max_det))
 
 
-def postprocess(raw: RawOutputs, strides: tuple[int, ...], clamp_hw: tuple[int, int],
-                cfg: NMSConfig) -> DetectionOutputs:
-    """Raw head outputs -> the four NMS outputs (network-input pixels)."""
-    return nms_outputs(decode_outputs(raw, strides, clamp_hw), cfg)
+def dense_outputs(decoded: DecodedOutputs, nms: NMSConfig, nms_mode: str
+                  ) -> tuple[torch.Tensor, ...]:
+    """A dense head's decoded outputs -> the `detect` task's outputs for `nms_mode`
+    (`core.tasks`): `onnx` the four NMS outputs, `trt` the same from TensorRT's plugin op after
+    the same candidate selection, `none` the per-anchor boxes and scores."""
+    if nms_mode not in NMS_MODES:
+        raise ValueError(f'nms_mode must be one of {NMS_MODES}')
+    if nms_mode == 'onnx':
+        return tuple(nms_outputs(decoded, nms))
+    if nms_mode == 'none':
+        return decoded.boxes, decoded.scores
+    candidates = select_candidates(decoded, nms.score_thr, nms.pre_top_k)
+    dense_scores = dense_candidate_scores(candidates, decoded.boxes.shape[1],
+                                          decoded.scores.shape[2])
+    return tuple(efficient_nms_op(decoded.boxes, dense_scores, nms.score_thr, nms.iou_thr,
+                                  nms.max_det))
 
 
 def split_detections(outputs: DetectionOutputs) -> list[Detections]:

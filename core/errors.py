@@ -1,6 +1,6 @@
 """Errors a user can cause: each carries a one-line message; the CLI turns them into exit code 2.
 
-Bugs stay ordinary exceptions. This module imports nothing, so every subpackage may use it.
+Bugs stay ordinary exceptions. This module imports nothing, so every room may use it.
 """
 
 
@@ -22,3 +22,11 @@ class ImageError(DetdeployError):
 
 class ModelFileError(DetdeployError):
     """A model file that is unsafe to load, incomplete, or does not match its own description."""
+
+
+class MetadataError(DetdeployError):
+    """A model file without (complete, valid) detdeploy metadata."""
+
+
+class OutputError(DetdeployError):
+    """An output path that cannot be written, or exists under --no-overwrite."""

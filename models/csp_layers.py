@@ -1,41 +1,14 @@
-"""Building blocks of CSPNeXt-style detectors, with MMCV/MMDetection attribute names.
+"""Cross-stage-partial layers of CSPNeXt (RTMDet's backbone and neck, also used by RTMDet-Ins
+and rotated RTMDet), with MMDetection's attribute names (`main_conv`, `blocks`, ...).
 
-Attribute names (`conv`, `bn`, `depthwise_conv`, `main_conv`, ...) match MMDetection 3.x so that
-official checkpoints load with `strict=True`; this module holds layers only, no model assembly.
+Layers only, no model assembly.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-
-class ConvModule(nn.Module):
-    """Conv2d -> BatchNorm2d -> SiLU, as mmcv's ConvModule with norm and act (conv has no bias)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, groups: int = 1, bn_eps: float = 1e-5, bn_momentum: float = 0.1):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
-                              groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
-        self.activate = nn.SiLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activate(self.bn(self.conv(x)))
-
-
-class DepthwiseSeparableConvModule(nn.Module):
-    """Depthwise ConvModule followed by a pointwise (1x1) ConvModule, both with BN and SiLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, **bn_kwargs):
-        super().__init__()
-        self.depthwise_conv = ConvModule(in_channels, in_channels, kernel_size, stride, padding,
-                                         groups=in_channels, **bn_kwargs)
-        self.pointwise_conv = ConvModule(in_channels, out_channels, 1, **bn_kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pointwise_conv(self.depthwise_conv(x))
+from .conv_modules import ConvModule, DepthwiseSeparableConvModule
 
 
 class ChannelAttention(nn.Module):

@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from detdeploy.bench_stats import alternating_schedule, paired_ratios
-from detdeploy.bench_system import load_average, system_info
-from detdeploy.errors import DetdeployError
+from detdeploy.benchmark.stats import alternating_schedule, paired_ratios
+from detdeploy.benchmark.system import load_average, system_info
+from detdeploy.core.errors import DetdeployError
 from detdeploy.runtimes.pipeline import prepare_batch, to_detections
 from detdeploy.runtimes.preprocess import PreprocessConfig
 
@@ -170,7 +170,7 @@ def load_images(folder: str | Path | None, max_batch: int,
         return (generated_images(count), ['<generated>'] * count,
                 f'{count} generated images ({", ".join(sizes)}), decoded once and kept in '
                 'memory: no disk I/O or decoding is timed')
-    from detdeploy.infer import collect_images
+    from detdeploy.inference.batch import collect_images
     from detdeploy.runtimes.preprocess import read_image
     if not Path(folder).is_dir():
         raise DetdeployError(f'--images {folder}: not a directory')

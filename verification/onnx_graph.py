@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from detdeploy.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError
 from detdeploy.runtimes.onnxruntime_backend import OrtOptions, provider_list
 
 NAME_SCOPES_KEY = 'pkg.torch.onnx.name_scopes'

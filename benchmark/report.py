@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from detdeploy.bench import STAGES, BenchResult, ConfigResult
-from detdeploy.bench_stats import LatencyStats, summarize, throughput_ips
-from detdeploy.fileio import atomic_write
+from detdeploy.benchmark.timing import STAGES, BenchResult, ConfigResult
+from detdeploy.benchmark.stats import LatencyStats, summarize, throughput_ips
+from detdeploy.core.fileio import atomic_write
 
 SCHEMA_VERSION = 1
 

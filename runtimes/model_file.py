@@ -1,155 +1,22 @@
-"""What an exported detdeploy model says about itself, stored in ONNX `metadata_props`.
+"""Reading a model file's description out of an ONNX file, safely: the graph without its
+weights, external-data checks, the detdeploy metadata (`core.metadata`), metadata for files
+from other tools, and the check that the graph's input and outputs fit that description.
 
-Every value is a string (JSON for lists and dicts), so any ONNX tool shows it. Written by
-`detdeploy.export`, read by the runtimes; needs no torch.
+Needs onnx (imported when used), never torch; runs before any runtime opens the file.
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Iterator
 
 import numpy as np
 
-from detdeploy.errors import DetdeployError, ModelFileError
-
-from .preprocess import PreprocessConfig
-
-CHANNEL_ORDERS = ('rgb', 'bgr')
-OUTPUT_LAYOUTS = {
-    'onnx': 'num_dets [B,1] int32; boxes [B,K,4] float32 xyxy network-input px; scores [B,K] '
-            'float32; labels [B,K] int32; rows past num_dets are padding (0 boxes/scores, '
-            'label -1)',
-    'trt': 'num_dets [B,1] int32; boxes [B,K,4] float32 xyxy network-input px; scores [B,K] '
-           'float32; labels [B,K] int32 (EfficientNMS_TRT); rows past num_dets are padding',
-    'none': 'boxes [B,N,4] float32 xyxy network-input px per anchor; scores [B,N,C] float32 '
-            'sigmoid class scores per anchor; no NMS',
-}
-
-
-class MetadataError(DetdeployError):
-    """A model file without (complete) detdeploy metadata."""
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    arch: str
-    class_names: tuple[str, ...]
-    preprocess: PreprocessConfig
-    nms_mode: str                       # 'onnx', 'trt' or 'none'
-    nms: dict                           # score_thr, pre_top_k, iou_thr, max_det
-    batch: int | None                   # None: dynamic batch
-    dynamic_shape: bool                 # height and width symbolic (multiples of 32)
-    opset: int
-    detdeploy_version: str
-    torch_version: str
-    onnx_version: str
-    checkpoint: str                     # path it was exported from, or 'random weights'
-    checkpoint_sha256: str | None
-    trt_plugin_domain: str | None = None
-
-    @property
-    def output_layout(self) -> str:
-        return OUTPUT_LAYOUTS[self.nms_mode]
-
-    def to_props(self) -> dict[str, str]:
-        values = {
-            'detdeploy_version': self.detdeploy_version,
-            'arch': self.arch,
-            'class_names': json.dumps(list(self.class_names)),
-            'preprocess': json.dumps(self.preprocess.to_dict()),
-            'nms_mode': self.nms_mode,
-            'nms': json.dumps(self.nms),
-            'output_layout': self.output_layout,
-            'batch': 'dynamic' if self.batch is None else str(self.batch),
-            'dynamic_shape': json.dumps(self.dynamic_shape),
-            'opset': str(self.opset),
-            'torch_version': self.torch_version,
-            'onnx_version': self.onnx_version,
-            'checkpoint': self.checkpoint,
-            'checkpoint_sha256': self.checkpoint_sha256 or '',
-        }
-        if self.trt_plugin_domain:
-            values['trt_plugin_domain'] = self.trt_plugin_domain
-        return values
-
-    @classmethod
-    def from_props(cls, props: dict[str, str], source: str = 'model') -> 'ModelMetadata':
-        if 'detdeploy_version' not in props:
-            raise MetadataError(
-                f'{source} has no detdeploy metadata (was it exported by another tool?); '
-                'export it with `detdeploy export`')
-        try:
-            metadata = cls(
-                arch=props['arch'],
-                class_names=tuple(json.loads(props['class_names'])),
-                preprocess=PreprocessConfig.from_dict(json.loads(props['preprocess'])),
-                nms_mode=props['nms_mode'],
-                nms=json.loads(props['nms']),
-                batch=None if props['batch'] == 'dynamic' else int(props['batch']),
-                dynamic_shape=json.loads(props['dynamic_shape']),
-                opset=int(props['opset']),
-                detdeploy_version=props['detdeploy_version'],
-                torch_version=props['torch_version'],
-                onnx_version=props['onnx_version'],
-                checkpoint=props['checkpoint'],
-                checkpoint_sha256=props['checkpoint_sha256'] or None,
-                trt_plugin_domain=props.get('trt_plugin_domain'))
-        except (KeyError, ValueError, TypeError) as exc:
-            raise MetadataError(f'{source} has incomplete detdeploy metadata ({exc!r})') from None
-        problem = metadata.problem()
-        if problem:
-            raise MetadataError(f'{source} has invalid detdeploy metadata: {problem}')
-        return metadata
-
-    def problem(self) -> str | None:
-        """What makes these values unusable (a hand-edited or damaged file), or None."""
-        pre = self.preprocess
-        if not self.class_names or not all(isinstance(n, str) for n in self.class_names):
-            return 'class_names must be a non-empty list of strings'
-        if len(pre.input_size) != 2 or not all(isinstance(v, int) and v > 0
-                                               for v in pre.input_size):
-            return f'preprocess.input_size {list(pre.input_size)} is not two positive integers'
-        if pre.channel_order not in CHANNEL_ORDERS:
-            return f"preprocess.channel_order '{pre.channel_order}' is not rgb or bgr"
-        if len(pre.mean) != 3 or len(pre.std) != 3 or not all(v > 0 for v in pre.std):
-            return 'preprocess mean and std need three values each, std above 0'
-        if self.nms_mode not in OUTPUT_LAYOUTS:
-            return f"nms_mode '{self.nms_mode}' is not one of {', '.join(OUTPUT_LAYOUTS)}"
-        if self.batch is not None and self.batch < 1:
-            return f'batch {self.batch} is below 1'
-        return None
-
-
-# What each output must be, in order: (name, dtype kind 'i' integer / 'f' float, rank).
-OUTPUT_SIGNATURES = {
-    'onnx': (('num_dets', 'i', 2), ('boxes', 'f', 3), ('scores', 'f', 2), ('labels', 'i', 2)),
-    'trt': (('num_dets', 'i', 2), ('boxes', 'f', 3), ('scores', 'f', 2), ('labels', 'i', 2)),
-    'none': (('boxes', 'f', 3), ('scores', 'f', 3)),
-}
-SIDE_MULTIPLE = 32                      # the largest stride of the detectors: sides divide by it
-FOREIGN_ARCH = 'foreign'                # arch of a file without detdeploy metadata
-
-
-@dataclass(frozen=True)
-class ModelOverrides:
-    """What the command line adds to a model file's description: class names and the input size
-    for any file (a dynamic-shape file's input size must be given to change it); preprocessing
-    only for files without detdeploy metadata ("foreign" files from other tools)."""
-    class_names: tuple[str, ...] | None = None
-    input_size: tuple[int, int] | None = None
-    mean: tuple[float, float, float] | None = None      # in channel_order
-    std: tuple[float, float, float] | None = None
-    channel_order: str | None = None                    # 'rgb' or 'bgr'
-    pad_value: float | None = None
-
-    def preprocessing_flags(self) -> list[str]:
-        return [flag for flag, value in (('--mean', self.mean), ('--std', self.std),
-                                         ('--channel-order', self.channel_order),
-                                         ('--pad-value', self.pad_value)) if value is not None]
-
+from detdeploy.core.errors import DetdeployError, MetadataError, ModelFileError
+from detdeploy.core.metadata import (FOREIGN_ARCH, ModelMetadata, ModelOverrides,
+                                     apply_overrides)
+from detdeploy.core.preprocessing import PreprocessConfig, check_input_size
+from detdeploy.core.tasks import DETECT, output_schema
 
 def load_onnx_graph(path: str | Path):
     """The ONNX ModelProto of `path` without its weights' external data, after checking that
@@ -198,37 +65,6 @@ def resolve_onnx_metadata(path: str | Path, overrides: ModelOverrides | None = N
     return metadata
 
 
-def check_input_size(input_hw: tuple[int, int], flag: str = '--input-size') -> None:
-    if any(side <= 0 or side % SIDE_MULTIPLE for side in input_hw):
-        raise DetdeployError(f'{flag} {input_hw[0]}x{input_hw[1]}: both sides must be positive '
-                             f'multiples of {SIDE_MULTIPLE}')
-
-
-def apply_overrides(metadata: ModelMetadata, overrides: ModelOverrides, source: str
-                    ) -> ModelMetadata:
-    """A detdeploy file's metadata with command-line class names or input size."""
-    import dataclasses
-    given = overrides.preprocessing_flags()
-    if given:
-        raise DetdeployError(f'{", ".join(given)}: {source} has detdeploy metadata, which sets '
-                             'its preprocessing; these flags are for files from other tools')
-    if overrides.class_names is not None:
-        if len(overrides.class_names) != len(metadata.class_names):
-            raise DetdeployError(f'--class-names gives {len(overrides.class_names)} names but '
-                                 f'{source} has {len(metadata.class_names)} classes')
-        metadata = dataclasses.replace(metadata, class_names=tuple(overrides.class_names))
-    size = overrides.input_size
-    if size is not None and tuple(size) != tuple(metadata.preprocess.input_size):
-        if not metadata.dynamic_shape:
-            fixed = metadata.preprocess.input_size
-            raise DetdeployError(f'{source} has a fixed {fixed[0]}x{fixed[1]} input; --input-size '
-                                 f'{size[0]}x{size[1]} needs a --dynamic-shape export')
-        check_input_size(size)
-        metadata = dataclasses.replace(metadata, preprocess=dataclasses.replace(
-            metadata.preprocess, input_size=tuple(size)))
-    return metadata
-
-
 def _value_shape(info) -> list:
     """Dims of a graph input/output: ints where static, None where symbolic."""
     return [d.dim_value if d.HasField('dim_value') else None
@@ -261,18 +97,19 @@ def _elem_name(elem_type: int) -> str:
     return onnx.TensorProto.DataType.Name(elem_type).lower()
 
 
-def _outputs_follow(model, signature) -> bool:
+def _outputs_follow(model, schema) -> bool:
+    """The graph's outputs have the schema's count, element kinds and ranks."""
     outputs = list(model.graph.output)
-    return len(outputs) == len(signature) and all(
-        _dtype_kind(o.type.tensor_type.elem_type) == kind and len(_value_shape(o)) == rank
-        for o, (_, kind, rank) in zip(outputs, signature))
+    return len(outputs) == len(schema) and all(
+        _dtype_kind(o.type.tensor_type.elem_type) == field.kind
+        and len(_value_shape(o)) == field.rank for o, field in zip(outputs, schema))
 
 
 def foreign_metadata(model, path: Path, overrides: ModelOverrides) -> ModelMetadata:
     """Metadata for an ONNX file made by another tool: the graph gives the batch and, if static,
     the input size; the command line gives class names and preprocessing."""
     source = str(path)
-    if not _outputs_follow(model, OUTPUT_SIGNATURES['onnx']):
+    if not _outputs_follow(model, output_schema(DETECT, 'onnx')):
         raise MetadataError(
             f'{source} has no detdeploy metadata and its outputs ({_describe_outputs(model)}) '
             'are not the four-output NMS layout detdeploy runs (num_dets [B,1] int, boxes '
@@ -296,12 +133,9 @@ def foreign_metadata(model, path: Path, overrides: ModelOverrides) -> ModelMetad
     if overrides.input_size is not None and static_hw and tuple(static_hw) != input_size:
         raise DetdeployError(f'{source} takes a fixed {static_hw[0]}x{static_hw[1]} input; '
                              f'--input-size {input_size[0]}x{input_size[1]} does not fit it')
-    if static_hw is None:
-        check_input_size(input_size)
-    if overrides.channel_order not in CHANNEL_ORDERS:
-        raise DetdeployError(f"--channel-order '{overrides.channel_order}': use rgb or bgr")
-    if any(value <= 0 for value in overrides.std):
-        raise DetdeployError(f'--std {overrides.std}: every value must be above 0')
+    if static_hw is None:       # its strides are unknown: the usual largest stride, 32
+        check_input_size(input_size, PreprocessConfig().size_divisor)
+    overrides.check()
     opset = next((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')), 0)
     batch = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
     return ModelMetadata(
@@ -310,7 +144,7 @@ def foreign_metadata(model, path: Path, overrides: ModelOverrides) -> ModelMetad
             input_size=input_size, channel_order=overrides.channel_order,
             mean=tuple(overrides.mean), std=tuple(overrides.std),
             pad_value=114.0 if overrides.pad_value is None else float(overrides.pad_value)),
-        nms_mode='onnx', nms={}, batch=batch, dynamic_shape=static_hw is None, opset=opset,
+        nms_mode='onnx', nms=None, batch=batch, dynamic_shape=static_hw is None, opset=opset,
         detdeploy_version='', torch_version='', onnx_version='',
         checkpoint=f'unknown (made by {model.producer_name or "another tool"})',
         checkpoint_sha256=None)
@@ -348,18 +182,16 @@ def check_graph_signature(model, metadata: ModelMetadata, source: str) -> None:
             raise ModelFileError(
                 f'{source}: the metadata says input {want[0]}x{want[1]} but the graph input '
                 f"'{image_input.name}' is {_shape_text(shape)} ({side} {got})")
-    signature = OUTPUT_SIGNATURES.get(metadata.nms_mode)
-    if signature is None:
-        raise ModelFileError(f"{source}: unknown nms_mode '{metadata.nms_mode}' in its metadata")
-    layout = ', '.join(f'{name} {"int" if kind == "i" else "float"} rank {rank}'
-                       for name, kind, rank in signature)
-    if not _outputs_follow(model, signature):
+    schema = output_schema(metadata.task, metadata.nms_mode)
+    layout = ', '.join(f'{field.name} {"int" if field.kind == "i" else "float"} rank '
+                       f'{field.rank}' for field in schema)
+    if not _outputs_follow(model, schema):
         raise ModelFileError(f'{source}: outputs ({_describe_outputs(model)}) do not match the '
                              f'layout its metadata states ({layout})')
     names = [o.name for o in model.graph.output]
-    if metadata.arch != FOREIGN_ARCH and names != [name for name, _, _ in signature]:
+    if metadata.arch != FOREIGN_ARCH and names != [field.name for field in schema]:
         raise ModelFileError(f'{source}: outputs are ({", ".join(names)}) but its metadata '
-                             f'layout is ({", ".join(n for n, _, _ in signature)}): runtimes '
+                             f'layout is ({", ".join(f.name for f in schema)}): runtimes '
                              'read outputs by position')
 
 

@@ -1,0 +1,55 @@
+"""Per-image detection results in original-image pixels, as numpy arrays, and their JSON form.
+
+One type for every task: boxes always (axis-aligned; for rotated models the enclosing boxes),
+plus masks for instance models and oriented boxes for rotated ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .nms import keep_above
+
+
+@dataclass
+class ImageDetections:
+    """Detections of one image, best first; boxes are xyxy in original-image pixels."""
+    source: str
+    image_hw: tuple[int, int]
+    boxes_xyxy_px: np.ndarray           # [K, 4] float32
+    scores: np.ndarray                  # [K] float32
+    labels: np.ndarray                  # [K] int64
+    class_names: tuple[str, ...]
+    masks: np.ndarray | None = None             # [K, H, W] bool at the original image size
+    rotated_boxes: np.ndarray | None = None     # [K, 5] cx, cy, w, h px, angle rad (le90)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def select(self, keep: np.ndarray) -> 'ImageDetections':
+        """The detections where the boolean mask `keep` is true, in order."""
+        return ImageDetections(
+            self.source, self.image_hw, self.boxes_xyxy_px[keep], self.scores[keep],
+            self.labels[keep], self.class_names,
+            None if self.masks is None else self.masks[keep],
+            None if self.rotated_boxes is None else self.rotated_boxes[keep])
+
+    def above(self, score_thr: float | None) -> 'ImageDetections':
+        """The detections scoring strictly above `score_thr` (`core.nms`'s rule); None: all."""
+        return self.select(keep_above(self.scores, score_thr))
+
+    def label_name(self, label: int) -> str:
+        return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
+
+    def to_dict(self) -> dict:
+        """JSON form; rotated models add `rotated_box` (cx, cy, w, h, angle rad) per row."""
+        rows = [{'bbox_xyxy': [round(float(v), 3) for v in box], 'score': round(float(score), 6),
+                 'label': int(label), 'label_name': self.label_name(int(label))}
+                for box, score, label in zip(self.boxes_xyxy_px, self.scores, self.labels)]
+        if self.rotated_boxes is not None:
+            for row, rotated in zip(rows, self.rotated_boxes):
+                row['rotated_box'] = [round(float(v), 6 if i == 4 else 3)
+                                      for i, v in enumerate(rotated)]
+        return {'image': self.source, 'height': int(self.image_hw[0]),
+                'width': int(self.image_hw[1]), 'detections': rows}

@@ -1,0 +1,62 @@
+"""NMS settings as data, and the one meaning of a score threshold.
+
+`score_thr` keeps detections scoring strictly above it, as MMDetection's `filter_scores_and_topk`
+does; the same rule applies in the graph, in PyTorch and to `--score-thr` on the command line.
+The presets (a family's `eval` and `deploy` values) live with each family's spec.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .errors import DetdeployError
+
+NMS_PRESETS = ('deploy', 'eval')
+"""deploy: fewer, surer candidates and a small output (the default of export, infer, bench);
+eval: the family's test config, what its published mAP is measured with (the default of eval)."""
+
+
+@dataclass(frozen=True)
+class NMSConfig:
+    """Post-processing settings.
+
+    `pre_top_k` keeps the best (anchor, class) pairs per pyramid level, `score_thr` those
+    scoring strictly above it; per-class NMS at `iou_thr`; at most `max_det` per image.
+    """
+    score_thr: float = 0.05
+    pre_top_k: int = 1000
+    iou_thr: float = 0.65
+    max_det: int = 100
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> 'NMSConfig':
+        return cls(score_thr=float(values['score_thr']), pre_top_k=int(values['pre_top_k']),
+                   iou_thr=float(values['iou_thr']), max_det=int(values['max_det']))
+
+    def problem(self) -> str | None:
+        """What makes these values unusable, or None."""
+        for name, value in (('score_thr', self.score_thr), ('iou_thr', self.iou_thr)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+                return f'{name} must be a number in [0, 1], got {value}'
+        if self.pre_top_k < 1 or self.max_det < 1:
+            return 'pre_top_k and max_det must be at least 1'
+        return None
+
+    def check(self) -> 'NMSConfig':
+        problem = self.problem()
+        if problem:
+            raise DetdeployError(f'NMS settings: {problem}')
+        return self
+
+    def describe(self) -> str:
+        """One line for commands to print: which settings produced the detections."""
+        return (f'score > {self.score_thr:g}, pre-top-k {self.pre_top_k} per level, '
+                f'IoU {self.iou_thr:g}, max {self.max_det} per image')
+
+
+def keep_above(scores, score_thr: float | None):
+    """The mask of scores kept by `score_thr` (strictly above it); None keeps all."""
+    return scores > (-math.inf if score_thr is None else score_thr)

@@ -1,0 +1,1 @@
+"""COCO evaluation (pycocotools) of any backend's detections. Never imports the CLI."""

@@ -1,0 +1,90 @@
+"""What every model family provides, and how a registry name describes a model.
+
+A family (one folder: `models/rtmdet/`, ...) subclasses `Detector`: a plain `nn.Module` whose
+`forward` gives the raw head outputs and whose `postprocess` turns them, traceably, into its
+task's outputs (`core.tasks`) for an NMS mode. The exporter, the PyTorch backend, parity and the
+synthetic weights use only this interface. `ModelSpec` is a named size of a family with its
+preprocessing and NMS presets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from detdeploy.core.nms import NMSConfig
+from detdeploy.core.preprocessing import PreprocessConfig
+
+
+class Detector(nn.Module):
+    """Base class of the families. Subclasses set the class attributes and implement the
+    methods below; module attribute names follow the checkpoint format they load."""
+
+    family: ClassVar[str]             # 'rtmdet', ...
+    task: ClassVar[str] = 'detect'    # one of core.tasks.TASKS
+    num_classes_key: ClassVar[str]    # state-dict key whose first dimension is the class count
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def size_divisor(self) -> int:
+        """Input sides must be multiples of this (the largest stride)."""
+        raise NotImplementedError
+
+    def named_raw_outputs(self, raw) -> dict[str, torch.Tensor]:
+        """The raw outputs of `forward` by name (e.g. `cls_scores.0`), in a fixed order: the
+        names the exporter gives them in the graph and parity compares by."""
+        raise NotImplementedError
+
+    def postprocess(self, raw, input_hw: tuple[int, int], nms: NMSConfig, nms_mode: str
+                    ) -> tuple[torch.Tensor, ...]:
+        """Raw outputs -> the task's outputs for `nms_mode` (`core.tasks.output_schema`), in
+        network-input pixels. Traceable: the exporter exports exactly this."""
+        raise NotImplementedError
+
+    def synthetic_head(self) -> tuple[list[nn.Conv2d], list[tuple[nn.Conv2d, str]], float]:
+        """For `synthetic_weights`: the head's tower convs, its predictor convs each with its
+        kind ('logits' or 'box'), and the bias that gives the box predictors a positive
+        extent."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict_outputs(self, images: torch.Tensor, nms: NMSConfig, nms_mode: str = 'onnx'
+                        ) -> tuple[torch.Tensor, ...]:
+        """The task's outputs for a preprocessed batch; boxes are clamped to the network input's
+        extent, as MMDetection does (its `Pad` sets `img_shape` to the padded size) and as an
+        exported graph must."""
+        return self.postprocess(self(images), tuple(images.shape[-2:]), nms, nms_mode)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry name: a family's class, its constructor arguments, preprocessing, NMS
+    presets (`core.nms.NMS_PRESETS`) and default class names."""
+    name: str
+    model_class: type[Detector]
+    arch: Mapping[str, Any]
+    preprocessing: PreprocessConfig
+    nms_presets: Mapping[str, NMSConfig]
+    class_names: tuple[str, ...]
+    description: str = field(default='', compare=False)
+
+    @property
+    def family(self) -> str:
+        return self.model_class.family
+
+    @property
+    def task(self) -> str:
+        return self.model_class.task
+
+    def nms(self, preset: str) -> NMSConfig:
+        return self.nms_presets[preset]
+
+    def build(self, num_classes: int | None = None) -> Detector:
+        """A randomly initialised model of this size, in eval mode."""
+        model = self.model_class(**self.arch, num_classes=num_classes or len(self.class_names))
+        return model.eval()
