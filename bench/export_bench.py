@@ -4,11 +4,11 @@ Run by hand:  .venv/bin/python bench/export_bench.py [--archs tiny,s] [--rounds 
 
 1. Exports each size (`--nms onnx`, 640x640, onnxsim on) and prints the wall time.
 2. Exports rtmdet-tiny with `--nms onnx` and `--nms none` at 640x640 and times both in ONNX
-   Runtime (CPU) with `detdeploy.benchmark.timing` in alternating rounds (A B A B ...), so machine drift
-   hits both alike; prints the median per-round difference of the inference stage (the
-   in-graph NMS cost) and its share of the end-to-end time (issue 6 target: at most 5 % at the
-   deploy preset). Weights are synthetic (`randomize_detector`), with spread scores, so NMS has
-   real candidates to work on.
+   Runtime (CPU) with `detdeploy.benchmark.timing` in alternating rounds (A B A B ...), so
+   machine drift hits both alike; prints the median per-round difference of the inference
+   stage (the in-graph NMS cost) and its share of the end-to-end time (issue 6 target: at most
+   5 % at the deploy preset). Weights are synthetic (`randomize_detector`), with spread scores,
+   so NMS has real candidates to work on.
 """
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ import numpy as np
 import onnxruntime
 import torch
 
+from detdeploy.benchmark.timing import Entry, load_images, run_benchmark
 from detdeploy.export.exporter import ExportOptions, export_onnx
-from detdeploy.models import DEPLOY_NMS, EVAL_NMS, load_detector
-from detdeploy.benchmark.timing import load_images, ort_runner, run_benchmark
+from detdeploy.models import load_detector
 from detdeploy.models.synthetic_weights import randomize_detector
+from detdeploy.runtimes.open import open_model_file
 from detdeploy.runtimes.pipeline import prepare_batch
 
 
@@ -43,27 +44,29 @@ def export_times(archs: list[str], folder: Path) -> None:
 
 def nms_cost(folder: Path, rounds: int, threads: int, preset_name: str, batch: int = 1) -> None:
     """In-graph NMS cost: the same weights exported with `--nms onnx` and `--nms none`, both run
-    through `detdeploy.benchmark.timing` (ONNX Runtime CPU, generated images in memory) in alternating
-    rounds; NMS = paired per-round difference of the inference stage, also as a share of the
-    `--nms onnx` file's end-to-end time (image in, rescaled detections out)."""
-    preset = EVAL_NMS if preset_name == 'eval' else DEPLOY_NMS
+    through `detdeploy.benchmark.timing` (ONNX Runtime CPU, generated images in memory) in
+    alternating rounds; NMS = paired per-round difference of the inference stage, also as a
+    share of the `--nms onnx` file's end-to-end time (image in, rescaled detections out)."""
     torch.manual_seed(0)
     detector = load_detector('rtmdet-tiny')
     randomize_detector(detector.model)
-    runners = []
+    preset = detector.spec.nms(preset_name)
+    entries = []
     for mode in ('onnx', 'none'):
         path = folder / f'tiny_{mode}.onnx'
         export_onnx(detector, path, ExportOptions(nms_mode=mode, nms=preset, dynamic_batch=True))
-        runners.append(ort_runner(path, 'cpu', threads, None))
+        entries.append(Entry(path.name, open_model_file(path, 'ort', threads=threads)))
     images, names, description = load_images(None, batch)
-    result = run_benchmark(runners, (batch,), images, names, description, warmup=3,
+    result = run_benchmark(entries, (batch,), images, names, description, warmup=3,
                            iters=rounds)
     with_nms, raw = result.configs
     inference = np.asarray(with_nms.samples_ms['inference'])
     differences = inference - np.asarray(raw.samples_ms['inference'])
     end_to_end = np.asarray(with_nms.samples_ms['end_to_end'])
     nms_ms = float(np.median(differences))
-    detections = int(runners[0].run(load_batch(runners[0], images[:batch]))[0][:, 0].sum())
+    with_nms_backend = entries[0].backend
+    first_batch = prepare_batch(images[:batch], with_nms_backend.preprocess_config)[0]
+    detections = int(with_nms_backend.run(first_batch)[0][:, 0].sum())
     print(f'in-graph NMS cost, rtmdet-tiny 640x640 batch {batch}, ONNX Runtime CPU, '
           f'{threads} threads, {rounds} alternating rounds, {preset_name} preset '
           f'{preset.to_dict()}, {len(images)} generated images:')
@@ -74,10 +77,6 @@ def nms_cost(folder: Path, rounds: int, threads: int, preset_name: str, batch: i
           f'{100 * nms_ms / np.median(inference):.1f} % of the with-NMS inference time, '
           f'{100 * nms_ms / np.median(end_to_end):.1f} % of end to end (per-round share, median: '
           f'{100 * np.median(differences / end_to_end):.1f} %)')
-
-
-def load_batch(runner, images) -> np.ndarray:
-    return prepare_batch(images, runner.preprocess_config)[0]
 
 
 def main() -> None:

@@ -23,12 +23,13 @@ import numpy as np
 import onnxruntime
 import torch
 
-from detdeploy.benchmark.timing import load_images, torch_runner
+from detdeploy.benchmark.timing import load_images
+from detdeploy.core.preprocessing import PreprocessConfig
 from detdeploy.export.exporter import ExportOptions, export_onnx
-from detdeploy.models import DEPLOY_NMS, load_detector
+from detdeploy.models import load_detector
 from detdeploy.models.synthetic_weights import randomize_detector
 from detdeploy.runtimes.pipeline import prepare_batch, to_detections
-from detdeploy.runtimes.preprocess import PreprocessConfig
+from detdeploy.runtimes.torch_backend import TorchBackend
 
 NMS_OPS = {'NonMaxSuppression', 'TopK', 'GatherND', 'ScatterND', 'ScatterElements', 'ReduceMax'}
 
@@ -62,11 +63,13 @@ def ort_profile(path: Path, batch: np.ndarray, runs: int, threads: int | None, t
 
 
 def torch_profile(detector, batch: np.ndarray, runs: int, threads: int | None, top: int) -> None:
-    runner = torch_runner(detector, 'cpu', DEPLOY_NMS, None, threads)
-    runner.run(batch)
+    if threads:
+        torch.set_num_threads(threads)
+    backend = TorchBackend(detector, nms=detector.spec.nms('deploy'))
+    backend.run(batch)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         for _ in range(runs):
-            runner.run(batch)
+            backend.run(batch)
     print(f'PyTorch eager, {runs} runs, {torch.get_num_threads()} threads: self CPU time by op')
     print(profiler.key_averages().table(sort_by='self_cpu_time_total', row_limit=top))
 
@@ -101,7 +104,8 @@ def main() -> None:
     batch = prepare_batch(images, config)[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f'rtmdet-{args.arch}.onnx'
-        export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=DEPLOY_NMS,
+        export_onnx(detector, path, ExportOptions(nms_mode='onnx',
+                                                  nms=detector.spec.nms('deploy'),
                                                   dynamic_batch=True))
         ort_profile(path, batch, args.runs, args.threads, args.top)
         outputs = onnxruntime.InferenceSession(

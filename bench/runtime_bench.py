@@ -6,8 +6,8 @@ Run by hand:  .venv/bin/python bench/runtime_bench.py [--archs tiny,s] [--batche
 Per size: synthetic weights (`randomize_detector`: spread scores, so NMS has real candidates),
 exported with `--nms onnx` at the deploy preset and a dynamic batch; the same weights and NMS
 settings run in PyTorch. All (backend, batch) configurations of a size are timed by
-`detdeploy.benchmark.timing.run_benchmark` in alternating rounds on generated images held in memory; the
-summary gives ONNX Runtime / PyTorch ratios paired round by round (median over rounds).
+`detdeploy.benchmark.timing.run_benchmark` in alternating rounds on generated images held in
+memory; the summary gives ONNX Runtime / PyTorch ratios paired round by round (median over rounds).
 Target (issue 6): end to end at most 0.5 for rtmdet-tiny at batch 1.
 """
 from __future__ import annotations
@@ -19,17 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detdeploy.benchmark.timing import load_images, ort_runner, parse_int_list, run_benchmark, torch_runner
 from detdeploy.benchmark.report import format_report, write_json
 from detdeploy.benchmark.stats import paired_ratios
+from detdeploy.benchmark.timing import Entry, load_images, parse_int_list, run_benchmark
 from detdeploy.export.exporter import ExportOptions, export_onnx
-from detdeploy.models import DEPLOY_NMS, load_detector
+from detdeploy.models import load_detector
 from detdeploy.models.synthetic_weights import randomize_detector
+from detdeploy.runtimes.open import open_model_file
+from detdeploy.runtimes.torch_backend import TorchBackend
 
 
 def ort_over_torch(result, batch: int, stage: str) -> tuple[float, float, float]:
     """(median paired ratio, torch median ms, ort median ms) for one batch size and stage."""
-    by_backend = {config.runner.backend: config for config in result.configs
+    by_backend = {config.entry.backend.name: config for config in result.configs
                   if config.batch == batch}
     torch_config, ort_config = by_backend['torch'], by_backend['ort']
     ratios = paired_ratios(ort_config.samples_ms[stage], batch, torch_config.samples_ms[stage],
@@ -43,13 +45,15 @@ def bench_arch(arch: str, batches: tuple[int, ...], args, folder: Path) -> list[
     detector = load_detector(f'rtmdet-{arch}')
     randomize_detector(detector.model)
     detector.source = 'synthetic weights (randomize_detector)'
+    nms = detector.spec.nms('deploy')
     path = folder / f'rtmdet-{arch}.onnx'
-    export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=DEPLOY_NMS,
-                                              dynamic_batch=True))
-    runners = [torch_runner(detector, 'cpu', DEPLOY_NMS, None, args.threads),
-               ort_runner(path, 'cpu', args.threads, None, display_name=f'rtmdet-{arch}')]
+    export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=nms, dynamic_batch=True))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    entries = [Entry(f'rtmdet-{arch}', TorchBackend(detector, nms=nms)),
+               Entry(f'rtmdet-{arch}', open_model_file(path, 'ort', threads=args.threads))]
     images, names, description = load_images(None, max(batches))
-    result = run_benchmark(runners, batches, images, names, description, warmup=args.warmup,
+    result = run_benchmark(entries, batches, images, names, description, warmup=args.warmup,
                            iters=args.rounds)
     print(format_report(result), flush=True)
     if args.json_dir:

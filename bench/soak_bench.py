@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from detdeploy.runtimes.backend import Backend
+
 
 def rss_mb(field: str = 'VmRSS') -> float:
     for line in Path('/proc/self/status').read_text().splitlines():
@@ -50,14 +52,14 @@ def export_synthetic(path: str, input_hw: tuple[int, int]) -> None:
     import torch
 
     from detdeploy.export.exporter import ExportOptions, export_onnx
-    from detdeploy.models import DEPLOY_NMS, load_detector
+    from detdeploy.models import load_detector
     from detdeploy.models.synthetic_weights import randomize_detector
     torch.set_num_threads(1)    # on a busy 2-core machine one thread exports much faster
     torch.manual_seed(0)
     detector = load_detector('rtmdet-tiny')
     randomize_detector(detector.model)
     detector.source = 'synthetic weights (randomize_detector)'
-    export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=DEPLOY_NMS,
+    export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=detector.spec.nms('deploy'),
                                               input_hw=input_hw))
 
 
@@ -133,17 +135,23 @@ def shared_session_soak(model: Path, args) -> bool:
     return not errors and not mismatches and done[0] == args.inferences
 
 
-class RssRecordingBackend:
-    def __init__(self, backend):
+class RssRecordingBackend(Backend):
+    """An ONNX Runtime backend whose every run first records the resident memory."""
+
+    name = 'ort'
+
+    def __init__(self, backend: Backend):
         self.backend = backend
-        self.name = backend.name
-        self.preprocess_config = backend.preprocess_config
-        self.class_names = backend.class_names
+        self.metadata = backend.metadata
+        self.fallback = backend.fallback
         self.rss_mb: list[float] = []
 
-    def run(self, batch):
+    def describe(self) -> dict:
+        return self.backend.describe()
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         self.rss_mb.append(rss_mb())
-        return self.backend.run(batch)
+        return list(self.backend.run(batch))
 
 
 def streaming_infer(model: Path, folder: Path, args) -> bool:

@@ -1,6 +1,6 @@
 """`detdeploy bench` output: the header and tables as text, the JSON file, the PNG plot.
 
-Turns a `bench.BenchResult` into text and files; measures nothing.
+Turns a `timing.BenchResult` into text and files; measures nothing.
 
 JSON schema (`schema_version` 1), all times in milliseconds per batch:
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detdeploy.benchmark.timing import STAGES, BenchResult, ConfigResult
+from detdeploy.benchmark.timing import STAGES, BenchResult, ConfigResult, Entry
 from detdeploy.benchmark.stats import LatencyStats, summarize, throughput_ips
 from detdeploy.core.fileio import atomic_write
 
@@ -49,16 +49,19 @@ def _throughput(config: ConfigResult, key: str) -> float:
     return throughput_ips(config.samples_ms[key], config.batch)
 
 
-def _nms_text(config: ConfigResult) -> str:
-    runner = config.runner
-    if runner.nms_mode == 'none':
+def _nms_text(entry: Entry) -> str:
+    if entry.raw_outputs:
         return 'none (raw outputs, no post-processing)'
-    if not runner.nms:
-        return runner.nms_mode
-    nms = runner.nms
-    where = 'PyTorch eager' if runner.nms_mode == 'torch' else f'in graph ({runner.nms_mode})'
-    return (f"{where}: score > {nms['score_thr']:g}, top {nms['pre_top_k']} pairs per level, "
-            f"IoU {nms['iou_thr']:g}, max {nms['max_det']}")
+    where = 'PyTorch eager' if entry.nms_mode == 'torch' else f'in graph ({entry.nms_mode})'
+    settings = entry.backend.metadata.nms
+    if settings is None:
+        return f'{where}: settings unknown (the file does not record them)'
+    return f'{where}: {settings.describe()}'
+
+
+def _entries(configs: list[ConfigResult]) -> list[Entry]:
+    """The entries of the configurations, once each, in table order."""
+    return list(dict.fromkeys(config.entry for config in configs))
 
 
 def header_lines(result: BenchResult) -> list[str]:
@@ -78,17 +81,15 @@ def header_lines(result: BenchResult) -> list[str]:
     lines.append(f"schedule: {settings['warmup_rounds']} warm-up rounds, then "
                  f"{settings['rounds']} timed rounds in {result.seconds:.1f} s; "
                  f"{settings['schedule']}")
-    runners = list(dict.fromkeys(config.runner for config in result.configs))
-    for runner in runners:
+    for entry in _entries(result.configs):
         shapes = ', '.join(str(config.input_shape) for config in result.configs
-                           if config.runner is runner)
-        threads = ', '.join(f'{key} {value}' for key, value in runner.threads.items())
-        first = next(config for config in result.configs if config.runner is runner)
-        lines.append(f'{runner.model} {runner.backend}/{runner.device}: providers '
-                     f'{", ".join(runner.providers)}; threads: {threads or "n/a"}; input '
-                     f'{shapes}; NMS {_nms_text(first)}; inference-only = '
-                     f'{runner.inference_only_method}; weights {runner.weights}')
-        lines.extend(f'  note: {note}' for note in runner.notes)
+                           if config.entry is entry)
+        threads = ', '.join(f'{key} {value}' for key, value in entry.threads.items())
+        lines.append(f'{entry.model} {entry.backend.name}/{entry.device}: providers '
+                     f'{", ".join(entry.providers)}; threads: {threads or "n/a"}; input '
+                     f'{shapes}; NMS {_nms_text(entry)}; inference-only = '
+                     f'{entry.inference_only_method}; weights {entry.weights}')
+        lines.extend(f'  note: {note}' for note in entry.notes)
     return lines
 
 
@@ -140,7 +141,7 @@ def format_report(result: BenchResult) -> str:
 def result_to_json(result: BenchResult) -> dict:
     configs = []
     for index, config in enumerate(result.configs):
-        runner = config.runner
+        entry = config.entry
         series = list(config.samples_ms) + ['inference_only']
         ratios = {}
         for key in ('end_to_end', 'inference_only'):
@@ -148,11 +149,11 @@ def result_to_json(result: BenchResult) -> dict:
             ratios[key] = {'median': float(np.median(per_round)),
                            'per_round': [float(value) for value in per_round]}
         configs.append({
-            'label': config.label, 'model': runner.model, 'backend': runner.backend,
-            'device': runner.device, 'batch': config.batch, 'input_shape': config.input_shape,
-            'providers': list(runner.providers), 'threads': dict(runner.threads),
-            'nms_mode': runner.nms_mode, 'nms': runner.nms, 'weights': runner.weights,
-            'inference_only_method': runner.inference_only_method, 'notes': list(runner.notes),
+            'label': config.label, 'model': entry.model, 'backend': entry.backend.name,
+            'device': entry.device, 'batch': config.batch, 'input_shape': config.input_shape,
+            'providers': entry.providers, 'threads': entry.threads,
+            'nms_mode': entry.nms_mode, 'nms': entry.nms, 'weights': entry.weights,
+            'inference_only_method': entry.inference_only_method, 'notes': list(entry.notes),
             'samples_ms': {key: [float(v) for v in values]
                            for key, values in config.samples_ms.items()},
             'stats_ms': {key: _stats(config, key).to_dict() for key in series},
@@ -174,7 +175,7 @@ def write_json(result: BenchResult, path: str | Path, overwrite: bool = True) ->
 
 def write_plot(result: BenchResult, path: str | Path, overwrite: bool = True) -> None:
     """Left: end-to-end latency per image, one box per configuration (every sample);
-    right: end-to-end and inference-only throughput by batch size, one line per runner."""
+    right: end-to-end and inference-only throughput by batch size, one line per entry."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -190,10 +191,9 @@ def write_plot(result: BenchResult, path: str | Path, overwrite: bool = True) ->
     latency_axes.invert_yaxis()
     latency_axes.set_xlabel('end-to-end latency per image (ms); whiskers p1-p99, triangle mean')
     latency_axes.grid(axis='x', alpha=0.3)
-    runners = list(dict.fromkeys(config.runner for config in configs))
-    for runner in runners:
-        own = [config for config in configs if config.runner is runner]
-        name = f'{runner.model} {runner.backend}/{runner.device}'
+    for entry in _entries(configs):
+        own = [config for config in configs if config.entry is entry]
+        name = f'{entry.model} {entry.backend.name}/{entry.device}'
         batches = [config.batch for config in own]
         line, = throughput_axes.plot(batches, [_throughput(c, 'end_to_end') for c in own],
                                      marker='o', label=f'{name} end to end')

@@ -1,13 +1,11 @@
-"""The `detdeploy bench` pipeline: per-stage latency and throughput of detectors, measured in
-alternating rounds on images held in memory.
+"""The `detdeploy bench` pipeline: per-stage latency and throughput of `runtimes` backends,
+measured in alternating rounds on images held in memory.
 
-Builds runners (one per model and backend) around the `runtimes` backends and times the stages
-of `runtimes.pipeline.detect` one by one; returns every sample as data. Printing, JSON and
-plots live in `bench_report`; statistics in `bench_stats`.
+Times any `Backend` through the stages of `runtimes.pipeline.detect` one by one; returns every
+sample as data. Printing, JSON and plots live in `report`; statistics in `stats`.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,68 +16,105 @@ import numpy as np
 from detdeploy.benchmark.stats import alternating_schedule, paired_ratios
 from detdeploy.benchmark.system import load_average, system_info
 from detdeploy.core.errors import DetdeployError
-from detdeploy.runtimes.pipeline import prepare_batch, to_detections
-from detdeploy.runtimes.preprocess import PreprocessConfig
+from detdeploy.runtimes.backend import IO_BINDING, Backend
+from detdeploy.runtimes.open import backend_for_file, is_model_file
+from detdeploy.runtimes.pipeline import prepare_batch, require_detections, to_detections
 
 STAGES = ('preprocess', 'inference', 'postprocess', 'end_to_end')
 IO_BINDING_KEY = 'inference_io_binding'
 MAX_IMAGES = 64                 # images decoded into memory from --images
 GENERATED_SIZES_HW = ((480, 640), (640, 480), (427, 640), (640, 427), (360, 640), (512, 512),
                       (375, 500), (500, 375))          # typical COCO shapes
-MODEL_FILE_BACKENDS = {'.onnx': 'ort', '.engine': 'trt', '.plan': 'trt'}
 BACKENDS = ('torch', 'ort', 'trt')
+GPU_PROVIDERS = ('CUDAExecutionProvider', 'TensorrtExecutionProvider')
+INFERENCE_METHODS = {'torch': 'model call incl. host<->device copies',
+                     'ort': 'session.run incl. host<->device copies',
+                     'trt': 'engine run incl. host<->device copies'}
 
 
 @dataclass(eq=False)
-class Runner:
-    """One model on one backend and device, ready to time; shared by its batch sizes."""
-    model: str                           # registry name or file name, as shown in the table
-    backend: str                         # torch, ort or trt
-    device: str
-    run: Callable[[np.ndarray], tuple]   # preprocessed batch -> outputs, on the host
-    preprocess_config: PreprocessConfig
-    class_names: tuple[str, ...]
-    nms_mode: str                        # torch (eager), onnx, trt or none (raw outputs)
-    nms: dict | None
-    providers: list[str]
-    threads: dict
-    weights: str
-    sync: Callable[[], None] = lambda: None          # wait for the device before the clock
-    # OnnxRuntimeBackend.io_binding (on a GPU provider): a binding with set_input(batch), run()
-    io_binding: Callable[[], object] | None = None
+class Entry:
+    """One backend as shown in the tables: the model's display name, the backend, and notes for
+    the header; shared by its batch sizes. What runs where comes from `backend.describe()`."""
+    model: str                           # registry name or file name
+    backend: Backend
     notes: list[str] = field(default_factory=list)
-    _bindings: dict = field(default_factory=dict)       # one binding per batch size, reused
+    description: dict = field(init=False)
+    _bindings: dict = field(default_factory=dict, init=False)   # one per batch size, reused
 
-    def binding_for(self, batch_size: int):
-        if batch_size not in self._bindings:
-            self._bindings[batch_size] = self.io_binding()
-        return self._bindings[batch_size]
+    def __post_init__(self) -> None:
+        if self.backend.metadata.has_nms:
+            require_detections(self.backend)      # the postprocess stage makes detections
+        self.description = self.backend.describe()
+        if self.backend.fallback:
+            self.notes.append(f'{self.model}: {self.backend.fallback}')
+        static_batch = self.backend.metadata.batch
+        if static_batch is not None:
+            self.notes.append(f'{self.model} has a static batch of {static_batch}: other batch '
+                              'sizes are padded or split into several runs')
+
+    @property
+    def device(self) -> str:
+        return str(self.description['device'])
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.description['providers'])
+
+    @property
+    def threads(self) -> dict:
+        return dict(self.description['threads'])
+
+    @property
+    def weights(self) -> str:
+        return str(self.description['weights'])
+
+    @property
+    def nms_mode(self) -> str:
+        """torch (NMS in PyTorch, eager), or the file's: onnx, trt or none (raw outputs)."""
+        return 'torch' if self.backend.name == 'torch' else self.backend.metadata.nms_mode
 
     @property
     def raw_outputs(self) -> bool:
-        return self.nms_mode == 'none'
+        return not self.backend.metadata.has_nms
+
+    @property
+    def nms(self) -> dict | None:
+        """The NMS settings the outputs were produced with; None without NMS or when the
+        file does not say (a file from another tool)."""
+        settings = self.backend.metadata.nms
+        return settings.to_dict() if settings is not None and not self.raw_outputs else None
+
+    @property
+    def uses_io_binding(self) -> bool:
+        """Inference-only is timed through an I/O binding when the backend has one and runs on a
+        GPU (on the CPU a binding is the same as `run`)."""
+        return self.backend.has(IO_BINDING) and self.providers[0] in GPU_PROVIDERS
+
+    def binding_for(self, batch_size: int):
+        if batch_size not in self._bindings:
+            self._bindings[batch_size] = self.backend.io_binding()
+        return self._bindings[batch_size]
 
     @property
     def inference_only_method(self) -> str:
-        if self.io_binding is not None:
+        if self.uses_io_binding:
             return ('ONNX Runtime I/O binding: input copied to the device before the clock '
                     'starts, outputs left there')
-        return {'torch': 'model call incl. host<->device copies',
-                'ort': 'session.run incl. host<->device copies',
-                'trt': 'engine run incl. host<->device copies'}[self.backend]
+        return INFERENCE_METHODS.get(self.backend.name, 'backend run incl. host<->device copies')
 
 
 @dataclass
 class ConfigResult:
     """Every sample of one (model, backend, device, batch), in milliseconds per batch."""
     label: str
-    runner: Runner
+    entry: Entry
     batch: int
     samples_ms: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def input_shape(self) -> list[int]:
-        return [self.batch, 3, *self.runner.preprocess_config.input_size]
+        return [self.batch, 3, *self.entry.backend.preprocess_config.input_size]
 
     @property
     def inference_only_key(self) -> str:
@@ -104,8 +139,9 @@ class BenchResult:
 
 
 def model_kind(model: str) -> str:
-    """'ort' or 'trt' for model files (by suffix), 'torch' for registry names."""
-    return MODEL_FILE_BACKENDS.get(Path(model).suffix.lower(), 'torch')
+    """'ort' or 'trt' for model files (by suffix, `runtimes.open`), 'torch' for registry
+    names."""
+    return backend_for_file(model) if is_model_file(model) else 'torch'
 
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -181,83 +217,6 @@ def load_images(folder: str | Path | None, max_batch: int,
             'decoded once and kept in memory: no disk I/O or decoding is timed')
 
 
-def resolve_input_size(config: PreprocessConfig, input_hw: tuple[int, int] | None
-                       ) -> PreprocessConfig:
-    return config if input_hw is None else dataclasses.replace(config, input_size=input_hw)
-
-
-def torch_runner(detector, device: str, nms, input_hw: tuple[int, int] | None,
-                 threads: int | None) -> Runner:
-    """A registry model in PyTorch eager mode, post-processed by its own (eager) NMS."""
-    import torch
-
-    from detdeploy.runtimes.torch_backend import TorchBackend
-    if threads:
-        torch.set_num_threads(threads)
-    config = resolve_input_size(detector.spec.preprocessing, input_hw)
-    backend = TorchBackend(detector, nms=nms, device=device, preprocess_config=config)
-    on_cuda = backend.device.type == 'cuda'
-    return Runner(
-        model=detector.spec.name, backend='torch', device=device, run=backend.run,
-        preprocess_config=config, class_names=backend.class_names, nms_mode='torch',
-        nms=nms.to_dict(), providers=[f'torch {backend.device}'],
-        threads={'torch_intra_op': torch.get_num_threads(),
-                 'torch_inter_op': torch.get_num_interop_threads()},
-        weights=detector.source, sync=torch.cuda.synchronize if on_cuda else (lambda: None))
-
-
-def ort_runner(path: str | Path, device: str, threads: int | None,
-               input_hw: tuple[int, int] | None, display_name: str | None = None,
-               overrides=None) -> Runner:
-    """A detdeploy ONNX file in ONNX Runtime; `--nms none` files run without post-processing.
-    `overrides` (`metadata.ModelOverrides`): class names, input size and, for files from other
-    tools, preprocessing."""
-    from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
-    backend = OnnxRuntimeBackend(path, OrtOptions(device=device, threads=threads),
-                                 overrides=overrides)
-    metadata = backend.metadata
-    config = metadata.preprocess
-    if input_hw is not None and tuple(input_hw) != tuple(config.input_size):
-        if not metadata.dynamic_shape:
-            raise DetdeployError(f'{path} has a fixed {config.input_size[0]}x'
-                                 f'{config.input_size[1]} input; --input-size '
-                                 f'{input_hw[0]}x{input_hw[1]} needs a --dynamic-shape export')
-        config = resolve_input_size(config, input_hw)
-    notes = [f'{Path(path).name}: {backend.fallback}'] if backend.fallback else []
-    if metadata.batch is not None:
-        notes.append(f'{Path(path).name} has a static batch of {metadata.batch}: other batch '
-                     'sizes are padded or split into several runs')
-    run = backend.run_raw if metadata.nms_mode == 'none' else backend.run
-    on_device = backend.providers[0] != 'CPUExecutionProvider'
-    # Without the method (an older backend), inference-only is session.run with host copies.
-    io_binding = getattr(backend, 'io_binding', None) if on_device else None
-    session_options = backend.session.get_session_options()
-    intra_op = session_options.intra_op_num_threads
-    return Runner(
-        model=display_name or Path(path).name, backend='ort', device=device, run=run,
-        preprocess_config=config, class_names=backend.class_names, nms_mode=metadata.nms_mode,
-        nms=None if metadata.nms_mode == 'none' else metadata.nms, providers=backend.providers,
-        threads={'ort_intra_op': intra_op if intra_op else 'default (one per physical core)',
-                 'ort_inter_op': session_options.inter_op_num_threads or 'default',
-                 'ort_execution_mode': str(session_options.execution_mode).split('.')[-1]},
-        weights=metadata.checkpoint, io_binding=io_binding, notes=notes)
-
-
-def trt_runner(path: str | Path) -> Runner:
-    """A TensorRT engine (`detdeploy.runtimes.tensorrt_backend`, imported only here)."""
-    try:
-        from detdeploy.runtimes.tensorrt_backend import TensorRTBackend
-        backend = TensorRTBackend(path)
-    except ImportError as exc:
-        raise DetdeployError(f'cannot run TensorRT engine {path} here: {exc}') from None
-    metadata = getattr(backend, 'metadata', None)
-    return Runner(
-        model=Path(path).name, backend='trt', device='cuda', run=backend.run,
-        preprocess_config=backend.preprocess_config, class_names=backend.class_names,
-        nms_mode=getattr(metadata, 'nms_mode', 'trt'), nms=getattr(metadata, 'nms', None),
-        providers=['TensorRT'], threads={}, weights=getattr(metadata, 'checkpoint', 'unknown'))
-
-
 def _batch_images(images: list[np.ndarray], names: list[str], round_index: int, batch: int
                   ) -> tuple[list[np.ndarray], list[str]]:
     """The images of one iteration: the same ones for every configuration of a round."""
@@ -265,59 +224,60 @@ def _batch_images(images: list[np.ndarray], names: list[str], round_index: int, 
     return [images[i] for i in picks], [names[i] for i in picks]
 
 
-def time_iteration(runner: Runner, images: list[np.ndarray], names: list[str]
+def time_iteration(entry: Entry, images: list[np.ndarray], names: list[str]
                    ) -> dict[str, float]:
     """One timed pass, image arrays in, rescaled detections out; milliseconds per stage."""
     clock = time.perf_counter
-    runner.sync()
+    backend = entry.backend
+    backend.synchronize()
     started = clock()
-    batch, metas = prepare_batch(images, runner.preprocess_config)
+    batch, metas = prepare_batch(images, backend.preprocess_config)
     prepared = clock()
-    outputs = runner.run(batch)
-    runner.sync()
+    outputs = backend.run(batch)
+    backend.synchronize()
     inferred = clock()
-    if not runner.raw_outputs:
-        to_detections(outputs, names, metas, runner.class_names)
+    if not entry.raw_outputs:
+        to_detections(outputs, names, metas, backend.class_names)
     finished = clock()
     sample = {'preprocess': (prepared - started) * 1e3, 'inference': (inferred - prepared) * 1e3,
               'postprocess': (finished - inferred) * 1e3, 'end_to_end': (finished - started) * 1e3}
-    if runner.io_binding is not None:
-        binding = runner.binding_for(len(batch))
+    if entry.uses_io_binding:
+        binding = entry.binding_for(len(batch))
         binding.set_input(batch)
-        runner.sync()
+        backend.synchronize()
         bound_start = clock()
         binding.run()               # ONNX Runtime returns once the device has finished
         sample[IO_BINDING_KEY] = (clock() - bound_start) * 1e3
     return sample
 
 
-def config_label(runner: Runner, batch: int) -> str:
-    return f'{runner.model} {runner.backend}/{runner.device} b{batch}'
+def config_label(entry: Entry, batch: int) -> str:
+    return f'{entry.model} {entry.backend.name}/{entry.device} b{batch}'
 
 
-def run_benchmark(runners: list[Runner], batches: tuple[int, ...], images: list[np.ndarray],
+def run_benchmark(entries: list[Entry], batches: tuple[int, ...], images: list[np.ndarray],
                   names: list[str], images_description: str, warmup: int = 10,
                   iters: int | None = 100, seconds: float | None = None,
                   progress: Callable[[int], None] | None = None) -> BenchResult:
-    """Time every (runner, batch) in alternating rounds: `warmup` untimed rounds, then `iters`
+    """Time every (entry, batch) in alternating rounds: `warmup` untimed rounds, then `iters`
     rounds (or rounds for about `seconds` per configuration); one sample per configuration per
     round. `progress(round)` is called after each timed round."""
-    if not runners:
+    if not entries:
         raise DetdeployError('nothing to benchmark: no models given')
     if not images:
         raise DetdeployError('no images to benchmark with')
-    configs = [ConfigResult(config_label(runner, batch), runner, batch)
-               for runner in runners for batch in batches]
+    configs = [ConfigResult(config_label(entry, batch), entry, batch)
+               for entry in entries for batch in batches]
     system = system_info()
     for _, index in alternating_schedule(len(configs), rounds=warmup):
         config = configs[index]
-        time_iteration(config.runner, *_batch_images(images, names, 0, config.batch))
+        time_iteration(config.entry, *_batch_images(images, names, 0, config.batch))
     started = time.perf_counter()
     schedule = (alternating_schedule(len(configs), rounds=iters) if seconds is None else
                 alternating_schedule(len(configs), seconds=seconds * len(configs)))
     for round_index, index in schedule:
         config = configs[index]
-        sample = time_iteration(config.runner,
+        sample = time_iteration(config.entry,
                                 *_batch_images(images, names, round_index, config.batch))
         for key, value in sample.items():
             config.samples_ms.setdefault(key, []).append(value)

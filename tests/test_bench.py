@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detdeploy.benchmark.timing import IO_BINDING_KEY, Runner, run_benchmark
 from detdeploy.benchmark.report import SCHEMA_VERSION, format_report, result_to_json
 from detdeploy.benchmark.stats import (alternating_schedule, paired_ratios, summarize,
-                                   throughput_ips)
+                                       throughput_ips)
+from detdeploy.benchmark.timing import IO_BINDING_KEY, Entry, run_benchmark
 from detdeploy.cli import main
-from detdeploy.runtimes.preprocess import PreprocessConfig
+from detdeploy.core.metadata import ModelMetadata
+from detdeploy.core.nms import NMSConfig
+from detdeploy.core.preprocessing import PreprocessConfig
+from detdeploy.runtimes.backend import IO_BINDING, Backend
 
 DETDEPLOY = str(Path(sys.executable).parent / 'detdeploy')
 STATS_KEYS = {'count', 'mean', 'min', 'p50', 'p90', 'p99', 'max'}
@@ -83,46 +86,71 @@ def test_alternating_schedule_by_time_keeps_rounds_complete():
     assert pairs == [(r, c) for r in range(3) for c in range(3)]
 
 
-class FixedOutputRunner:
-    """Runners around a fake backend: fixed detections, and a call log to check the order."""
+FAKE_METADATA = ModelMetadata(
+    arch='fake', class_names=('a',), preprocess=PreprocessConfig(input_size=(64, 64)),
+    nms_mode='onnx', nms=NMSConfig(), batch=None, dynamic_shape=True, opset=17,
+    detdeploy_version='0', torch_version='', onnx_version='', checkpoint='none',
+    checkpoint_sha256=None)
 
-    def __init__(self):
-        self.calls = []
 
-    def make(self, name, io_binding=False):
-        def run(batch):
-            self.calls.append((name, len(batch)))
-            size = len(batch)
-            boxes = np.tile(np.array([[[4, 4, 20, 20], [0, 0, 0, 0]]], np.float32), (size, 1, 1))
-            return (np.full((size, 1), 1, np.int32), boxes,
-                    np.tile(np.array([[0.9, 0.0]], np.float32), (size, 1)),
-                    np.tile(np.array([[0, -1]], np.int32), (size, 1)))
-        log = self.calls
+class FixedOutputBackend(Backend):
+    """A backend with fixed detections that logs its calls, to check the order. Like ONNX
+    Runtime it has an I/O binding, which the benchmark uses only on a GPU provider (`gpu`)."""
+
+    name = 'ort'
+    capabilities = frozenset({IO_BINDING})
+    metadata = FAKE_METADATA
+
+    def __init__(self, label, log, gpu=False):
+        self.label, self.log, self.gpu = label, log, gpu
+
+    def describe(self):
+        return {'backend': self.name, 'device': 'cuda' if self.gpu else 'cpu',
+                'providers': ['CUDAExecutionProvider' if self.gpu else 'CPUExecutionProvider'],
+                'threads': {}, 'weights': 'none', 'nms_mode': 'onnx', 'arch': 'fake'}
+
+    def _run(self, batch):
+        self.log.append((self.label, len(batch)))
+        size = len(batch)
+        boxes = np.tile(np.array([[[4, 4, 20, 20], [0, 0, 0, 0]]], np.float32), (size, 1, 1))
+        return [np.full((size, 1), 1, np.int32), boxes,
+                np.tile(np.array([[0.9, 0.0]], np.float32), (size, 1)),
+                np.tile(np.array([[0, -1]], np.int32), (size, 1))]
+
+    def io_binding(self):
+        log, label = self.log, self.label
 
         class Binding:
             def set_input(self, batch):
                 self.batch = batch
 
             def run(self):
-                log.append((name + ' bound', len(self.batch)))
+                log.append((label + ' bound', len(self.batch)))
 
-        return Runner(model=name, backend='ort', device='cpu', run=run,
-                      preprocess_config=PreprocessConfig(input_size=(64, 64)),
-                      class_names=('a',), nms_mode='onnx', nms=None, providers=['fake'],
-                      threads={}, weights='none', io_binding=Binding if io_binding else None)
+        return Binding()
+
+
+class FixedOutputEntries:
+    """Entries around fake backends sharing one call log."""
+
+    def __init__(self):
+        self.calls = []
+
+    def make(self, name, gpu=False):
+        return Entry(name, FixedOutputBackend(name, self.calls, gpu))
 
 
 def test_run_benchmark_alternates_and_records_every_stage():
-    fake = FixedOutputRunner()
-    runners = [fake.make('A'), fake.make('B', io_binding=True)]
+    fake = FixedOutputEntries()
+    entries = [fake.make('A'), fake.make('B', gpu=True)]
     images = [np.zeros((32, 48, 3), np.uint8), np.zeros((48, 32, 3), np.uint8)]
-    result = run_benchmark(runners, (1, 2), images, ['x', 'y'], 'test images', warmup=1,
+    result = run_benchmark(entries, (1, 2), images, ['x', 'y'], 'test images', warmup=1,
                            iters=3)
     # warm-up round, then 3 timed rounds; B's extra call per pass is its I/O-binding run
     one_round = [('A', 1), ('A', 2), ('B', 1), ('B bound', 1), ('B', 2), ('B bound', 2)]
     assert fake.calls == one_round * 4
     assert [c.label for c in result.configs] == ['A ort/cpu b1', 'A ort/cpu b2',
-                                                 'B ort/cpu b1', 'B ort/cpu b2']
+                                                 'B ort/cuda b1', 'B ort/cuda b2']
     for config in result.configs:
         samples = config.samples_ms
         assert all(len(values) == 3 for values in samples.values())
@@ -132,12 +160,14 @@ def test_run_benchmark_alternates_and_records_every_stage():
     assert result.configs[0].inference_only_key == 'inference'
     assert result.configs[2].inference_only_key == IO_BINDING_KEY
     np.testing.assert_allclose(result.ratios(0, 'end_to_end'), 1.0)
-    assert 'ratio' in format_report(result)
+    report = format_report(result)
+    assert 'ratio' in report
+    assert f'NMS in graph (onnx): {NMSConfig().describe()};' in report
 
 
 def test_json_schema_on_a_fake_run():
-    fake = FixedOutputRunner()
-    result = run_benchmark([fake.make('A'), fake.make('B', io_binding=True)], (1,),
+    fake = FixedOutputEntries()
+    result = run_benchmark([fake.make('A'), fake.make('B', gpu=True)], (1,),
                            [np.zeros((32, 32, 3), np.uint8)], ['x'], 'test', warmup=0, iters=2)
     record = json.loads(json.dumps(result_to_json(result)))     # JSON-serialisable
     check_schema(record, rounds=2)

@@ -1,7 +1,7 @@
 """`detdeploy bench`: latency and throughput of models on PyTorch, ONNX Runtime and TensorRT.
 
-Parses, builds the runners and calls `detdeploy.benchmark.timing.run_benchmark`; printing and files are
-`detdeploy.benchmark.report`'s.
+Parses, opens one backend per model and runtime and calls `benchmark.timing.run_benchmark`;
+the report (which names each configuration's NMS settings) and files are `benchmark.report`'s.
 """
 from __future__ import annotations
 
@@ -19,10 +19,13 @@ from .common import (apply_max_pixels, export_for_ort, foreign_model_options, lo
                      pytorch_model_options, torch_device)
 
 
-def _registry_runners(name: str, backends: list[str], device: str, options: dict,
+def _registry_entries(name: str, backends: list[str], device: str, options: dict,
                       temp_dir: Path) -> list:
-    from detdeploy.benchmark.timing import ort_runner, torch_runner
+    """A registry model in PyTorch eager mode and/or exported on the fly to ONNX Runtime, with
+    the same weights and NMS settings."""
+    from detdeploy.benchmark.timing import Entry
     from detdeploy.models.synthetic_weights import randomize_detector
+    from detdeploy.runtimes.open import open_model_file
 
     detector = load_model(name, options['checkpoint'], options['class_names'],
                           options['trust_checkpoint'], 'is benchmarked with synthetic weights '
@@ -31,19 +34,24 @@ def _registry_runners(name: str, backends: list[str], device: str, options: dict
     if detector.source == 'random weights':
         randomize_detector(detector.model)
         detector.source = 'synthetic weights (randomize_detector)'
-    runners = []
+    entries = []
     for backend in backends:
         if backend == 'torch':
-            runners.append(torch_runner(detector, torch_device(device), nms,
-                                        options['input_hw'], options['threads']))
+            import torch
+
+            from detdeploy.runtimes.torch_backend import TorchBackend
+            if options['threads']:
+                torch.set_num_threads(options['threads'])
+            config = detector.spec.preprocessing.with_input_size(options['input_hw'])
+            entries.append(Entry(detector.spec.name, TorchBackend(
+                detector, nms=nms, device=torch_device(device), preprocess_config=config)))
         else:
             path = export_for_ort(detector, nms, options['nms_preset'], temp_dir,
                                   options['input_hw'])
-            runner = ort_runner(path, device, options['threads'], options['input_hw'],
-                                display_name=detector.spec.name)
-            runner.notes.append('exported on the fly from the same weights as the torch run')
-            runners.append(runner)
-    return runners
+            entries.append(Entry(detector.spec.name, open_model_file(
+                path, 'ort', device=device, threads=options['threads']),
+                ['exported on the fly from the same weights as the torch run']))
+    return entries
 
 
 @click.command()
@@ -88,10 +96,11 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
     (PyTorch; with --checkpoint). Configurations are every model x backend x batch size;
     the first is the baseline the ratios compare with.
     """
-    from detdeploy.benchmark.timing import (backends_for, load_images, model_kind, ort_runner,
-                                 parse_backends, parse_int_list, run_benchmark, trt_runner)
     from detdeploy.benchmark.report import format_report, write_json, write_plot
+    from detdeploy.benchmark.timing import (Entry, backends_for, load_images, model_kind,
+                                            parse_backends, parse_int_list, run_benchmark)
     from detdeploy.core.fileio import check_output_file
+    from detdeploy.runtimes.open import open_model_file
 
     models = ((model_name,) if model_name else ()) + tuple(models)
     if not models:
@@ -123,20 +132,18 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
     images, names, description = load_images(images_dir, max(batches),
                                              apply_max_pixels(max_pixels))
     with tempfile.TemporaryDirectory(prefix='detdeploy_bench_') as temp:
-        runners = []
+        entries = []
         for model, model_backends in plan:
-            kind = model_kind(model)
-            if kind == 'torch':
-                runners += _registry_runners(model, model_backends, device, options, Path(temp))
-            elif kind == 'ort':
-                runners.append(ort_runner(model, device, threads, None, overrides=overrides))
+            if model_kind(model) == 'torch':
+                entries += _registry_entries(model, model_backends, device, options, Path(temp))
             else:
-                runners.append(trt_runner(model))
-        for runner in runners:
-            for note in runner.notes:
-                if 'not usable' in note:
-                    click.echo(f'warning: {note}', err=True)
-        configs = len(runners) * len(batches)
+                backend = open_model_file(model, model_backends[0], device=device,
+                                          threads=threads, overrides=overrides)
+                entries.append(Entry(Path(model).name, backend))
+        for entry in entries:
+            if entry.backend.fallback:
+                click.echo(f'warning: {entry.model}: {entry.backend.fallback}', err=True)
+        configs = len(entries) * len(batches)
         rounds = (iters or 100) if seconds is None else None
         progress_bar = None
         if sys.stderr.isatty():
@@ -144,7 +151,7 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
             progress_bar = tqdm(total=rounds, unit='round', leave=False)
         with progress_bar if progress_bar is not None else contextlib.nullcontext():
             result = run_benchmark(
-                runners, batches, images, names, description, warmup=warmup,
+                entries, batches, images, names, description, warmup=warmup,
                 iters=rounds, seconds=seconds,
                 progress=(lambda _: progress_bar.update()) if progress_bar else None)
     click.echo(format_report(result))
