@@ -39,13 +39,15 @@ def backend_for_file(path: str | Path, backend: str = 'auto') -> str:
 def open_model_file(path: str | Path, backend: str = 'auto', *, device: str = 'cpu',
                     device_id: int = 0, threads: int | None = None, strict_device: bool = False,
                     optimization: str = 'all', trt_fp16: bool = False,
-                    trt_cache_dir: str | None = None, overrides=None):
+                    trt_cache_dir: str | None = None, overrides=None,
+                    check_signature: bool = True):
     """An OnnxRuntimeBackend or a TensorRTBackend for `path`.
 
     ONNX Runtime takes every option; a TensorRT engine always runs on CUDA device `device_id`,
     and the other options do not apply to it. `overrides` (a `metadata.ModelOverrides`): class
     names, input size, and preprocessing for ONNX files without detdeploy metadata; an engine
-    takes only class names."""
+    takes only class names. `check_signature=False`: an ONNX graph whose input and outputs do
+    not fit its metadata is opened anyway (`detdeploy parity` reports that itself)."""
     chosen = backend_for_file(path, backend)
     if Path(path).is_dir():
         raise DetdeployError(f'{path} is a directory, not a model file')
@@ -54,7 +56,7 @@ def open_model_file(path: str | Path, backend: str = 'auto', *, device: str = 'c
         return OnnxRuntimeBackend(path, OrtOptions(
             device=device, device_id=device_id, threads=threads, optimization=optimization,
             strict_device=strict_device, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir),
-            overrides=overrides)
+            overrides=overrides, check_signature=check_signature)
     if not Path(path).is_file():
         raise DetdeployError(f'engine file not found: {path}')
     if overrides is not None and (overrides.input_size or overrides.preprocessing_flags()):

@@ -1,6 +1,7 @@
 """`detdeploy parity`: a correct export passes; broken copies fail with the right explanation;
 the comparison rules (Polygraphy semantics, detection matching, borderline cases) by hand."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,13 @@ def _flipped_channels(model):
     _set_prop(model, 'preprocess', json.dumps(preprocess))
 
 
+def _no_raw_output_names(model):
+    """As files exported before the metadata named the raw outputs."""
+    kept = [p for p in model.metadata_props if p.key != 'raw_outputs']
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+
+
 def _swapped_outputs(model):
     outputs = list(model.graph.output)
     outputs[1], outputs[2] = outputs[2], outputs[1]          # boxes <-> scores
@@ -66,7 +74,14 @@ def files(tmp_path_factory, tiny_onnx):
         'mean_std': _edited_copy(good, folder / 'mean_std.onnx', _wrong_mean_std),
         'channels': _edited_copy(good, folder / 'channels.onnx', _flipped_channels),
         'swapped': _edited_copy(good, folder / 'swapped.onnx', _swapped_outputs),
+        'unnamed_raw': _edited_copy(good, folder / 'unnamed_raw.onnx', _no_raw_output_names),
+        'not_onnx': _write(folder / 'not_onnx.onnx', b'not an onnx file'),
     }
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
 
 
 def run_cli(capsys, *args):
@@ -86,6 +101,7 @@ def test_correct_export_passes_on_a_mixed_batch(files, tiny_checkpoint, image_di
     assert lines[-2] == f'report: {report_path}'
     assert lines[-1].startswith(f"PASS: {files['good']} agrees with PyTorch on 3 images")
     assert 'metadata: ok' in out
+    assert 'nms (both sides, --nms onnx): score > ' in out
     report = json.loads(report_path.read_text())
     assert report['verdict'] == 'PASS' and report['failures'] == []
     assert report['arch'] == 'rtmdet-tiny'            # --model defaulted from the metadata
@@ -96,10 +112,12 @@ def test_correct_export_passes_on_a_mixed_batch(files, tiny_checkpoint, image_di
         assert image['matched'] >= image['torch_count'] - len(image['unmatched']) > 0
         assert image['max_box_error_px'] <= TOL.box_atol_px
     raw = report['raw_outputs']
-    assert sorted(raw) == sorted([f'cls_scores[{i}]' for i in range(3)] +
-                                 [f'bbox_preds[{i}]' for i in range(3)])
+    assert sorted(raw) == sorted([f'cls_scores.{i}' for i in range(3)] +
+                                 [f'bbox_preds.{i}' for i in range(3)])
     assert all(r['failing'] == 0 and r['max_abs_error'] < TOL.atol for r in raw.values())
-    assert raw['cls_scores[0]']['shape'] == [80, 40, 40]
+    assert raw['cls_scores.0']['shape'] == [80, 40, 40]
+    props = {p.key: p.value for p in onnx.load(str(files['good'])).metadata_props}
+    assert report['nms'] == json.loads(props['nms'])          # PyTorch ran the file's NMS
     assert len(report['raw_outputs_by_image']) == 3
 
 
@@ -112,6 +130,18 @@ def test_perturbed_weight_fails_and_per_layer_names_the_layer(files, tiny_checkp
     assert '(Conv)' in found and 'module backbone.stage2.1.main_conv.bn' in found
     assert PERTURBED_WEIGHT in out
     assert 'its inputs agree:' in out
+    # the search's pruned runs, counted by the ONNX Runtime backend's run_tensors
+    runs = re.search(r'per-layer \((\d+) pruned runs', out)
+    assert runs and 0 < int(runs.group(1)) < 20
+
+
+def test_file_naming_no_raw_outputs_gets_a_note(files, tiny_checkpoint, capsys):
+    code, out, _ = run_cli(capsys, files['unnamed_raw'], '--checkpoint', tiny_checkpoint,
+                           '--random', '1', '--per-layer')
+    assert code == 0, out
+    assert ('note: raw outputs not compared: the file names none (exported by an older '
+            'detdeploy?)') in out
+    assert 'raw outputs before NMS' not in out and 'per-layer (' not in out
 
 
 @pytest.mark.parametrize('broken, cause', [
@@ -139,10 +169,12 @@ def test_broken_metadata_fails_with_its_cause(files, tiny_checkpoint, capsys, br
     (['missing.onnx', '--random', '1'], 'error: model file not found: missing.onnx'),
     (['{good}'], 'error: give either --images DIR... or --random N'),
     (['{good}', '--random', '1', '--backend', 'trt'], 'error: '),
-    (['{ckpt}', '--model', 'rtmdet-tiny', '--random', '1'], 'is not an ONNX model'),
+    (['{ckpt}', '--model', 'rtmdet-tiny', '--random', '1'], 'model files end in .onnx'),
+    (['{bad}', '--random', '1'], 'is not an ONNX model'),
 ])
 def test_bad_input_is_one_line_and_exit_2(files, tiny_checkpoint, capsys, args, message):
-    args = [a.format(good=files['good'], ckpt=tiny_checkpoint) for a in args]
+    args = [a.format(good=files['good'], ckpt=tiny_checkpoint, bad=files['not_onnx'])
+            for a in args]
     code, out, err = run_cli(capsys, *args, '--checkpoint', tiny_checkpoint)
     assert code == 2
     assert message in err and 'Traceback' not in err

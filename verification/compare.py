@@ -21,8 +21,9 @@ class Tolerances:
     a score fails if off by more than `score_atol`. Detections pair up when their labels are
     equal and their IoU is at least `match_iou`. An unmatched detection whose score lies within
     `borderline` of the score threshold or of the max-det cut is borderline, not a failure,
-    unless more than `max_borderline_share` of a side's detections (and more than 2) are: ties at the cut reorder
-    a few detections (13 % at most on saturated random-weight scores), not most of them.
+    unless more than `max_borderline_share` of a side's detections (and more than 2) are: ties
+    at the cut reorder a few detections (13 % at most on saturated random-weight scores), not
+    most of them.
     """
     atol: float
     rtol: float
@@ -40,8 +41,9 @@ class Tolerances:
 # fp32, measured with this project's random-weight rtmdet-tiny (ill-conditioned: logits up to
 # 38, saturated scores), ONNX Runtime CPU vs PyTorch CPU, 16 generated images at 320 and 640:
 # max |a-b| of logits 1.8e-3 (2.4e-3 in another run) and of distances 1.3e-2 px (on distances
-# of 120 px); with rtol 1e-3 an atol of 3.5e-3 already passes every element. PyTorch float32 itself is as far from a
-# float64 run (logits 1.2e-3, distances 5.2e-3), so this is float32 rounding, not the export.
+# of 120 px); with rtol 1e-3 an atol of 3.5e-3 already passes every element. PyTorch float32
+# itself is as far from a float64 run (logits 1.2e-3, distances 5.2e-3), so this is float32
+# rounding, not the export.
 # Detections: boxes within 5.6e-3 px, scores within 1.4e-5; a logit error of 1.8e-3 can move a
 # sigmoid score by up to 4.5e-4, hence score_atol. A real fault is orders larger (one weight
 # changed by 0.5 moves logits by up to 3.9). The defaults keep about 3x headroom.

@@ -4,18 +4,23 @@ Bisection over the mappable tensors (those the exporter's metadata ties to a PyT
 in graph (topological) order, restricted to the ancestors of a failing raw output; each step
 marks a few tensors as outputs of a pruned copy and compares them with the same modules'
 outputs caught by forward hooks. A found node is confirmed by checking that its nearest mapped
-inputs agree; if one does not, the search continues above it. Comparison rules come from
-`parity_compare`; graph surgery from `parity_graph`.
+inputs agree; if one does not, the search continues above it. The pruned runs are the ONNX
+Runtime backend's `run_tensors`; comparison rules come from `compare`, graph structure from
+`onnx_graph`.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .compare import ArrayComparison, compare_arrays
-from .onnx_graph import Graph, TensorRunner, module_outputs_from_scopes, \
-    module_outputs_from_weights
+from .onnx_graph import Graph, module_outputs_from_scopes, module_outputs_from_weights
+
+if TYPE_CHECKING:
+    from detdeploy.models import Detector
+    from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend
 
 PROBES_PER_STEP = 3          # tensors marked as outputs per bisection step (a 4-way split)
 
@@ -54,8 +59,8 @@ class LayerDivergence:
 @dataclass
 class _Search:
     graph: Graph
-    runner: TensorRunner
-    model: object                            # the PyTorch RTMDet
+    backend: OnnxRuntimeBackend
+    model: Detector
     images: np.ndarray                       # one preprocessed image, [1, 3, H, W]
     mapping: dict[str, str]                  # ONNX tensor -> module path
     atol: float
@@ -69,7 +74,7 @@ class _Search:
         todo = [t for t in dict.fromkeys(tensors) if t not in self.known]
         if not todo:
             return
-        got = self.runner.run(todo, self.images)
+        got = self.backend.run_tensors(todo, self.images)
         caught: dict[str, torch.Tensor] = {}
         hooks = []
         for tensor in todo:
@@ -79,7 +84,7 @@ class _Search:
                 lambda mod, args, out, name=tensor: caught.__setitem__(name, out.detach().clone())))
         try:
             with torch.no_grad():
-                self.model(torch.from_numpy(self.images))
+                self.model(torch.from_numpy(self.images).to(_device(self.model)))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -94,7 +99,11 @@ class _Search:
         return not self.known[tensor].comparison.passed
 
 
-def usable_mapping(graph: Graph, model) -> tuple[dict[str, str], str]:
+def _device(model: Detector):
+    return next(model.parameters()).device
+
+
+def usable_mapping(graph: Graph, model: Detector) -> tuple[dict[str, str], str]:
     """Mappable tensors: module outputs the file records, whose module exists in the PyTorch
     model, returns one tensor and runs exactly once per forward (shared or reused modules,
     such as the head's shared convs or the neck's upsample, are ambiguous)."""
@@ -120,7 +129,7 @@ def usable_mapping(graph: Graph, model) -> tuple[dict[str, str], str]:
         hooks.append(model.get_submodule(path).register_forward_hook(count))
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, 64, 64))
+            model(torch.zeros(1, 3, 64, 64, device=_device(model)))
     finally:
         for hook in hooks:
             hook.remove()
@@ -145,13 +154,14 @@ def _nearest_mapped_inputs(graph: Graph, tensor: str, mapped: set[str]) -> list[
     return sorted(found, key=lambda t: graph.producer[t])
 
 
-def find_first_divergence(graph: Graph, runner: TensorRunner, model, images: np.ndarray,
-                          failing_raw: tuple[str, ArrayComparison], atol: float, rtol: float,
-                          image_name: str = '') -> LayerDivergence:
-    """Bisect from a failing raw output (ONNX tensor name, its comparison) to the first
-    diverging mapped tensor."""
+def find_first_divergence(graph: Graph, backend: OnnxRuntimeBackend, model: Detector,
+                          images: np.ndarray, failing_raw: tuple[str, ArrayComparison],
+                          atol: float, rtol: float, image_name: str = '') -> LayerDivergence:
+    """Bisect from a failing raw output (graph tensor name, its comparison) to the first
+    diverging mapped tensor; `backend` runs `graph`'s file."""
+    sessions_before = backend.tensor_sessions_created
     mapping, source = usable_mapping(graph, model)
-    search = _Search(graph, runner, model, images, mapping, atol, rtol)
+    search = _Search(graph, backend, model, images, mapping, atol, rtol)
     raw_name, raw_comparison = failing_raw
     raw_node = graph.nodes[graph.producer[raw_name]]
     search.known[raw_name] = TensorCheck(raw_name, mapping.get(raw_name), raw_node.name,
@@ -187,4 +197,4 @@ def find_first_divergence(graph: Graph, runner: TensorRunner, model, images: np.
         search.known[first], agreeing,
         [{'node': graph.nodes[i].name, 'op_type': graph.nodes[i].op_type,
           'weights': graph.weights_of(i)} for i in suspects],
-        source, len(mapping), runner.sessions_created, image_name)
+        source, len(mapping), backend.tensor_sessions_created - sessions_before, image_name)

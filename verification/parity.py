@@ -1,40 +1,43 @@
 """The `detdeploy parity` pipeline: does an exported model give the PyTorch model's answers?
 
 Checks the file's metadata against the PyTorch model, runs the same preprocessed images through
-PyTorch and the backend and matches their detections, compares the raw head outputs before NMS
-and, on request, bisects the graph for the first diverging layer. Returns a `ParityReport`;
-comparison rules live in `parity_compare`, printing in the CLI command.
+PyTorch (with the file's NMS settings) and the backend and matches their detections, compares
+the network's raw outputs by name (the graph tensors the metadata lists against
+`Detector.named_raw_outputs`) and, on request, bisects the graph for the first diverging layer.
+Returns a `ParityReport`; comparison rules live in `compare`, printing in the CLI command.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from detdeploy.core.errors import DetdeployError
 from detdeploy.core.fileio import atomic_write
-from detdeploy.runtimes.model_file import ModelMetadata
+from detdeploy.core.metadata import ModelMetadata
+from detdeploy.core.nms import NMSConfig
+from detdeploy.core.preprocessing import PreprocessConfig
+from detdeploy.core.tasks import DETECT, output_schema
+from detdeploy.runtimes.backend import INTERMEDIATE_TENSORS, Backend
 from detdeploy.runtimes.pipeline import prepare_batch
-from detdeploy.runtimes.preprocess import PreprocessConfig, read_image
+from detdeploy.runtimes.preprocess import read_image
 
+from .compare import (ArrayComparison, DetectionSet, ImageMatch, Tolerances, compare_arrays,
+                      match_detections, merge_comparisons, tolerances_for)
 from .layer_search import LayerDivergence, find_first_divergence
-from .compare import (ArrayComparison, DetectionSet, ImageMatch, Tolerances,
-                             compare_arrays, match_detections, merge_comparisons,
-                             tolerances_for)
+
+if TYPE_CHECKING:
+    from detdeploy.models import LoadedDetector
 
 RANDOM_IMAGE_SIZES = ((480, 640), (640, 427), (320, 320), (200, 500), (375, 500), (64, 96))
-# What each output of the four-output layout must be: dtype kind and rank ('f' float, 'i' int).
-LAYOUT_ENTRY = re.compile(r'(\w+) \[([^\]]*)\] (float32|int32|int64)')
 
 
 @dataclass
 class ParityOptions:
-    backend: str = 'ort'                  # 'ort' or 'trt'
-    device: str = 'cpu'                   # the backend's device
     torch_device: str = 'cpu'
     tolerances: Tolerances | None = None  # None: the preset for the file's precision
     per_layer: bool = False
@@ -59,14 +62,13 @@ class ParityReport:
     checkpoint: str
     precision: str
     nms_mode: str
-    nms: dict
+    nms: NMSConfig                      # the settings PyTorch ran with: the file's
     input_size: list[int]
     tolerances: Tolerances
     metadata_issues: list[MetadataIssue] = field(default_factory=list)
     images: list[ImageMatch] = field(default_factory=list)
     raw_by_image: list[dict[str, ArrayComparison]] = field(default_factory=list)
     raw: dict[str, ArrayComparison] = field(default_factory=dict)     # over all images
-    raw_tensor_names: dict[str, str] = field(default_factory=dict)    # report name -> ONNX
     notes: list[str] = field(default_factory=list)
     layer: LayerDivergence | None = None
 
@@ -100,12 +102,11 @@ class ParityReport:
             'verdict': 'PASS' if self.passed else 'FAIL', 'failures': self.failures,
             'model_file': self.model_file, 'backend': self.backend,
             'providers': self.providers, 'arch': self.arch, 'checkpoint': self.checkpoint,
-            'precision': self.precision, 'nms_mode': self.nms_mode, 'nms': self.nms,
+            'precision': self.precision, 'nms_mode': self.nms_mode, 'nms': self.nms.to_dict(),
             'input_size': self.input_size, 'tolerances': self.tolerances.to_dict(),
             'metadata_issues': [dataclasses.asdict(i) for i in self.metadata_issues],
             'images': [m.to_dict() for m in self.images],
-            'raw_outputs': {name: {'onnx_tensor': self.raw_tensor_names.get(name), **c.to_dict()}
-                            for name, c in self.raw.items()},
+            'raw_outputs': {name: c.to_dict() for name, c in self.raw.items()},
             'raw_outputs_by_image': [{n: c.to_dict() for n, c in per.items()}
                                      for per in self.raw_by_image],
             'per_layer': self.layer.to_dict() if self.layer else None,
@@ -161,12 +162,13 @@ def file_images(paths: list[Path], max_pixels: int | None = None
 
 # ---- metadata -----------------------------------------------------------------------------
 
-def check_metadata(metadata: ModelMetadata, detector, output_layout: str | None,
+def check_metadata(metadata: ModelMetadata, detector: LoadedDetector,
                    outputs: list[tuple[str, str, int]] | None,
                    input_hw: tuple | None) -> list[MetadataIssue]:
     """What in the file's metadata (and its declared outputs) disagrees with the PyTorch model.
 
-    `outputs`: the file's outputs in order as (name, dtype kind 'f'/'i', rank), when known;
+    `outputs`: the file's outputs in order as (name, dtype kind 'f'/'i', rank), when known,
+    checked against the schema of the metadata's task and NMS mode (`core.tasks`);
     `input_hw`: the graph input's static (height, width), when known.
     """
     issues = []
@@ -208,16 +210,16 @@ def check_metadata(metadata: ModelMetadata, detector, output_layout: str | None,
         issues.append(MetadataIssue('class_names', list(metadata.class_names),
                                     list(detector.class_names),
                                     f'class names differ from the checkpoint\'s ({where})'))
-    if outputs is not None and output_layout:
-        expected = [(n, 'f' if t.startswith('float') else 'i', len(dims.split(',')))
-                    for n, dims, t in LAYOUT_ENTRY.findall(output_layout)]
-        if expected and [o[0] for o in outputs] != [e[0] for e in expected]:
+    if outputs is not None:
+        expected = [(f.name, f.kind, f.rank)
+                    for f in output_schema(metadata.task, metadata.nms_mode)]
+        if [o[0] for o in outputs] != [e[0] for e in expected]:
             issues.append(MetadataIssue('outputs', [o[0] for o in outputs],
                                         [e[0] for e in expected], (
                 f'outputs are ({", ".join(o[0] for o in outputs)}) but the layout in the '
                 f'metadata is ({", ".join(e[0] for e in expected)}): runtimes read outputs by '
                 'position')))
-        elif expected and [o[1:] for o in outputs] != [e[1:] for e in expected]:
+        elif [o[1:] for o in outputs] != [e[1:] for e in expected]:
             wrong = [o[0] for o, e in zip(outputs, expected) if o[1:] != e[1:]]
             issues.append(MetadataIssue('outputs', outputs, expected, (
                 f'outputs {", ".join(wrong)} do not have the type and rank the metadata '
@@ -235,29 +237,6 @@ def _hw(size) -> str:
 
 # ---- the pipeline -------------------------------------------------------------------------
 
-def _make_backend(model_file: Path, options: ParityOptions):
-    if options.backend == 'ort':
-        from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
-        # a graph that does not fit its metadata is reported by check_metadata, not refused
-        return OnnxRuntimeBackend(model_file, OrtOptions(device=options.device),
-                                  check_signature=False)
-    if options.backend == 'trt':
-        try:
-            from detdeploy.runtimes.tensorrt_backend import TensorRTBackend
-        except ImportError:
-            raise DetdeployError('the TensorRT backend is not available in this installation '
-                                 '(detdeploy.runtimes.tensorrt_backend)') from None
-        return TensorRTBackend(model_file)
-    raise DetdeployError(f"unknown backend '{options.backend}': use ort or trt")
-
-
-def _precision(backend) -> str:
-    """fp32 unless the backend (a TensorRT engine's sidecar) says otherwise."""
-    sidecar = getattr(backend, 'sidecar', None)
-    build = getattr(sidecar, 'build', None)
-    return str(getattr(build, 'precision', None) or getattr(backend, 'precision', None) or 'fp32')
-
-
 def _onnx_outputs(model) -> list[tuple[str, str, int]]:
     import onnx
     outputs = []
@@ -274,74 +253,84 @@ def _static_input_hw(model) -> tuple | None:
     return sides if len(sides) == 2 and None not in sides else None
 
 
-def _detection_set(outputs, index: int) -> DetectionSet:
-    num_dets, boxes, scores, labels = outputs
-    count = int(num_dets[index, 0])
-    return DetectionSet(np.asarray(boxes[index, :count], np.float64),
-                        np.asarray(scores[index, :count], np.float64),
-                        np.asarray(labels[index, :count], np.int64))
+def _detection_set(outputs, names: tuple[str, ...], index: int) -> DetectionSet:
+    """One image's detections from outputs laid out as `names` (the schema's order)."""
+    by_name = dict(zip(names, outputs))
+    count = int(by_name['num_dets'][index, 0])
+    return DetectionSet(np.asarray(by_name['boxes'][index, :count], np.float64),
+                        np.asarray(by_name['scores'][index, :count], np.float64),
+                        np.asarray(by_name['labels'][index, :count], np.int64))
 
 
-def run_parity(model_file: str | Path, detector, images: list[tuple[str, np.ndarray]],
+def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetector,
+               images: list[tuple[str, np.ndarray]],
                options: ParityOptions = ParityOptions()) -> ParityReport:
-    """Compare `model_file` (run by the chosen backend) with `detector` (PyTorch) on `images`
-    (name, RGB uint8 array)."""
+    """Compare `model_file`, opened as `backend` (`runtimes.open.open_model_file`, best with
+    `check_signature=False`: a graph that does not fit its metadata is reported here), with
+    `detector` (PyTorch) on `images` (name, RGB uint8 array)."""
     import torch
 
-    from detdeploy.models import NMSConfig
+    from detdeploy.runtimes.model_file import load_onnx_graph
     from detdeploy.runtimes.torch_backend import TorchBackend
 
-    from .onnx_graph import Graph, TensorRunner, find_raw_tensors, load_model
+    from .onnx_graph import Graph
 
-    model_file = Path(model_file)
-    backend = _make_backend(model_file, options)
     metadata: ModelMetadata = backend.metadata
-    precision = _precision(backend)
+    described = backend.describe()
+    # an engine's build precision (fp16, int8) is not the ONNX file's, which its metadata keeps
+    precision = str(described.get('precision') or metadata.precision)
     tol = options.tolerances or tolerances_for(precision)
-    onnx_model = load_model(model_file) if options.backend == 'ort' else None
-
-    output_layout, outputs, input_hw = metadata.output_layout, None, None
+    # A backend that returns graph tensors runs the ONNX file itself: its graph gives the
+    # declared outputs, the static input size and the structure the raw outputs live in.
+    onnx_model = load_onnx_graph(model_file) if backend.has(INTERMEDIATE_TENSORS) else None
+    outputs = input_hw = None
     if onnx_model is not None:
-        props = {p.key: p.value for p in onnx_model.metadata_props}
-        output_layout = props.get('output_layout', output_layout)
         outputs, input_hw = _onnx_outputs(onnx_model), _static_input_hw(onnx_model)
-    else:
-        outputs = [tuple(o) for o in getattr(backend, 'output_signature', [])] or None
-    issues = check_metadata(metadata, detector, output_layout, outputs, input_hw)
+    issues = check_metadata(metadata, detector, outputs, input_hw)
 
+    nms = metadata.nms or detector.spec.nms('deploy')
     report = ParityReport(
-        str(model_file), backend.name, list(getattr(backend, 'providers', []) or []),
-        detector.spec.name, detector.source, precision, metadata.nms_mode, dict(metadata.nms),
+        str(model_file), backend.name, list(described.get('providers', [])),
+        detector.spec.name, detector.source, precision, metadata.nms_mode, nms,
         list(metadata.preprocess.input_size), tol, issues)
 
     # Both sides get the PyTorch model's preprocessing at the file's input size: this compares
     # the networks; a preprocessing difference in the metadata is reported above.
     config = dataclasses.replace(detector.spec.preprocessing,
                                  input_size=tuple(metadata.preprocess.input_size))
-    nms = NMSConfig(**metadata.nms)
     reference = TorchBackend(detector, nms=nms, device=options.torch_device,
                              preprocess_config=config)
-    compare_detections = metadata.nms_mode != 'none' and not any(
+    compare_detections = metadata.has_nms and metadata.task == DETECT and not any(
         i.field == 'outputs' for i in issues)
-    if metadata.nms_mode == 'none':
+    if not metadata.has_nms:
         report.notes.append('the file has no NMS (--nms none): only raw outputs are compared')
+    elif metadata.task != DETECT:
+        report.notes.append(f"detections not compared: parity matches the detect task's boxes, "
+                            f"the file's task is {metadata.task}")
     elif not compare_detections:
         report.notes.append('detections not compared: the outputs do not follow the layout')
+    elif metadata.nms is None:
+        report.notes.append(f'the file states no NMS settings: PyTorch ran '
+                            f"{detector.spec.name}'s deploy preset")
 
-    graph = raw_tensors = runner = None
-    if onnx_model is not None:
-        from detdeploy.runtimes.onnxruntime_backend import OrtOptions
-        graph = Graph(onnx_model)
-        raw_tensors = find_raw_tensors(graph)
-        runner = TensorRunner(onnx_model, OrtOptions(device=options.device), metadata.batch)
-        if raw_tensors is None:
-            report.notes.append('raw outputs not compared: the head tensors were not found '
-                                '(not a graph detdeploy exported)')
-        else:
-            report.raw_tensor_names = dict(raw_tensors.named())
+    graph = None
+    raw_names: list[str] = []
+    if onnx_model is None:
+        report.notes.append(f'raw outputs and --per-layer need the graph\'s tensors, which the '
+                            f'{backend.name} backend does not return (compare the ONNX file '
+                            'with --backend ort)')
+    elif not metadata.raw_outputs:
+        report.notes.append('raw outputs not compared: the file names none (exported by an '
+                            'older detdeploy?)')
     else:
-        report.notes.append('raw outputs and --per-layer need the ONNX file: a TensorRT engine '
-                            'exposes only its outputs (compare the ONNX file with --backend ort)')
+        graph = Graph(onnx_model)
+        raw_names = [name for name in metadata.raw_outputs if name in graph.producer]
+        absent = [name for name in metadata.raw_outputs if name not in graph.producer]
+        if absent:
+            report.metadata_issues.append(MetadataIssue(
+                'raw_outputs', list(metadata.raw_outputs), raw_names, (
+                f'raw outputs {", ".join(absent)} named in the metadata are not tensors of '
+                'the graph')))
 
     batch_size = options.batch_size or metadata.batch or 4
     batches_by_image: list[np.ndarray] = []
@@ -354,40 +343,45 @@ def run_parity(model_file: str | Path, detector, images: list[tuple[str, np.ndar
             got = backend.run(batch)
             for index, (name, _) in enumerate(chunk):
                 report.images.append(match_detections(
-                    _detection_set(want, index), _detection_set(got, index), tol,
-                    nms.score_thr, nms.max_det, name, backend.name))
-        if raw_tensors is not None:
-            named = raw_tensors.named()
-            got_raw = runner.run([t for _, t in named], batch)
+                    _detection_set(want, reference.metadata.output_names, index),
+                    _detection_set(got, metadata.output_names, index), tol, nms.score_thr,
+                    nms.max_det, name, backend.name))
+        if raw_names:
+            got_raw = backend.run_tensors(raw_names, batch)
             with torch.no_grad():
-                want_raw = detector.model(torch.from_numpy(batch).to(options.torch_device))
-            want_by_name = {f'cls_scores[{i}]': t for i, t in enumerate(want_raw.cls_scores)}
-            want_by_name.update({f'bbox_preds[{i}]': t for i, t in enumerate(want_raw.bbox_preds)})
+                want_raw = detector.model.named_raw_outputs(
+                    detector.model(torch.from_numpy(batch).to(options.torch_device)))
+            unknown = [name for name in raw_names if name not in want_raw]
+            if unknown:
+                report.metadata_issues.append(MetadataIssue(
+                    'raw_outputs', list(metadata.raw_outputs), list(want_raw), (
+                    f'raw outputs {", ".join(unknown)} named in the metadata are not outputs '
+                    f'of {detector.spec.name} ({", ".join(want_raw)})')))
+                raw_names = [name for name in raw_names if name in want_raw]
             for index in range(len(chunk)):
                 per_image = {}
-                for name, tensor in named:
-                    comparison = compare_arrays(got_raw[tensor][index],
-                                                want_by_name[name][index].cpu().numpy(),
+                for name in raw_names:
+                    comparison = compare_arrays(got_raw[name][index],
+                                                want_raw[name][index].cpu().numpy(),
                                                 tol.atol, tol.rtol, name)
                     per_image[name] = comparison
                     report.raw[name] = merge_comparisons(report.raw.get(name), comparison,
                                                          image_index=start + index)
                 report.raw_by_image.append(per_image)
 
-    if options.per_layer and raw_tensors is not None:
+    if options.per_layer and raw_names:
         failing = [(i, name) for i, per in enumerate(report.raw_by_image)
                    for name, c in per.items() if not c.passed]
         if failing:
             image_index = failing[0][0]
-            # the earliest failing raw tensor of that image, in graph order
-            order = {name: graph.producer[t] for name, t in raw_tensors.named()}
-            name = min((n for i, n in failing if i == image_index), key=order.get)
+            # the earliest failing raw output of that image, in graph order
+            name = min((n for i, n in failing if i == image_index), key=graph.producer.get)
             report.layer = find_first_divergence(
-                graph, runner, detector.model, batches_by_image[image_index],
-                (report.raw_tensor_names[name], report.raw_by_image[image_index][name]),
-                tol.atol, tol.rtol, images[image_index][0])
+                graph, backend, detector.model, batches_by_image[image_index],
+                (name, report.raw_by_image[image_index][name]), tol.atol, tol.rtol,
+                images[image_index][0])
         else:
-            report.notes.append('--per-layer: raw outputs agree, nothing to search'
-                                + ('' if report.passed else
-                                   ' (the difference arises after the heads: decoding or NMS)'))
+            report.notes.append('--per-layer: raw outputs agree, nothing to search' + (
+                '' if report.passed else
+                ' (the difference arises after the raw outputs: decoding or NMS)'))
     return report

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from detdeploy.core.errors import DetdeployError
+from detdeploy.runtimes.open import FILE_BACKENDS
 
 from .common import (apply_max_pixels, load_model, max_pixels_option, no_overwrite_option,
                      pytorch_model_options, torch_device)
@@ -22,8 +23,9 @@ SHOWN_UNMATCHED = 2
               help='Image files or directories (repeatable).')
 @click.option('--random', 'random_count', type=click.IntRange(min=1),
               help='Use N generated images (seeded) instead of --images.')
-@click.option('--backend', type=click.Choice(['ort', 'trt']), default='ort', show_default=True,
-              help='ort: MODEL_FILE is an .onnx file; trt: a TensorRT engine.')
+@click.option('--backend', 'backend_name', type=click.Choice(FILE_BACKENDS), default='auto',
+              show_default=True,
+              help='auto: by the suffix of MODEL_FILE (.onnx: ort, .engine/.plan: trt).')
 @click.option('--device', default='cpu', show_default=True,
               help="The backend's device (ort: cpu, cuda, tensorrt); PyTorch: --torch-device.")
 @click.option('--torch-device', 'torch_device_name', default='cpu', show_default=True,
@@ -41,16 +43,16 @@ SHOWN_UNMATCHED = 2
 @max_pixels_option
 @no_overwrite_option
 def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, image_inputs,
-           random_count, backend, device, torch_device_name, atol, rtol, batch_size, per_layer,
-           json_path, max_pixels, no_overwrite) -> None:
+           random_count, backend_name, device, torch_device_name, atol, rtol, batch_size,
+           per_layer, json_path, max_pixels, no_overwrite) -> None:
     """Check that MODEL_FILE gives the PyTorch model's answers: metadata, detections, raw
     outputs (and with --per-layer, the first layer that differs). Exit 0 pass, 1 mismatch."""
-    from detdeploy.inference.batch import collect_images
-    from detdeploy.verification.parity import (ParityOptions, file_images, random_images, run_parity,
-                                  write_report)
-    from detdeploy.verification.compare import tolerances_for
-
     from detdeploy.core.fileio import check_output_file
+    from detdeploy.inference.batch import collect_images
+    from detdeploy.runtimes.open import open_model_file
+    from detdeploy.verification.compare import tolerances_for
+    from detdeploy.verification.parity import (ParityOptions, file_images, random_images,
+                                               run_parity, write_report)
 
     if bool(image_inputs) == bool(random_count):
         raise DetdeployError('give either --images DIR... or --random N')
@@ -58,27 +60,22 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
         raise DetdeployError(f'model file not found: {model_file}')
     if json_path:
         check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
-    if model_name is None and backend == 'ort':
-        from detdeploy.runtimes.model_file import read_onnx_metadata
-        model_name = read_onnx_metadata(model_file).arch
-    elif model_name is None:
-        from detdeploy.runtimes.tensorrt_common import read_sidecar
-        model_name = read_sidecar(Path(model_file)).metadata.arch
+    # a graph that does not fit its metadata is opened anyway: parity reports how it differs
+    backend = open_model_file(model_file, backend_name, device=device, check_signature=False)
     images = (random_images(random_count) if random_count
               else file_images(collect_images(list(image_inputs)),
                                apply_max_pixels(max_pixels)))
-    detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
-                          'uses random weights: the file must have been exported from the same '
-                          'random weights to agree')
+    detector = load_model(model_name or backend.metadata.arch, checkpoint, class_names,
+                          trust_checkpoint, 'uses random weights: the file must have been '
+                          'exported from the same random weights to agree')
     tolerances = None
     if atol is not None or rtol is not None:
         base = tolerances_for(None)
         tolerances = dataclasses.replace(base, atol=base.atol if atol is None else atol,
                                          rtol=base.rtol if rtol is None else rtol)
-    options = ParityOptions(backend=backend, device=device,
-                            torch_device=torch_device(torch_device_name), tolerances=tolerances,
+    options = ParityOptions(torch_device=torch_device(torch_device_name), tolerances=tolerances,
                             per_layer=per_layer, batch_size=batch_size)
-    report = run_parity(model_file, detector, images, options)
+    report = run_parity(model_file, backend, detector, images, options)
     if json_path:
         write_report(report, json_path, overwrite=not no_overwrite)
     lines = format_report(report)
@@ -105,6 +102,7 @@ def format_report(report) -> list[str]:
     else:
         lines.append('metadata: ok (arch, preprocessing, class names, output layout)')
     if report.images:
+        lines.append(f'nms (both sides, --nms {report.nms_mode}): {report.nms.describe()}')
         lines.append(f'detections (network-input px; box fails if off > {tol.box_atol_px:g} px '
                      f'and > {tol.box_rtol:g} rel, score if off > {tol.score_atol:g}; '
                      f'borderline: within {tol.borderline:g} of the score threshold or max-det '
@@ -131,10 +129,11 @@ def format_report(report) -> list[str]:
     if report.raw:
         lines.append(f'raw outputs before NMS (element fails if |a-b| > {tol.atol:g} and '
                      f'|a-b|/|b| > {tol.rtol:g}):')
-        lines.append('  tensor         max abs err  max rel err  failing   worst at (img,c,y,x)  '
-                     'onnx / torch')
+        width = max(14, *(len(name) for name in report.raw))
+        lines.append(f'  {"tensor":<{width}} max abs err  max rel err  failing   '
+                     f'worst at (img,c,y,x)  {report.backend} / torch')
         for name, comparison in report.raw.items():
-            lines.append(f'  {name:<14} {comparison.max_abs_error:>11.2e}  '
+            lines.append(f'  {name:<{width}} {comparison.max_abs_error:>11.2e}  '
                          f'{comparison.max_rel_error:>11.2e}  '
                          f'{100 * comparison.failing_share:>6.2f} %  '
                          f'{str(tuple(comparison.worst_index)):<20}  '
