@@ -1,4 +1,4 @@
-"""The `detdeploy infer` pipeline: detections for image files, written as JSON and drawn PNGs.
+"""Batch inference for `detdeploy infer`: detections for image files, written as JSON and PNGs.
 
 Returns what it did as data; printing is the CLI's job.
 """
@@ -16,7 +16,8 @@ from detdeploy.core.errors import DetdeployError
 from detdeploy.core.fileio import atomic_write, make_output_dir, refuse_existing
 from detdeploy.core.detections import ImageDetections
 from detdeploy.inference.draw import draw_detections
-from detdeploy.runtimes.pipeline import Backend, detect
+from detdeploy.runtimes.backend import Backend
+from detdeploy.runtimes.pipeline import detect
 from detdeploy.runtimes.preprocess import DEFAULT_MAX_PIXELS
 
 RESULTS_NAME = 'coco_results'       # <out>/coco_results.json: all images, COCO results format
@@ -107,8 +108,8 @@ def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,
     """Detect on every image (from `collect_images`). With `out_dir`, write `<stem>.json` and
     `<stem>.png` per image and `coco_results.json` for all of them, each file atomically.
 
-    The JSON files keep every detection scoring at least `score_thr` (default: all the model
-    returns); the PNG draws those scoring at least `show_thr`. An image that cannot be read
+    The JSON files keep every detection scoring strictly above `score_thr` (default: all the
+    model returns); the PNG draws those scoring above `show_thr` (`core.nms`'s rule). An image that cannot be read
     (not an image, truncated, above `max_pixels`) is skipped and listed in `report.skipped`;
     `image_id`s stay the images' positions in `images`. Without `overwrite`, existing output
     files are refused before anything runs.

@@ -17,6 +17,8 @@ from torch import nn
 from detdeploy.core.nms import NMSConfig
 from detdeploy.core.preprocessing import PreprocessConfig
 
+from .nms import DetectionOutputs, Detections, split_detections
+
 
 class Detector(nn.Module):
     """Base class of the families. Subclasses set the class attributes and implement the
@@ -59,6 +61,10 @@ class Detector(nn.Module):
         extent, as MMDetection does (its `Pad` sets `img_shape` to the padded size) and as an
         exported graph must."""
         return self.postprocess(self(images), tuple(images.shape[-2:]), nms, nms_mode)
+
+    def predict(self, images: torch.Tensor, nms: NMSConfig) -> list[Detections]:
+        """Detections per image, best first, in network-input pixels (`detect` models)."""
+        return split_detections(DetectionOutputs(*self.predict_outputs(images, nms)))
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,26 @@ import pytest
 import torch
 from PIL import Image
 
+from detdeploy.core.metadata import ModelMetadata
+from detdeploy.core.nms import NMSConfig
+from detdeploy.core.preprocessing import PreprocessConfig
 from detdeploy.models.synthetic_weights import (  # noqa: F401  (re-exported to the tests)
     calibration_images, make_image, randomize_detector)
 
 SPEC_DIR = Path(__file__).resolve().parent / 'data' / 'spec'     # copies of ../shared/spec
 DATA_DIR = Path(__file__).resolve().parent / 'data'
+
+
+def fake_metadata(input_hw=(64, 64), class_names=('a', 'b'), **changes) -> ModelMetadata:
+    """Metadata for test backends and hand-made model files: a 4-output NMS detector."""
+    values = dict(
+        arch='rtmdet-tiny', class_names=tuple(class_names),
+        preprocess=PreprocessConfig(input_size=tuple(input_hw)), nms_mode='onnx',
+        nms=NMSConfig(score_thr=0.05, pre_top_k=1000, iou_thr=0.65, max_det=1), batch=None,
+        dynamic_shape=False, opset=17, detdeploy_version='0.1.0', torch_version='',
+        onnx_version='', checkpoint='synthetic', checkpoint_sha256=None)
+    values.update(changes)
+    return ModelMetadata(**values)
 
 
 def canonical(boxes, scores, labels):
@@ -91,7 +106,8 @@ def image_dir(tmp_path_factory):
 def tiny_onnx(tmp_path_factory, tiny_checkpoint):
     """rtmdet-tiny exported once: --nms onnx, deploy preset, dynamic batch, 320x320 input."""
     from detdeploy.export.exporter import ExportOptions, export_onnx
-    from detdeploy.models import DEPLOY_NMS, load_detector
+    from detdeploy.models import load_detector
+    from detdeploy.models.rtmdet import DEPLOY_NMS
     path = tmp_path_factory.mktemp('onnx') / 'tiny_dynamic.onnx'
     report = export_onnx(load_detector('rtmdet-tiny', tiny_checkpoint), path,
                          ExportOptions(nms_mode='onnx', nms=DEPLOY_NMS, dynamic_batch=True,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from detdeploy.evaluation.coco_eval import evaluate, load_coco
-from detdeploy.models import EVAL_NMS, load_detector
+from detdeploy.models import load_detector
+from detdeploy.models.rtmdet import EVAL_NMS
 from detdeploy.models.bundled import BUNDLED_FILE, bundled_checkpoint
 from detdeploy.training.shapes import SHAPE_CLASSES, make_shapes_dataset
 

@@ -34,7 +34,7 @@ def test_infer_writes_json_and_png_per_image(infer_run, image_dir):
         'coco_results.json', 'gray.json', 'gray.png', 'tall.json', 'tall.png', 'wide.json',
         'wide.png']
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 4 and lines[-1] == f'all detections (COCO results format): {out}/coco_results.json'
+    assert len(lines) == 5 and lines[0].startswith('nms: score > 0.05') and lines[-1] == f'all detections (COCO results format): {out}/coco_results.json'
     assert 'random weights' not in result.stderr
     for stem in ('gray', 'tall', 'wide'):
         record = json.loads((out / f'{stem}.json').read_text())
@@ -77,7 +77,8 @@ def test_infer_json_matches_model_predict(infer_run, image_dir, tiny_detector):
     _, out = infer_run
     image = read_image(image_dir / 'wide.jpg')
     tensor, meta = preprocess(image, tiny_detector.spec.preprocessing)
-    dets = tiny_detector.model.predict(torch.from_numpy(tensor)[None])[0]
+    dets = tiny_detector.model.predict(torch.from_numpy(tensor)[None],
+                                       tiny_detector.spec.nms('deploy'))[0]
     boxes = dets.boxes / torch.tensor([meta.scale_wh * 2]).flatten()
     height, width = image.shape[:2]
     boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clamp(0, width), boxes[:, 1::2].clamp(0, height)
@@ -96,9 +97,9 @@ def test_score_thr_and_show_thr(tmp_path, tiny_checkpoint, image_dir, infer_run)
     assert result.returncode == 0, result.stderr
     full = json.loads((full_out / 'wide.json').read_text())['detections']
     kept = json.loads((tmp_path / 'wide.json').read_text())['detections']
-    assert kept == [d for d in full if d['score'] >= 0.3]
-    shown = sum(d['score'] >= 0.35 for d in full)
-    assert f'{len(kept)} detections, {shown} at score >= 0.35' in result.stdout
+    assert kept == [d for d in full if d['score'] > 0.3]
+    shown = sum(d['score'] > 0.35 for d in full)
+    assert f'{len(kept)} detections, {shown} at score > 0.35' in result.stdout
 
 
 def test_random_weights_are_announced(image_dir):
@@ -106,7 +107,7 @@ def test_random_weights_are_announced(image_dir):
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines() == [
         'note: no --checkpoint given, rtmdet-tiny uses random weights (detections are meaningless)']
-    assert result.stdout.startswith(f'{image_dir / "gray.png"}: ')
+    assert result.stdout.splitlines()[1].startswith(f'{image_dir / "gray.png"}: ')
 
 
 @pytest.mark.parametrize('args, message', [

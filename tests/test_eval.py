@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from detdeploy.evaluation.coco_eval import METRIC_NAMES, evaluate
-from detdeploy.runtimes.preprocess import PreprocessConfig
+from conftest import fake_metadata
+from detdeploy.runtimes.backend import Backend
 from detdeploy.training.shapes import SHAPE_CLASSES, make_shapes_dataset
 
 SIZE = 64
@@ -26,20 +27,19 @@ def shapes(tmp_path_factory) -> Path:
     return out
 
 
-class GroundTruthBackend:
+class GroundTruthBackend(Backend):
     """Returns each image's ground-truth boxes, jittered, with made-up scores, in image order:
     a backend whose mAP is known to be high but not perfect."""
     name = 'fake'
 
     def __init__(self, coco, max_det: int = 20, seed: int = 0):
-        self.preprocess_config = PreprocessConfig(input_size=(SIZE, SIZE))
-        self.class_names = SHAPE_CLASSES
+        self.metadata = fake_metadata((SIZE, SIZE), SHAPE_CLASSES)
         self.rng = np.random.default_rng(seed)
         self.queue = [coco.loadAnns(coco.getAnnIds(imgIds=i)) for i in sorted(coco.getImgIds())]
         self.category_ids = sorted(coco.getCatIds())
         self.max_det = max_det
 
-    def run(self, batch: np.ndarray):
+    def _run(self, batch: np.ndarray):
         count = batch.shape[0]
         num = np.zeros((count, 1), np.int32)
         boxes = np.zeros((count, self.max_det, 4), np.float32)

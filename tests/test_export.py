@@ -13,10 +13,13 @@ import torch
 from conftest import assert_detections_agree, make_image, reference_outputs
 from detdeploy.export.exporter import ExportOptions, export_onnx
 from detdeploy.export.graph import DetectorGraph
-from detdeploy.models import DEPLOY_NMS, EVAL_NMS, NMSConfig, load_detector
+from detdeploy.core.nms import NMSConfig
+from detdeploy.models import load_detector
+from detdeploy.models.rtmdet import DEPLOY_NMS, EVAL_NMS
 from detdeploy.models.checkpoint import file_sha256
 from detdeploy.runtimes.model_file import read_onnx_metadata
-from detdeploy.runtimes.preprocess import PreprocessConfig, preprocess
+from detdeploy.core.preprocessing import PreprocessConfig
+from detdeploy.runtimes.preprocess import preprocess
 
 DETDEPLOY = str(Path(sys.executable).parent / 'detdeploy')
 SIZE = (320, 320)
@@ -74,14 +77,17 @@ def test_metadata_round_trip(exported, tiny_checkpoint, tiny_detector):
     meta = read_onnx_metadata(exported['onnx_dynamic'][0])
     assert meta.arch == 'rtmdet-tiny' and meta.class_names == tiny_detector.class_names
     assert meta.preprocess == PreprocessConfig(input_size=SIZE)
-    assert meta.nms_mode == 'onnx' and meta.nms == DEPLOY_NMS.to_dict()
+    assert meta.nms_mode == 'onnx' and meta.nms == DEPLOY_NMS
+    assert (meta.family, meta.task, meta.precision) == ('rtmdet', 'detect', 'fp32')
+    assert meta.raw_outputs == tuple(f'{kind}.{level}' for kind in ('cls_scores', 'bbox_preds')
+                                     for level in range(3))
     assert meta.batch is None and meta.dynamic_shape is False
     assert meta.checkpoint == str(tiny_checkpoint)
     assert meta.checkpoint_sha256 == file_sha256(tiny_checkpoint)
     assert meta.torch_version == torch.__version__ and meta.onnx_version == onnx.__version__
     assert 'rows past num_dets are padding' in meta.output_layout
     static = read_onnx_metadata(exported['onnx_eval_batch2'][0])
-    assert static.batch == 2 and static.nms == EVAL_NMS.to_dict()
+    assert static.batch == 2 and static.nms == EVAL_NMS
     assert read_onnx_metadata(exported['trt'][0]).trt_plugin_domain == 'TRT'
 
 
@@ -211,7 +217,7 @@ def test_cli_export_summary_and_atomic_replace(tmp_path):
     assert '  input  images [1, 3, 64, 96]' in lines
     assert '  output labels [1, 20]' in lines
     assert any(line.startswith('  nodes: ') and 'after onnxsim' in line for line in lines)
-    assert lines[-1] == ('  nms: onnx, score > 0.05, top 1000 pairs per level, IoU 0.65, '
+    assert lines[-1] == ('  nms: onnx, score > 0.05, pre-top-k 1000 per level, IoU 0.65, '
                          'max 20 per image')
     assert result.stderr.startswith('note: no --checkpoint given')
     metadata = read_onnx_metadata(target)

@@ -10,6 +10,7 @@ import torch
 
 from conftest import DATA_DIR, assert_detections_agree, calibration_images, randomize_detector
 from detdeploy.models import build_model
+from detdeploy.models.rtmdet import EVAL_NMS
 
 
 @pytest.fixture(scope='module', params=['tiny', 'm'])
@@ -21,7 +22,7 @@ def reference_run(request):
     images = calibration_images(seed=7, count=1)[..., :256]          # 1x3x320x256
     with torch.no_grad():
         raw = model(images)
-    detections = model.predict(images)[0]
+    detections = model.predict(images, EVAL_NMS)[0]
     return reference, raw, detections
 
 

@@ -45,7 +45,7 @@ def test_head_convs_shared_across_levels_bn_separate():
 
 
 def test_size_options_as_official_configs():
-    assert [MODEL_SPECS[f'rtmdet-{s}'].exp_on_reg for s in SIZES] == [False, False, True, True, True]
+    assert [MODEL_SPECS[f'rtmdet-{s}'].arch['exp_on_reg'] for s in SIZES] == [False, False, True, True, True]
     bn = build_model('rtmdet-s').backbone.stem[0].bn
     assert (bn.eps, bn.momentum) == (1e-5, 0.1)      # SyncBN defaults, not CSPNeXt's 1e-3/0.03
 

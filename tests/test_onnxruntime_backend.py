@@ -11,7 +11,7 @@ import torch
 
 from conftest import assert_detections_agree, make_image
 from detdeploy.core.errors import DetdeployError
-from detdeploy.models import DEPLOY_NMS
+from detdeploy.models.rtmdet import DEPLOY_NMS
 from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from detdeploy.runtimes.pipeline import detect
 from detdeploy.runtimes.torch_backend import TorchBackend

@@ -27,7 +27,7 @@ def batches(backend):
 def test_run_bound_equals_run_raw_on_cpu(backend, batches):
     for batch in batches:
         bound = backend.run_bound(batch)
-        expected = backend.run_raw(batch)
+        expected = backend.run(batch)
         assert len(bound) == 4 and all(isinstance(a, np.ndarray) for a in bound)
         for got, want in zip(bound, expected):
             assert got.dtype == want.dtype and got.shape == want.shape
@@ -45,12 +45,12 @@ def test_binding_is_reusable_across_runs_and_inputs(backend, batches):
         binding.run()                       # a benchmark loop repeats run() on one input
         values = binding.output_values()
         assert [v.device_name().lower() for v in values] == ['cpu'] * 4
-        for got, want in zip(binding.outputs(), backend.run_raw(batch)):
+        for got, want in zip(binding.outputs(), backend.run(batch)):
             np.testing.assert_array_equal(got, want)
 
 
 def test_one_binding_per_thread(backend, batches):
-    expected = backend.run_raw(batches[1])
+    expected = backend.run(batches[1])
     errors = []
 
     def worker():
@@ -79,6 +79,6 @@ def test_cuda_binding_keeps_tensors_on_the_device(tiny_onnx, batches):
     binding.set_input(batches[1])
     binding.run()
     assert all(v.device_name().lower() == 'cuda' for v in binding.output_values())
-    reference = OnnxRuntimeBackend(tiny_onnx[0]).run_raw(batches[1])
+    reference = OnnxRuntimeBackend(tiny_onnx[0]).run(batches[1])
     got = binding.outputs()
     np.testing.assert_array_equal(got[0], reference[0])          # same detection counts

@@ -1,20 +1,20 @@
 """The host-side loop: batching, rescaling to original pixels, clamping, dropping padding boxes."""
 import numpy as np
 
+from conftest import fake_metadata
+from detdeploy.runtimes.backend import Backend
 from detdeploy.runtimes.pipeline import detect
-from detdeploy.runtimes.preprocess import PreprocessConfig
 
 
-class FixedOutputBackend:
+class FixedOutputBackend(Backend):
     """Returns the same network-pixel detections for every image and records batch shapes."""
     name = 'fixed'
-    preprocess_config = PreprocessConfig(input_size=(64, 64))
-    class_names = ('a', 'b')
+    metadata = fake_metadata((64, 64), ('a', 'b'))
 
     def __init__(self):
         self.batch_shapes = []
 
-    def run(self, batch):
+    def _run(self, batch):
         self.batch_shapes.append(batch.shape)
         size = len(batch)
         boxes = np.array([[8, 8, 24, 16], [40, 10, 80, 30], [10, 40, 20, 60], [0, 0, 0, 0]],

@@ -5,10 +5,12 @@ import torch
 import torchvision
 
 from conftest import canonical
-from detdeploy.models.postprocess import (DecodedOutputs, DetectionOutputs, NMSConfig,
-                                          RawOutputs, batched_nms, batched_nms_op,
-                                          decode_outputs, distance2bbox, grid_priors,
-                                          select_candidates, split_detections)
+from detdeploy.core.nms import NMSConfig
+from detdeploy.models.box_coders import distance2bbox
+from detdeploy.models.nms import (DecodedOutputs, DetectionOutputs, batched_nms, batched_nms_op,
+                                  select_candidates, split_detections)
+from detdeploy.models.priors import grid_priors
+from detdeploy.models.rtmdet import RawOutputs, decode_outputs
 
 
 def test_grid_priors_row_major_offset_zero():

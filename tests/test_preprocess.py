@@ -7,7 +7,8 @@ from PIL import Image
 
 from conftest import DATA_DIR
 from detdeploy.core.errors import ImageError
-from detdeploy.runtimes.preprocess import (ImageMeta, PreprocessConfig, keep_ratio_size,
+from detdeploy.core.preprocessing import PreprocessConfig
+from detdeploy.runtimes.preprocess import (ImageMeta,
                                            preprocess, read_image, rescale_boxes, resize_bilinear)
 
 
@@ -19,12 +20,12 @@ from detdeploy.runtimes.preprocess import (ImageMeta, PreprocessConfig, keep_rat
     ((10, 1000), (6, 640)),
 ])
 def test_keep_ratio_size(original, expected):
-    assert keep_ratio_size(original, (640, 640)) == expected
+    assert PreprocessConfig(input_size=(640, 640)).resized_size(original) == expected
 
 
 def test_keep_ratio_size_fits_non_square_inputs():
-    assert keep_ratio_size((500, 333), (256, 384)) == (256, 170)
-    assert keep_ratio_size((300, 400), (256, 384)) == (256, 341)
+    assert PreprocessConfig(input_size=(256, 384)).resized_size((500, 333)) == (256, 170)
+    assert PreprocessConfig(input_size=(256, 384)).resized_size((300, 400)) == (256, 341)
 
 
 def test_bilinear_upsample_matches_hand_computation():

@@ -13,12 +13,13 @@ import torch
 
 from conftest import assert_detections_agree, make_image
 from detdeploy.core.errors import DetdeployError
-from detdeploy.models import DEPLOY_NMS
+from detdeploy.models.rtmdet import DEPLOY_NMS
+from detdeploy.runtimes.backend import run_in_chunks
 from detdeploy.runtimes.model_file import read_onnx_metadata
 from detdeploy.runtimes.tensorrt_build import BuildOptions, build_engine, plan_build
 from detdeploy.runtimes.tensorrt_common import (BatchProfile, EngineBuildInfo, EngineSidecar,
                                                 TensorRTUnavailable, check_engine_matches,
-                                                import_tensorrt, read_sidecar, run_in_chunks,
+                                                import_tensorrt, read_sidecar,
                                                 sha256_bytes, sidecar_path, write_sidecar)
 
 DETDEPLOY = str(Path(sys.executable).parent / 'detdeploy')

@@ -17,7 +17,7 @@ from torchvision.ops import box_iou
 from conftest import DATA_DIR
 from detdeploy.models.rtmdet.assigner import DynamicSoftLabelAssigner
 from detdeploy.models.losses import giou_loss, quality_focal_loss
-from detdeploy.models.postprocess import RawOutputs
+from detdeploy.models.rtmdet import RawOutputs
 from detdeploy.models.rtmdet.loss import RTMDetLoss
 
 STRIDES = (8, 16, 32)

@@ -17,7 +17,8 @@ from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from mmengine.runner import load_checkpoint
-from detdeploy.models import load_detector, EVAL_NMS
+from detdeploy.models import load_detector
+from detdeploy.models.rtmdet import EVAL_NMS
 from detdeploy.runtimes.torch_backend import TorchBackend
 from detdeploy.runtimes.pipeline import detect
 from detdeploy.runtimes.preprocess import read_image, preprocess

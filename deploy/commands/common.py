@@ -177,3 +177,12 @@ def export_for_ort(detector, nms, preset: str, temp_dir: Path,
     click.echo(f'exporting {detector.spec.name} to ONNX for the ort backend '
                f'(--nms onnx, {preset} preset, dynamic batch)', err=True)
     return export_for_runtime(detector, temp_dir, nms, input_hw)
+
+
+def nms_line(metadata) -> str:
+    """The line a command prints to say which NMS settings produced its detections."""
+    if not metadata.has_nms:
+        return f'nms: none in {metadata.arch} (raw outputs)'
+    if metadata.nms is None:
+        return f'nms: in the graph of {metadata.arch}, settings unknown (made by another tool)'
+    return f'nms: {metadata.nms.describe()}'

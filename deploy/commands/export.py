@@ -69,4 +69,4 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
                   else 'not simplified')
     click.echo(f'  nodes: {report.nodes_exported} exported, {simplified}')
     if nms_mode != 'none':
-        click.echo(f'  nms: {nms_mode}, {nms_preset} preset: {nms.describe()}')
+        click.echo(f'  nms: {nms_mode}, {nms.describe()}')

@@ -1,13 +1,12 @@
 """`detdeploy infer`: detect objects in images with a PyTorch model or an exported file."""
 from __future__ import annotations
 
-import dataclasses
-
 import click
 
 from detdeploy.core.errors import DetdeployError
 
 from .common import (apply_max_pixels, foreign_model_options, load_model, max_pixels_option,
+                     nms_line,
                      model_overrides, no_overwrite_option, parse_input_size,
                      pytorch_model_options, refuse_weight_flags, split_model_and_images,
                      torch_device)
@@ -33,10 +32,14 @@ from .common import (apply_max_pixels, foreign_model_options, load_model, max_pi
 @click.option('--out', 'out_dir', type=click.Path(file_okay=False),
               help='Write <image>.json, <image>.png and coco_results.json here; without it, '
               'print a summary only.')
+@click.option('--nms-preset', type=click.Choice(['deploy', 'eval']), default='deploy',
+              show_default=True, help="Registry models: the model's NMS settings, as `export "
+              "--nms-preset` (a file carries its own, fixed at export).")
 @click.option('--score-thr', type=click.FloatRange(0, 1),
-              help="Keep detections scoring at least this (default: all the model returns).")
+              help='Keep detections scoring strictly above this, as the NMS score threshold '
+              "does (default: all the model returns).")
 @click.option('--show-thr', type=click.FloatRange(0, 1), default=0.3, show_default=True,
-              help='Draw detections scoring at least this in the PNGs.')
+              help='Draw detections scoring strictly above this in the PNGs.')
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True,
               help='Images per forward pass.')
 @click.option('--input-size', help='Network input, 640 or HxW (multiples of 32): registry '
@@ -45,13 +48,15 @@ from .common import (apply_max_pixels, foreign_model_options, load_model, max_pi
 @max_pixels_option
 @no_overwrite_option
 def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend, device,
-          device_id, strict_device, threads, trt_fp16, trt_cache_dir, out_dir, score_thr,
-          show_thr, batch_size, input_size, mean, std, channel_order, pad_value, max_pixels,
+          device_id, strict_device, threads, trt_fp16, trt_cache_dir, out_dir, nms_preset,
+          score_thr, show_thr, batch_size, input_size, mean, std, channel_order, pad_value, max_pixels,
           no_overwrite) -> None:
     """Detect objects in images with a registry model (PyTorch), an exported .onnx file (ONNX
     Runtime) or a TensorRT .engine from `detdeploy build-engine`.
 
     MODEL is a .onnx or .engine file or a registry name; without it, --model or rtmdet-tiny.
+    A registry model and its exported file give the same detections with default flags: both
+    use the model's deploy NMS preset (a file's settings are those it was exported with).
     An .onnx file from another tool runs if its outputs are num_dets, boxes, scores, labels;
     give its classes and preprocessing (--class-names, --mean, --std, --channel-order).
     An image that cannot be read is skipped with a warning; the run then exits with code 2.
@@ -100,14 +105,15 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
                                  trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir,
                                  overrides=model_overrides(class_names, input_size, mean, std,
                                                            channel_order, pad_value))
-        if getattr(runner, 'fallback', None):
+        if runner.fallback:
             click.echo(f'warning: {runner.fallback}', err=True)
+    click.echo(nms_line(runner.metadata))
     report = run_infer(runner, image_paths, out_dir, score_thr, show_thr, batch_size,
                        max_pixels=limit, overwrite=not no_overwrite)
     for image in report.images:
         written = f' -> {image.json_path}, {image.png_path}' if image.json_path else ''
         click.echo(f'{image.source}: {image.num_detections} detections, '
-                   f'{image.num_shown} at score >= {show_thr:g}{written}')
+                   f'{image.num_shown} at score > {show_thr:g}{written}')
     for skipped in report.skipped:
         click.echo(f'warning: {skipped.reason}; skipped', err=True)
     if report.results_path:

@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from detdeploy.runtimes.model_file import ModelMetadata
-from detdeploy.runtimes.preprocess import PreprocessConfig
+from detdeploy.core.metadata import ModelMetadata
+from conftest import fake_metadata
+from detdeploy.core.preprocessing import PreprocessConfig
 
 BOX_XYXY = [4.0, 8.0, 40.0, 48.0]          # network-input px
 CLASS_NAMES = ('circle', 'square')
@@ -24,15 +25,8 @@ CLASS_NAMES = ('circle', 'square')
 
 def metadata(batch: int | None = None, input_hw=(64, 64), dynamic_shape: bool = False,
              **changes) -> ModelMetadata:
-    values = dict(
-        arch='rtmdet-tiny', class_names=CLASS_NAMES,
-        preprocess=PreprocessConfig(input_size=tuple(input_hw)), nms_mode='onnx',
-        nms={'score_thr': 0.05, 'pre_top_k': 1000, 'iou_thr': 0.65, 'max_det': 1},
-        batch=batch, dynamic_shape=dynamic_shape, opset=17, detdeploy_version='0.1.0',
-        torch_version='', onnx_version=onnx.__version__, checkpoint='synthetic',
-        checkpoint_sha256=None)
-    values.update(changes)
-    return ModelMetadata(**values)
+    return fake_metadata(input_hw, CLASS_NAMES, batch=batch, dynamic_shape=dynamic_shape,
+                         onnx_version=onnx.__version__, **changes)
 
 
 def detector_model(batch: int | None = None, input_hw=(64, 64), dynamic_hw: bool = False,

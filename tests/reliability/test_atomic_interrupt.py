@@ -115,7 +115,9 @@ def fail_before_rename(monkeypatch):
 
 def writers(tmp_path):
     """Every writer of detdeploy that can run here, each as (target, write it)."""
-    from detdeploy import bench_report, evaluate, parity
+    from detdeploy.benchmark import report as bench_report
+    from detdeploy.evaluation import coco_eval as evaluate
+    from detdeploy.verification import parity
     from detdeploy.inference.batch import run_infer
     from detdeploy.models import save_checkpoint
     from detdeploy.models.registry import get_spec
@@ -148,7 +150,7 @@ def writers(tmp_path):
 def test_every_writer_goes_through_atomic_write(tmp_path, monkeypatch):
     """Interrupted just before their rename, no writer has touched its target: each one writes
     to a temp file and renames (a direct writer would have replaced the old contents)."""
-    from detdeploy import bench_report
+    from detdeploy.benchmark import report as bench_report
     monkeypatch.setattr(bench_report, 'result_to_json', lambda result: {'schema_version': 1})
     cases = writers(tmp_path)
     for target, write in cases:

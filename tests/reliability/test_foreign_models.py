@@ -10,7 +10,9 @@ from onnx import TensorProto
 
 import io_helpers
 from detdeploy.core.errors import DetdeployError
-from detdeploy.runtimes.model_file import MetadataError, ModelOverrides, resolve_onnx_metadata
+from detdeploy.core.errors import MetadataError
+from detdeploy.core.metadata import ModelOverrides
+from detdeploy.runtimes.model_file import resolve_onnx_metadata
 from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend
 
 FOREIGN_FLAGS = ('--class-names', 'cat,dog', '--mean', '0,0,0', '--std', '255,255,255',
@@ -184,7 +186,8 @@ def test_tensorrt_batches_above_the_profile_are_split_and_the_profile_is_named()
     """No GPU here: the host logic of the TensorRT backend. Above the profile's max a batch is
     run in pieces (as ONNX Runtime does above a static batch); a profile that cannot hold its
     own sizes names them."""
-    from detdeploy.runtimes.tensorrt_common import BatchProfile, run_in_chunks
+    from detdeploy.runtimes.backend import run_in_chunks
+    from detdeploy.runtimes.tensorrt_common import BatchProfile
     seen = []
 
     def run_chunk(chunk):

@@ -187,7 +187,7 @@ def test_infer_skips_bad_images_warns_and_exits_2(tmp_path, mixed_folder, capsys
     # image_id is the position in the sorted input, so ids do not shift past a bad image
     assert [(r['image_id'], r['file_name'].split('/')[-1]) for r in rows] == [
         (0, 'a_good.png'), (2, 'c_good.png')]
-    assert len(stdout.strip().splitlines()) == 3        # two images and the results line
+    assert len(stdout.strip().splitlines()) == 4        # NMS settings, two images, results
 
 
 def test_infer_max_pixels_flag(tmp_path, capsys):

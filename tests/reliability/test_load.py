@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_image
-from detdeploy.runtimes.preprocess import PreprocessConfig, preprocess
+from detdeploy.core.preprocessing import PreprocessConfig
+from detdeploy.runtimes.preprocess import preprocess
 
 INPUT_HW = (64, 64)
 THREADS = 8
@@ -48,7 +49,8 @@ def onnx_model(tmp_path_factory, tiny_checkpoint):
     import torch
 
     from detdeploy.export.exporter import ExportOptions, export_onnx
-    from detdeploy.models import DEPLOY_NMS, load_detector
+    from detdeploy.models import load_detector
+    from detdeploy.models.rtmdet import DEPLOY_NMS
     path = tmp_path_factory.getbasetemp() / 'reliability_tiny_64x64.onnx'
     if not path.exists():
         threads = torch.get_num_threads()

@@ -16,8 +16,8 @@ from hypothesis.extra.numpy import arrays
 
 from detdeploy.export.exporter import export_postprocess
 from detdeploy.export.graph import PostprocessGraph
-from detdeploy.models import NMSConfig
-from detdeploy.models.postprocess import grid_priors
+from detdeploy.core.nms import NMSConfig
+from detdeploy.models.priors import grid_priors
 
 FEATURE_SIZES = [(8, 8), (4, 4), (2, 2)]     # a 64x64 input at strides 8, 16, 32
 STRIDES = (8, 16, 32)

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from conftest import assert_detections_agree
 from detdeploy.core.errors import ImageError
 from detdeploy.runtimes.pipeline import detect
-from detdeploy.runtimes.preprocess import (PreprocessConfig, keep_ratio_size, preprocess,
+from detdeploy.core.preprocessing import PreprocessConfig
+from detdeploy.runtimes.preprocess import (preprocess,
                                            read_image)
 
 INPUT_SIZES = [(640, 640), (320, 256), (64, 96)]
@@ -39,7 +40,7 @@ def expected_rgb(array: np.ndarray, order: str) -> np.ndarray:
 
 def resizable(hw, input_hw) -> bool:
     """Every size is resizable now (a side never rounds to 0)."""
-    return min(keep_ratio_size(hw, input_hw)) >= 1
+    return min(PreprocessConfig(input_size=input_hw).resized_size(hw)) >= 1
 
 
 @settings(max_examples=60, **SETTINGS)
@@ -114,7 +115,8 @@ def backends(tmp_path_factory, tiny_checkpoint):
     64x64 (`--nms onnx`, deploy preset, unsimplified) in ONNX Runtime. Exported once per
     session: the same file as test_load.py's."""
     from detdeploy.export.exporter import ExportOptions, export_onnx
-    from detdeploy.models import DEPLOY_NMS, load_detector
+    from detdeploy.models import load_detector
+    from detdeploy.models.rtmdet import DEPLOY_NMS
     from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
     from detdeploy.runtimes.torch_backend import TorchBackend
     detector = load_detector('rtmdet-tiny', tiny_checkpoint)
@@ -157,7 +159,7 @@ def test_pytorch_and_onnx_runtime_detect_alike(backends, height, width, layout, 
     # float32 convolutions differ by up to ~2e-3 in a logit, and near-equal scores can then
     # swap in NMS or at the max-det cut. Given equal inputs the post-processing itself is
     # bit-identical (test_nms_edge_cases.py).
-    resized_h, resized_w = keep_ratio_size((height, width), INPUT_HW)
+    resized_h, resized_w = PreprocessConfig(input_size=INPUT_HW).resized_size((height, width))
     upscale = max(height / resized_h, width / resized_w, 1.0)
     assert_detections_agree((got.boxes_xyxy_px, got.scores, got.labels),
                             (want.boxes_xyxy_px, want.scores, want.labels), score_thr,
