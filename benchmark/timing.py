@@ -17,7 +17,6 @@ from detdeploy.benchmark.stats import alternating_schedule, paired_ratios
 from detdeploy.benchmark.system import load_average, system_info
 from detdeploy.core.errors import DetdeployError
 from detdeploy.runtimes.backend import IO_BINDING, Backend
-from detdeploy.runtimes.open import backend_for_file, is_model_file
 from detdeploy.runtimes.pipeline import prepare_batch, require_detections, to_detections
 
 STAGES = ('preprocess', 'inference', 'postprocess', 'end_to_end')
@@ -25,7 +24,6 @@ IO_BINDING_KEY = 'inference_io_binding'
 MAX_IMAGES = 64                 # images decoded into memory from --images
 GENERATED_SIZES_HW = ((480, 640), (640, 480), (427, 640), (640, 427), (360, 640), (512, 512),
                       (375, 500), (500, 375))          # typical COCO shapes
-BACKENDS = ('torch', 'ort', 'trt')
 GPU_PROVIDERS = ('CUDAExecutionProvider', 'TensorrtExecutionProvider')
 INFERENCE_METHODS = {'torch': 'model call incl. host<->device copies',
                      'ort': 'session.run incl. host<->device copies',
@@ -138,12 +136,6 @@ class BenchResult:
                              baseline.samples_ms[baseline_key], baseline.batch)
 
 
-def model_kind(model: str) -> str:
-    """'ort' or 'trt' for model files (by suffix, `runtimes.open`), 'torch' for registry
-    names."""
-    return backend_for_file(model) if is_model_file(model) else 'torch'
-
-
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(',') if part.strip())
@@ -152,33 +144,6 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise DetdeployError(f"{flag} '{text}': give positive integers separated by commas")
     return tuple(dict.fromkeys(values))
-
-
-def parse_backends(text: str | None) -> tuple[str, ...] | None:
-    if text is None:
-        return None
-    names = tuple(dict.fromkeys(part.strip().lower() for part in text.split(',') if part.strip()))
-    unknown = [name for name in names if name not in BACKENDS]
-    if not names or unknown:
-        raise DetdeployError(f"--backend '{text}': choose from {', '.join(BACKENDS)}, "
-                             'separated by commas')
-    return names
-
-
-def backends_for(model: str, requested: tuple[str, ...] | None) -> list[str]:
-    """The backends a model runs on: a file's own backend; for a registry name, torch and
-    (with an on-the-fly export) ort."""
-    kind = model_kind(model)
-    if kind != 'torch':
-        if requested is not None and kind not in requested:
-            raise DetdeployError(f"{model} runs on the {kind} backend, which --backend "
-                                 f"{','.join(requested)} leaves out")
-        return [kind]
-    chosen = list(requested or ('torch',))
-    if 'trt' in chosen:
-        raise DetdeployError(f"--backend trt needs an .engine file, not the registry name "
-                             f"'{model}' (build one with detdeploy build-engine)")
-    return chosen
 
 
 def generated_images(count: int) -> list[np.ndarray]:

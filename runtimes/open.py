@@ -10,6 +10,7 @@ from detdeploy.core.errors import DetdeployError
 ONNX_SUFFIXES = ('.onnx',)
 ENGINE_SUFFIXES = ('.engine', '.plan')
 FILE_BACKENDS = ('auto', 'ort', 'trt')
+BACKENDS = ('torch', 'ort', 'trt')
 
 
 def is_model_file(text: str | Path) -> bool:
@@ -67,3 +68,36 @@ def open_model_file(path: str | Path, backend: str = 'auto', *, device: str = 'c
     if overrides is not None and overrides.class_names is not None:
         engine.rename_classes(overrides.class_names)
     return engine
+
+
+def model_kind(model: str) -> str:
+    """'ort' or 'trt' for model files (by suffix), 'torch' for registry
+    names."""
+    return backend_for_file(model) if is_model_file(model) else 'torch'
+
+
+def parse_backends(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(dict.fromkeys(part.strip().lower() for part in text.split(',') if part.strip()))
+    unknown = [name for name in names if name not in BACKENDS]
+    if not names or unknown:
+        raise DetdeployError(f"--backend '{text}': choose from {', '.join(BACKENDS)}, "
+                             'separated by commas')
+    return names
+
+
+def backends_for(model: str, requested: tuple[str, ...] | None) -> list[str]:
+    """The backends a model runs on: a file's own backend; for a registry name, torch and
+    (with an on-the-fly export) ort."""
+    kind = model_kind(model)
+    if kind != 'torch':
+        if requested is not None and kind not in requested:
+            raise DetdeployError(f"{model} runs on the {kind} backend, which --backend "
+                                 f"{','.join(requested)} leaves out")
+        return [kind]
+    chosen = list(requested or ('torch',))
+    if 'trt' in chosen:
+        raise DetdeployError(f"--backend trt needs an .engine file, not the registry name "
+                             f"'{model}' (build one with detdeploy build-engine)")
+    return chosen

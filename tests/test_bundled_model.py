@@ -1,18 +1,22 @@
 """The bundled default model (rtmdet-tiny trained on shapes): size, format, how commands pick it,
-its mAP floor on the held-out val set, and ONNX Runtime (eval preset) vs PyTorch AP."""
+its mAP floor on the held-out val set, ONNX Runtime (eval preset) vs PyTorch AP, and `infer`
+giving the same detections for the model and its exported file with default flags."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from conftest import assert_detections_agree
 from detdeploy.evaluation.coco_eval import evaluate, load_coco
 from detdeploy.models import load_detector
-from detdeploy.models.rtmdet import EVAL_NMS
 from detdeploy.models.bundled import BUNDLED_FILE, bundled_checkpoint
+from detdeploy.models.rtmdet import EVAL_NMS
 from detdeploy.training.shapes import SHAPE_CLASSES, make_shapes_dataset
 
 MAP_FLOOR = 0.60
@@ -86,3 +90,33 @@ def test_onnx_eval_preset_matches_pytorch_ap(detector, val_set, torch_result, tm
                           coco=load_coco(ann))
     difference = abs(ort_result.metrics['AP'] - torch_result.metrics['AP'])
     assert difference <= MAX_AP_DIFFERENCE, (ort_result.metrics, torch_result.metrics)
+
+
+def test_registry_model_and_its_export_infer_the_same(tmp_path):
+    """`infer rtmdet` (PyTorch) and `infer` on the file `detdeploy export` writes, every flag
+    left at its default, give the same detections: both use the model's deploy NMS preset."""
+    make_shapes_dataset(tmp_path / 'data', train=0, val=6, size=256, seed=5)
+    images, model_file = tmp_path / 'data' / 'val', tmp_path / 'rtmdet.onnx'
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, '-m', 'detdeploy', *map(str, args)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    cli('export', '-o', model_file)
+    torch_lines = cli('infer', images, '--out', tmp_path / 'torch')
+    ort_lines = cli('infer', model_file, images, '--out', tmp_path / 'ort')
+    assert torch_lines[0] == ort_lines[0] == (
+        'nms: score > 0.05, pre-top-k 1000 per level, IoU 0.65, max 100 per image')
+    by_image = {}
+    for side in ('torch', 'ort'):
+        for row in json.loads((tmp_path / side / 'coco_results.json').read_text()):
+            x, y, w, h = row['bbox']
+            by_image.setdefault(row['file_name'].split('/')[-1], {}).setdefault(
+                side, []).append(([x, y, x + w, y + h], row['score'], row['category_id']))
+    assert sum(len(sides.get('torch', [])) for sides in by_image.values()) >= 6
+    for sides in by_image.values():
+        got, want = ([np.array([row[i] for row in sides.get(side, [])]) for i in range(3)]
+                     for side in ('ort', 'torch'))
+        assert_detections_agree(got, want, score_thr=0.05, box_atol=1e-2)

@@ -196,7 +196,7 @@ def test_cli_make_dataset_and_train(tmp_path):
     (['train', '--model', 'rtmdet-tinny', '--train-ann', 'a.json', '--train-images', '.',
       '--out', 'x'], "did you mean 'rtmdet-tiny'"),
     (['train', '--train-ann', 'a.json', '--train-images', '.', '--out', 'x', '--img-size',
-      '100'], 'multiple of 32'),
+      '100'], 'multiples of 32'),
     (['train', '--train-ann', 'a.json', '--train-images', '.', '--out', 'x', '--val-ann',
       'v.json'], '--val-ann and --val-images together'),
     (['make-dataset', 'shapes', '--out', 'x', '--train', '0', '--val', '0'], 'above 0'),

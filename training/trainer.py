@@ -102,9 +102,8 @@ class Trainer:
         self.show_progress = show_progress
         self.dist = setup_distributed()
         self.out = Path(config.out)
-        if config.epochs < 1 or config.batch < 1 or config.img_size % 32:
-            raise DetdeployError('--epochs and --batch must be positive and --img-size a '
-                                 'multiple of 32')
+        if config.epochs < 1 or config.batch < 1:
+            raise DetdeployError('--epochs and --batch must be positive')
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
 
@@ -113,9 +112,8 @@ class Trainer:
             raise DetdeployError(f'{config.train_ann} has no images')
         self.class_names = self.train_set.class_names
         base = get_spec(config.model)
-        self.spec = dataclasses.replace(base, preprocessing=dataclasses.replace(
-            base.preprocessing, input_size=(config.img_size, config.img_size)),
-            class_names=self.class_names)
+        self.spec = dataclasses.replace(base, preprocessing=base.preprocessing.with_input_size(
+            (config.img_size, config.img_size), '--img-size'), class_names=self.class_names)
         torch.manual_seed(config.seed)
         self.model = build_model(self.spec.name, num_classes=len(self.class_names)).train()
         if config.init_checkpoint and not resume:
@@ -275,7 +273,8 @@ class Trainer:
         from detdeploy.evaluation.coco_eval import evaluate
         from detdeploy.runtimes.torch_backend import TorchBackend
         detector = LoadedDetector(self.ema.module.eval(), self.spec, self.class_names, 'EMA')
-        backend = TorchBackend(detector, nms=detector.spec.nms('eval'), device=str(self.dist.device))
+        backend = TorchBackend(detector, nms=detector.spec.nms('eval'),
+                               device=str(self.dist.device))
         result = evaluate(backend, self.config.val_ann, self.config.val_images, batch_size=8)
         return result.metrics
 

@@ -97,10 +97,9 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
     the first is the baseline the ratios compare with.
     """
     from detdeploy.benchmark.report import format_report, write_json, write_plot
-    from detdeploy.benchmark.timing import (Entry, backends_for, load_images, model_kind,
-                                            parse_backends, parse_int_list, run_benchmark)
+    from detdeploy.benchmark.timing import Entry, load_images, parse_int_list, run_benchmark
     from detdeploy.core.fileio import check_output_file
-    from detdeploy.runtimes.open import open_model_file
+    from detdeploy.runtimes.open import backends_for, model_kind, open_model_file, parse_backends
 
     models = ((model_name,) if model_name else ()) + tuple(models)
     if not models:

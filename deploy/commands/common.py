@@ -62,7 +62,8 @@ def split_model_and_images(inputs: tuple[str, ...], model_name: str | None
                            ) -> tuple[str, list[str]]:
     """MODEL IMAGES... or IMAGES... (with --model or the default model)."""
     def names_a_model(text: str) -> bool:
-        if text.lower().endswith(('.onnx', '.engine', '.plan')):
+        from detdeploy.runtimes.open import is_model_file
+        if is_model_file(text):
             return True
         from detdeploy.models.registry import model_names    # imports torch: not for files
         return text.lower() in model_names()
@@ -126,7 +127,8 @@ def foreign_model_options(command):
 
 
 def parse_input_size(text: str | None) -> tuple[int, int] | None:
-    """640 or HEIGHTxWIDTH; multiples of 32 are checked where the size is used."""
+    """640 or HEIGHTxWIDTH; the size divisor is checked where the size is used
+    (`PreprocessConfig.with_input_size`)."""
     if text is None:
         return None
     parts = text.lower().split('x')

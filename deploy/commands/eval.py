@@ -15,7 +15,7 @@ import click
 from detdeploy.core.errors import DetdeployError
 
 from .common import (DEFAULT_MODEL, apply_max_pixels, export_for_ort, foreign_model_options,
-                     load_model, max_pixels_option, model_overrides, no_overwrite_option,
+                     load_model, max_pixels_option, model_overrides, nms_line, no_overwrite_option,
                      pytorch_model_options, refuse_weight_flags, torch_device)
 
 EXIT_CHECK_FAILED = 1
@@ -75,7 +75,7 @@ def format_table(results) -> str:
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False),
               help='Write the metrics of every backend here.')
 @click.option('--input-size', help='.onnx files from other tools with a dynamic input, and '
-              '--dynamic-shape files: network input, 640 or HxW (multiples of 32).')
+              '--dynamic-shape files: network input, 640 or HxW (multiples of the size divisor).')
 @foreign_model_options
 @max_pixels_option
 @no_overwrite_option
@@ -88,7 +88,7 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     MODEL: a registry name (with --checkpoint; the default is the bundled model), a .onnx or an
     .engine file. With several backends, a table and each one's AP difference to the first.
     """
-    from detdeploy.benchmark.timing import backends_for, parse_backends
+    from detdeploy.runtimes.open import backends_for, parse_backends
     from detdeploy.evaluation.coco_eval import evaluate, load_coco, write_json
     from detdeploy.core.fileio import check_output_file
     from detdeploy.runtimes.open import is_model_file, open_model_file
@@ -121,7 +121,7 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
             runners = _registry_backends(model, chosen, options, Path(temp))
         results = []
         for runner in runners:
-            if getattr(runner, 'fallback', None):
+            if runner.fallback:
                 click.echo(f'warning: {runner.fallback}', err=True)
             result = evaluate(runner, ann_file, image_dir, batch_size=batch_size,
                               show_progress=sys.stderr.isatty(), coco=coco, max_pixels=limit)
@@ -129,6 +129,8 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
                 click.echo(f'warning: {result.backend}: {warning}', err=True)
             results.append(result)
     click.echo(format_table(results))
+    for runner, result in zip(runners, results):
+        click.echo(f'{result.backend} {nms_line(runner.metadata)}')
     if json_path:
         write_json(json_path, {'model': model, 'ann': str(ann_file), 'results': [
             {'backend': r.backend, 'metrics': r.metrics, 'images': r.num_images,

@@ -26,7 +26,7 @@ from .common import (DEFAULT_MODEL, load_model, no_overwrite_option, parse_input
               help='Static batch size.')
 @click.option('--dynamic-batch', is_flag=True, help='Symbolic batch axis (overrides --batch).')
 @click.option('--dynamic-shape', is_flag=True,
-              help='Symbolic height and width (multiples of 32).')
+              help="Symbolic height and width (multiples of the model's size divisor).")
 @click.option('--input-size', help='Network input: 640 or HEIGHTxWIDTH [default: the model\'s].')
 @click.option('--opset', type=click.IntRange(min=18), help="ONNX opset [default: the exporter's].")
 @click.option('--no-simplify', is_flag=True, help='Skip onnxsim.')

@@ -42,8 +42,9 @@ from .common import (apply_max_pixels, foreign_model_options, load_model, max_pi
               help='Draw detections scoring strictly above this in the PNGs.')
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True,
               help='Images per forward pass.')
-@click.option('--input-size', help='Network input, 640 or HxW (multiples of 32): registry '
-              "models and --dynamic-shape files [default: the model's or the file's].")
+@click.option('--input-size', help="Network input, 640 or HxW (multiples of the model's size "
+              'divisor, 32 for RTMDet): registry models and --dynamic-shape files [default: '
+              "the model's or the file's].")
 @foreign_model_options
 @max_pixels_option
 @no_overwrite_option
@@ -81,18 +82,14 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
         if given:
             raise DetdeployError(f'{", ".join(given)}: only for .onnx files from other tools; '
                                  f'{model} has its own preprocessing')
-        from detdeploy.runtimes.model_file import check_input_size
         from detdeploy.runtimes.torch_backend import TorchBackend
         device = torch_device(device or 'cpu')
         input_hw = parse_input_size(input_size)
-        if input_hw is not None:
-            check_input_size(input_hw)
         detector = load_model(model, checkpoint, class_names, trust_checkpoint,
                               'uses random weights (detections are meaningless)')
-        config = detector.spec.preprocessing
-        if input_hw is not None:
-            config = dataclasses.replace(config, input_size=input_hw)
-        runner = TorchBackend(detector, device=device, preprocess_config=config)
+        config = detector.spec.preprocessing.with_input_size(input_hw)
+        runner = TorchBackend(detector, nms=detector.spec.nms(nms_preset), device=device,
+                              preprocess_config=config)
     else:
         if not is_file:
             raise DetdeployError(f"--backend {backend} needs an .onnx or .engine file, got "

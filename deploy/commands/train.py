@@ -53,7 +53,8 @@ def _check_run_folder(out_dir: str, resume: bool, overwrite: bool) -> None:
 @click.option('--batch', type=click.IntRange(min=1), default=8, show_default=True,
               help='Images per step per process.')
 @click.option('--img-size', type=click.IntRange(min=32), default=320, show_default=True,
-              help='Square training and network input side (a multiple of 32).')
+              help="Square training and network input side (a multiple of the model's size divisor, "
+              '32 for RTMDet).')
 @click.option('--out', 'out_dir', required=True, type=click.Path(file_okay=False),
               help='Run folder: last.pth, best.pth, log.jsonl, curves.png.')
 @click.option('--resume', is_flag=True,
@@ -91,12 +92,11 @@ def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batc
     from detdeploy.models.registry import get_spec
     from detdeploy.training.trainer import Trainer, TrainConfig
 
-    get_spec(model_name)                            # unknown names: one line, with a suggestion
+    spec = get_spec(model_name)                     # unknown names: one line, with a suggestion
     _check_run_folder(out_dir, resume, overwrite)
     if bool(val_ann) != bool(val_images):
         raise DetdeployError('give --val-ann and --val-images together')
-    if img_size % 32:
-        raise DetdeployError(f'--img-size {img_size} is not a multiple of 32')
+    spec.preprocessing.with_input_size((img_size, img_size), '--img-size')
     world = int(os.environ.get('WORLD_SIZE', '1'))             # set by torchrun
     config = TrainConfig(
         model=model_name, train_ann=train_ann, train_images=train_images, out=out_dir,
