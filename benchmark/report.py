@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detdeploy.benchmark.timing import STAGES, BenchResult, ConfigResult, Entry
 from detdeploy.benchmark.stats import LatencyStats, summarize, throughput_ips
+from detdeploy.benchmark.timing import STAGES, BenchResult, ConfigResult, Entry
 from detdeploy.core.fileio import atomic_write
 
 SCHEMA_VERSION = 1

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from detdeploy.core.detections import ImageDetections
 from detdeploy.core.errors import DetdeployError
 from detdeploy.core.fileio import atomic_write, make_output_dir, refuse_existing
-from detdeploy.core.detections import ImageDetections
 from detdeploy.inference.draw import draw_detections
 from detdeploy.runtimes.backend import Backend
 from detdeploy.runtimes.pipeline import detect

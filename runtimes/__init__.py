@@ -1,4 +1,5 @@
-"""Backends that run detectors (PyTorch, ONNX Runtime, TensorRT) and the numpy host code around them.
+"""Backends that run detectors (PyTorch, ONNX Runtime, TensorRT) behind one interface
+(`backend.Backend`), and the numpy host code around them.
 
 Only `torch_backend` imports torch; the TensorRT modules import tensorrt only when an engine is
 built or run (`open.open_model_file` picks the backend for a .onnx or .engine file); everything

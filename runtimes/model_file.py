@@ -13,10 +13,10 @@ from typing import Iterator
 import numpy as np
 
 from detdeploy.core.errors import DetdeployError, MetadataError, ModelFileError
-from detdeploy.core.metadata import (FOREIGN_ARCH, ModelMetadata, ModelOverrides,
-                                     apply_overrides)
+from detdeploy.core.metadata import FOREIGN_ARCH, ModelMetadata, ModelOverrides, apply_overrides
 from detdeploy.core.preprocessing import PreprocessConfig, check_input_size
 from detdeploy.core.tasks import DETECT, output_schema
+
 
 def load_onnx_graph(path: str | Path):
     """The ONNX ModelProto of `path` without its weights' external data, after checking that

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from detdeploy.core.errors import DetdeployError
-
 from detdeploy.core.metadata import ModelMetadata, ModelOverrides
 
 from .backend import INTERMEDIATE_TENSORS, IO_BINDING, Backend, run_in_chunks

@@ -15,8 +15,14 @@ from detdeploy.core.preprocessing import PreprocessConfig
 from detdeploy.core.tasks import DETECT
 
 from .backend import Backend
-from .preprocess import (DEFAULT_MAX_PIXELS, ImageMeta, batch_canvas_size, preprocess, read_image,
-                         rescale_boxes)
+from .preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageMeta,
+    batch_canvas_size,
+    preprocess,
+    read_image,
+    rescale_boxes,
+)
 
 
 def require_detections(backend: Backend) -> None:

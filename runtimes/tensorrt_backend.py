@@ -12,13 +12,19 @@ from pathlib import Path
 import numpy as np
 
 from detdeploy.core.errors import DetdeployError
-
 from detdeploy.core.metadata import ModelMetadata
 
 from .backend import Backend, run_in_chunks
-from .tensorrt_common import (EngineSidecar, check_cuda_device, check_engine_matches, cuda_call,
-                              import_tensorrt, load_cudart, read_sidecar,
-                              sidecar_path)
+from .tensorrt_common import (
+    EngineSidecar,
+    check_cuda_device,
+    check_engine_matches,
+    cuda_call,
+    import_tensorrt,
+    load_cudart,
+    read_sidecar,
+    sidecar_path,
+)
 
 
 class _ExecutionSlot:

@@ -13,15 +13,23 @@ import numpy as np
 
 from detdeploy import __version__
 from detdeploy.core.errors import DetdeployError
-from detdeploy.core.fileio import atomic_write
-
+from detdeploy.core.fileio import atomic_write, file_sha256
 from detdeploy.core.metadata import ModelMetadata
 
 from .model_file import resolve_onnx_metadata
 from .preprocess import preprocess, read_image
-from .tensorrt_common import (BatchProfile, EngineBuildInfo, EngineSidecar, check_cuda_device,
-                              cuda_call, import_tensorrt, load_cudart, sha256_bytes, sha256_file,
-                              tensorrt_major, write_sidecar)
+from .tensorrt_common import (
+    BatchProfile,
+    EngineBuildInfo,
+    EngineSidecar,
+    check_cuda_device,
+    cuda_call,
+    import_tensorrt,
+    load_cudart,
+    sha256_bytes,
+    tensorrt_major,
+    write_sidecar,
+)
 
 PRECISIONS = ('fp32', 'fp16', 'int8', 'int8+fp16')
 DEFAULT_CALIBRATION_BATCH = 8
@@ -248,7 +256,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
         precision=options.precision, batch_profile=plan.profile, input_hw=plan.input_hw,
         input_name=input_name, output_names=output_names, tensorrt_version=trt.__version__,
         device_name=device_name, source_onnx=str(onnx_path),
-        source_onnx_sha256=sha256_file(onnx_path), workspace_mb=options.workspace_mb,
+        source_onnx_sha256=file_sha256(onnx_path), workspace_mb=options.workspace_mb,
         calibration_images=len(options.calibration_images) if options.int8 else None,
         detdeploy_version=__version__)
     sidecar = EngineSidecar(plan.metadata, build, sha256_bytes(plan_bytes))

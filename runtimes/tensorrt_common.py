@@ -10,11 +10,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from detdeploy.core.errors import DetdeployError
 from detdeploy.core.fileio import atomic_write
-
 from detdeploy.core.metadata import ModelMetadata
 
 INSTALL_HINT = "pip install 'detdeploy[tensorrt]' on a machine with an NVIDIA GPU"
@@ -251,11 +248,3 @@ def check_engine_matches(sidecar: EngineSidecar, engine_bytes: bytes, engine_pat
 
 def sha256_bytes(data) -> str:
     return hashlib.sha256(memoryview(data)).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for block in iter(lambda: handle.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()

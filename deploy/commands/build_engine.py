@@ -45,7 +45,8 @@ def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_bat
     `detdeploy infer model.engine` needs.
     """
     from detdeploy.core.fileio import check_output_file
-    from detdeploy.runtimes.tensorrt_build import BuildOptions, build_engine as build
+    from detdeploy.runtimes.tensorrt_build import BuildOptions
+    from detdeploy.runtimes.tensorrt_build import build_engine as build
     from detdeploy.runtimes.tensorrt_common import sidecar_path
 
     if not Path(onnx_path).is_file():

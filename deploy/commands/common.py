@@ -65,7 +65,7 @@ def split_model_and_images(inputs: tuple[str, ...], model_name: str | None
         from detdeploy.runtimes.open import is_model_file
         if is_model_file(text):
             return True
-        from detdeploy.models.registry import model_names    # imports torch: not for files
+        from detdeploy.models.registry import model_names  # imports torch: not for files
         return text.lower() in model_names()
 
     if model_name is None and inputs and names_a_model(inputs[0]):

@@ -14,9 +14,20 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
-from .common import (DEFAULT_MODEL, apply_max_pixels, export_for_ort, foreign_model_options,
-                     load_model, max_pixels_option, model_overrides, nms_line, no_overwrite_option,
-                     pytorch_model_options, refuse_weight_flags, torch_device)
+from .common import (
+    DEFAULT_MODEL,
+    apply_max_pixels,
+    export_for_ort,
+    foreign_model_options,
+    load_model,
+    max_pixels_option,
+    model_overrides,
+    nms_line,
+    no_overwrite_option,
+    pytorch_model_options,
+    refuse_weight_flags,
+    torch_device,
+)
 
 EXIT_CHECK_FAILED = 1
 
@@ -88,10 +99,9 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     MODEL: a registry name (with --checkpoint; the default is the bundled model), a .onnx or an
     .engine file. With several backends, a table and each one's AP difference to the first.
     """
-    from detdeploy.runtimes.open import backends_for, parse_backends
-    from detdeploy.evaluation.coco_eval import evaluate, load_coco, write_json
     from detdeploy.core.fileio import check_output_file
-    from detdeploy.runtimes.open import is_model_file, open_model_file
+    from detdeploy.evaluation.coco_eval import evaluate, load_coco, write_json
+    from detdeploy.runtimes.open import backends_for, is_model_file, open_model_file, parse_backends
 
     if model and model_name:
         raise DetdeployError(f'give MODEL or --model, not both ({model}, {model_name})')

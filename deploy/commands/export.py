@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import click
 
-from .common import (DEFAULT_MODEL, load_model, no_overwrite_option, parse_input_size,
-                     pytorch_model_options)
+from .common import (
+    DEFAULT_MODEL,
+    load_model,
+    no_overwrite_option,
+    parse_input_size,
+    pytorch_model_options,
+)
 
 
 @click.command()
@@ -40,8 +45,8 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
     """Export a detector to ONNX with NMS inside the graph."""
     import dataclasses
 
-    from detdeploy.export.exporter import ExportOptions, export_onnx
     from detdeploy.core.fileio import check_output_file
+    from detdeploy.export.exporter import ExportOptions, export_onnx
     from detdeploy.models.registry import get_spec
 
     input_hw = parse_input_size(input_size)

@@ -5,11 +5,20 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
-from .common import (apply_max_pixels, foreign_model_options, load_model, max_pixels_option,
-                     nms_line,
-                     model_overrides, no_overwrite_option, parse_input_size,
-                     pytorch_model_options, refuse_weight_flags, split_model_and_images,
-                     torch_device)
+from .common import (
+    apply_max_pixels,
+    foreign_model_options,
+    load_model,
+    max_pixels_option,
+    model_overrides,
+    nms_line,
+    no_overwrite_option,
+    parse_input_size,
+    pytorch_model_options,
+    refuse_weight_flags,
+    split_model_and_images,
+    torch_device,
+)
 
 
 @click.command()
@@ -82,9 +91,11 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
         if given:
             raise DetdeployError(f'{", ".join(given)}: only for .onnx files from other tools; '
                                  f'{model} has its own preprocessing')
+        from detdeploy.models.registry import get_spec
         from detdeploy.runtimes.torch_backend import TorchBackend
         device = torch_device(device or 'cpu')
         input_hw = parse_input_size(input_size)
+        get_spec(model).preprocessing.with_input_size(input_hw)    # before loading any weights
         detector = load_model(model, checkpoint, class_names, trust_checkpoint,
                               'uses random weights (detections are meaningless)')
         config = detector.spec.preprocessing.with_input_size(input_hw)

@@ -9,8 +9,14 @@ import click
 from detdeploy.core.errors import DetdeployError
 from detdeploy.runtimes.open import FILE_BACKENDS
 
-from .common import (apply_max_pixels, load_model, max_pixels_option, no_overwrite_option,
-                     pytorch_model_options, torch_device)
+from .common import (
+    apply_max_pixels,
+    load_model,
+    max_pixels_option,
+    no_overwrite_option,
+    pytorch_model_options,
+    torch_device,
+)
 
 EXIT_MISMATCH = 1
 SHOWN_UNMATCHED = 2
@@ -34,10 +40,10 @@ SHOWN_UNMATCHED = 2
               help='Raw-output absolute tolerance [default: by precision, fp32 1e-2].')
 @click.option('--rtol', type=click.FloatRange(min=0),
               help='Raw-output relative tolerance [default: by precision, fp32 1e-3].')
-@click.option('--batch', 'batch_size', type=click.IntRange(min=1),
-              help="Images per forward pass [default: the file's static batch, else 4].")
 @click.option('--per-layer', is_flag=True,
               help='If raw outputs differ, bisect the graph for the first diverging layer.')
+@click.option('--batch', 'batch_size', type=click.IntRange(min=1),
+              help="Images per forward pass [default: the file's static batch, else 4].")
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False),
               help='Write the full report here (JSON).')
 @max_pixels_option
@@ -51,8 +57,13 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
     from detdeploy.inference.batch import collect_images
     from detdeploy.runtimes.open import open_model_file
     from detdeploy.verification.compare import tolerances_for
-    from detdeploy.verification.parity import (ParityOptions, file_images, random_images,
-                                               run_parity, write_report)
+    from detdeploy.verification.parity import (
+        ParityOptions,
+        file_images,
+        random_images,
+        run_parity,
+        write_report,
+    )
 
     if bool(image_inputs) == bool(random_count):
         raise DetdeployError('give either --images DIR... or --random N')

@@ -90,7 +90,7 @@ def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batc
     quality focal + GIoU losses, AdamW with warm-up and flat-then-cosine decay, EMA weights for
     evaluation and checkpoints."""
     from detdeploy.models.registry import get_spec
-    from detdeploy.training.trainer import Trainer, TrainConfig
+    from detdeploy.training.trainer import TrainConfig, Trainer
 
     spec = get_spec(model_name)                     # unknown names: one line, with a suggestion
     _check_run_folder(out_dir, resume, overwrite)

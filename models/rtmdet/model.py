@@ -8,11 +8,10 @@ named sizes and presets are `sizes.py`.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
-
-from typing import NamedTuple
 
 from detdeploy.core.nms import NMSConfig
 
@@ -208,14 +207,11 @@ class RTMDet(Detector):
         self.bbox_head = RTMDetSepBNHead(num_classes, out_channels, out_channels,
                                          exp_on_reg=exp_on_reg)
         self.bbox_head.init_weights()
+        self.strides: tuple[int, ...] = self.bbox_head.strides
 
     @property
     def num_classes(self) -> int:
         return self.bbox_head.num_classes
-
-    @property
-    def strides(self) -> tuple[int, ...]:
-        return self.bbox_head.strides
 
     @property
     def size_divisor(self) -> int:

@@ -17,7 +17,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from detdeploy.core.metadata import ModelMetadata
 from conftest import fake_metadata
-from detdeploy.core.preprocessing import PreprocessConfig
 
 BOX_XYXY = [4.0, 8.0, 40.0, 48.0]          # network-input px
 CLASS_NAMES = ('circle', 'square')

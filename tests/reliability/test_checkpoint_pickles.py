@@ -74,4 +74,4 @@ def test_cli_one_line_and_opt_in(custom_class_checkpoint, tmp_path, capsys):
                                          '--checkpoint', custom_class_checkpoint,
                                          '--trust-checkpoint', '--input-size', 64, image)
     assert code == 0, err
-    assert out.startswith(f'{image}: ')
+    assert out.splitlines()[0].startswith('nms: ') and out.splitlines()[1].startswith(f'{image}: ')

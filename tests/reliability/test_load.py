@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import make_image
 from detdeploy.core.preprocessing import PreprocessConfig
+from detdeploy.runtimes.backend import Backend
 from detdeploy.runtimes.preprocess import preprocess
 
 INPUT_HW = (64, 64)
@@ -107,17 +108,16 @@ def test_one_session_shared_by_8_threads(onnx_model):
     assert at_end - after_warmup < SHARED_SESSION_GROWTH_MB
 
 
-class RssRecordingBackend:
-    """Wraps a backend; records the resident memory at each `run` (once per batch)."""
+class RssRecordingBackend(Backend):
+    """Wraps a backend; records the resident memory at each run (once per batch)."""
 
-    def __init__(self, backend):
-        self.backend = backend
-        self.name = backend.name
-        self.preprocess_config = backend.preprocess_config
-        self.class_names = backend.class_names
+    name = 'rss-recording'
+
+    def __init__(self, backend: Backend):
+        self.backend, self.metadata = backend, backend.metadata
         self.rss_mb: list[float] = []
 
-    def run(self, batch):
+    def _run(self, batch):
         self.rss_mb.append(rss_mb())
         return self.backend.run(batch)
 
