@@ -8,7 +8,7 @@ preprocessing and NMS presets.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -77,15 +77,6 @@ class ModelSpec:
     preprocessing: PreprocessConfig
     nms_presets: Mapping[str, NMSConfig]
     class_names: tuple[str, ...]
-    description: str = field(default='', compare=False)
-
-    @property
-    def family(self) -> str:
-        return self.model_class.family
-
-    @property
-    def task(self) -> str:
-        return self.model_class.task
 
     def nms(self, preset: str) -> NMSConfig:
         return self.nms_presets[preset]
