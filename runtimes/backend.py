@@ -30,6 +30,11 @@ class Backend:
     fallback: str | None = None     # why the device asked for is not the one used, if so
 
     @property
+    def source(self) -> str:
+        """What was opened, for messages: the model file, or the registry name."""
+        return self.metadata.arch
+
+    @property
     def preprocess_config(self) -> PreprocessConfig:
         return self.metadata.preprocess
 

@@ -120,6 +120,10 @@ class OnnxRuntimeBackend(Backend):
         self._graph = None                  # the ONNX graph, loaded for `run_tensors`
         self.tensor_sessions_created = 0
 
+    @property
+    def source(self) -> str:
+        return str(self.path)
+
     def describe(self) -> dict:
         session_options = self.session.get_session_options()
         intra_op = session_options.intra_op_num_threads

@@ -15,21 +15,15 @@ from detdeploy.core.preprocessing import PreprocessConfig
 from detdeploy.core.tasks import DETECT
 
 from .backend import Backend
-from .preprocess import (
-    DEFAULT_MAX_PIXELS,
-    ImageMeta,
-    batch_canvas_size,
-    preprocess,
-    read_image,
-    rescale_boxes,
-)
+from .preprocess import (DEFAULT_MAX_PIXELS, ImageMeta, batch_canvas_size, preprocess, read_image,
+                         rescale_boxes)
 
 
 def require_detections(backend: Backend) -> None:
     """Detections need a model whose graph ends in NMS, of a task this host code handles."""
     metadata = backend.metadata
     if not metadata.has_nms:
-        raise DetdeployError(f'{getattr(backend, "path", metadata.arch)} was exported with '
+        raise DetdeployError(f'{backend.source} was exported with '
                              '--nms none (raw outputs); detection needs a file exported with '
                              '--nms onnx')
     if metadata.task != DETECT:

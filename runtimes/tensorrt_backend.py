@@ -15,16 +15,8 @@ from detdeploy.core.errors import DetdeployError
 from detdeploy.core.metadata import ModelMetadata
 
 from .backend import Backend, run_in_chunks
-from .tensorrt_common import (
-    EngineSidecar,
-    check_cuda_device,
-    check_engine_matches,
-    cuda_call,
-    import_tensorrt,
-    load_cudart,
-    read_sidecar,
-    sidecar_path,
-)
+from .tensorrt_common import (EngineSidecar, check_cuda_device, check_engine_matches, cuda_call,
+                              import_tensorrt, load_cudart, read_sidecar, sidecar_path)
 
 
 class _ExecutionSlot:
@@ -124,6 +116,10 @@ class TensorRTBackend(Backend):
             raise DetdeployError(f'--class-names gives {len(names)} names but {self.path} has '
                                  f'{len(self.metadata.class_names)} classes')
         self.metadata = dataclasses.replace(self.metadata, class_names=tuple(names))
+
+    @property
+    def source(self) -> str:
+        return str(self.path)
 
     def describe(self) -> dict:
         build = self.sidecar.build

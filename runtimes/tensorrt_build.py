@@ -18,18 +18,9 @@ from detdeploy.core.metadata import ModelMetadata
 
 from .model_file import resolve_onnx_metadata
 from .preprocess import preprocess, read_image
-from .tensorrt_common import (
-    BatchProfile,
-    EngineBuildInfo,
-    EngineSidecar,
-    check_cuda_device,
-    cuda_call,
-    import_tensorrt,
-    load_cudart,
-    sha256_bytes,
-    tensorrt_major,
-    write_sidecar,
-)
+from .tensorrt_common import (BatchProfile, EngineBuildInfo, EngineSidecar, check_cuda_device,
+                              cuda_call, import_tensorrt, load_cudart, sha256_bytes, tensorrt_major,
+                              write_sidecar)
 
 PRECISIONS = ('fp32', 'fp16', 'int8', 'int8+fp16')
 DEFAULT_CALIBRATION_BATCH = 8

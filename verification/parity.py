@@ -26,16 +26,8 @@ from detdeploy.runtimes.backend import INTERMEDIATE_TENSORS, Backend
 from detdeploy.runtimes.pipeline import prepare_batch
 from detdeploy.runtimes.preprocess import read_image
 
-from .compare import (
-    ArrayComparison,
-    DetectionSet,
-    ImageMatch,
-    Tolerances,
-    compare_arrays,
-    match_detections,
-    merge_comparisons,
-    tolerances_for,
-)
+from .compare import (ArrayComparison, DetectionSet, ImageMatch, Tolerances, compare_arrays,
+                      match_detections, merge_comparisons, tolerances_for)
 from .layer_search import LayerDivergence, find_first_divergence
 
 if TYPE_CHECKING:

@@ -14,17 +14,9 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
-from .common import (
-    apply_max_pixels,
-    export_for_ort,
-    foreign_model_options,
-    load_model,
-    max_pixels_option,
-    model_overrides,
-    no_overwrite_option,
-    pytorch_model_options,
-    torch_device,
-)
+from .common import (apply_max_pixels, export_for_ort, foreign_model_options, load_model,
+                     max_pixels_option, model_overrides, no_overwrite_option, pytorch_model_options,
+                     torch_device)
 
 
 def _registry_entries(name: str, backends: list[str], device: str, options: dict,

@@ -14,20 +14,9 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
-from .common import (
-    DEFAULT_MODEL,
-    apply_max_pixels,
-    export_for_ort,
-    foreign_model_options,
-    load_model,
-    max_pixels_option,
-    model_overrides,
-    nms_line,
-    no_overwrite_option,
-    pytorch_model_options,
-    refuse_weight_flags,
-    torch_device,
-)
+from .common import (DEFAULT_MODEL, apply_max_pixels, export_for_ort, foreign_model_options,
+                     load_model, max_pixels_option, model_overrides, nms_line, no_overwrite_option,
+                     pytorch_model_options, refuse_weight_flags, torch_device)
 
 EXIT_CHECK_FAILED = 1
 

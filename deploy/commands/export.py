@@ -3,13 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import (
-    DEFAULT_MODEL,
-    load_model,
-    no_overwrite_option,
-    parse_input_size,
-    pytorch_model_options,
-)
+from .common import (DEFAULT_MODEL, load_model, no_overwrite_option, parse_input_size,
+                     pytorch_model_options)
 
 
 @click.command()

@@ -5,20 +5,10 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
-from .common import (
-    apply_max_pixels,
-    foreign_model_options,
-    load_model,
-    max_pixels_option,
-    model_overrides,
-    nms_line,
-    no_overwrite_option,
-    parse_input_size,
-    pytorch_model_options,
-    refuse_weight_flags,
-    split_model_and_images,
-    torch_device,
-)
+from .common import (apply_max_pixels, foreign_model_options, load_model, max_pixels_option,
+                     model_overrides, nms_line, no_overwrite_option, parse_input_size,
+                     pytorch_model_options, refuse_weight_flags, split_model_and_images,
+                     torch_device)
 
 
 @click.command()

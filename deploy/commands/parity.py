@@ -9,14 +9,8 @@ import click
 from detdeploy.core.errors import DetdeployError
 from detdeploy.runtimes.open import FILE_BACKENDS
 
-from .common import (
-    apply_max_pixels,
-    load_model,
-    max_pixels_option,
-    no_overwrite_option,
-    pytorch_model_options,
-    torch_device,
-)
+from .common import (apply_max_pixels, load_model, max_pixels_option, no_overwrite_option,
+                     pytorch_model_options, torch_device)
 
 EXIT_MISMATCH = 1
 SHOWN_UNMATCHED = 2
@@ -57,13 +51,8 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
     from detdeploy.inference.batch import collect_images
     from detdeploy.runtimes.open import open_model_file
     from detdeploy.verification.compare import tolerances_for
-    from detdeploy.verification.parity import (
-        ParityOptions,
-        file_images,
-        random_images,
-        run_parity,
-        write_report,
-    )
+    from detdeploy.verification.parity import (ParityOptions, file_images, random_images,
+                                               run_parity, write_report)
 
     if bool(image_inputs) == bool(random_count):
         raise DetdeployError('give either --images DIR... or --random N')
