@@ -162,8 +162,7 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
     example = torch.randn(example_batch, 3, *input_hw, generator=generator)
     # The raw outputs are graph outputs while tracing and simplifying, so that the tensors keep
     # their names (`cls_scores.0`, ...) for parity; then they are inner tensors again.
-    with torch.no_grad():
-        raw_names = tuple(model_module.named_raw_outputs(model_module(example[:1])))
+    raw_names = model_module.raw_output_names
     model = trace_to_onnx(graph, example, options, raw_names)
     nodes_exported = len(model.graph.node)
 
@@ -198,7 +197,6 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
         outputs=[(o.name, _shape(o)) for o in model.graph.output],
         nodes_exported=nodes_exported, nodes_final=len(model.graph.node),
         simplified=simplified, seconds=time.perf_counter() - started, warnings=notes)
-
 
 
 def export_for_runtime(detector: LoadedDetector, folder: str | Path, nms: NMSConfig,

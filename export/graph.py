@@ -19,7 +19,7 @@ from detdeploy.models.rtmdet.model import decode_boxes
 
 class DetectorGraph(nn.Module):
     """images [B, 3, H, W] (preprocessed) -> the task's outputs for `nms_mode`, then, with
-    `expose_raw`, the network's raw outputs (named by `Detector.named_raw_outputs`), which the
+    `expose_raw`, the network's raw outputs (named by `Detector.raw_output_names`), which the
     exporter uses to name those tensors in the graph.
 
     Boxes are in network-input pixels, clamped to the input's extent.
@@ -42,7 +42,7 @@ class DetectorGraph(nn.Module):
         outputs = self.model.postprocess(raw, (images.shape[2], images.shape[3]), self.nms,
                                          self.nms_mode)
         if self.expose_raw:
-            return (*outputs, *self.model.named_raw_outputs(raw).values())
+            return (*outputs, *self.model.raw_tensors(raw))
         return outputs
 
 

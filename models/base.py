@@ -37,10 +37,18 @@ class Detector(nn.Module):
         """Input sides must be multiples of this (the largest stride)."""
         raise NotImplementedError
 
-    def named_raw_outputs(self, raw) -> dict[str, torch.Tensor]:
-        """The raw outputs of `forward` by name (e.g. `cls_scores.0`), in a fixed order: the
+    @property
+    def raw_output_names(self) -> tuple[str, ...]:
+        """Names of the raw output tensors (e.g. `cls_scores.0`), in `raw_tensors` order: the
         names the exporter gives them in the graph and parity compares by."""
         raise NotImplementedError
+
+    def raw_tensors(self, raw) -> tuple[torch.Tensor, ...]:
+        """The tensors of `forward`'s output, flattened in `raw_output_names` order."""
+        raise NotImplementedError
+
+    def named_raw_outputs(self, raw) -> dict[str, torch.Tensor]:
+        return dict(zip(self.raw_output_names, self.raw_tensors(raw), strict=True))
 
     def postprocess(self, raw, input_hw: tuple[int, int], nms: NMSConfig, nms_mode: str
                     ) -> tuple[torch.Tensor, ...]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+import detdeploy
 from detdeploy.core.errors import CheckpointError
 from detdeploy.core.fileio import atomic_write, file_sha256
 from detdeploy.core.metadata import ModelMetadata
@@ -38,7 +39,6 @@ class LoadedDetector:
                  preprocess: PreprocessConfig | None = None, **fields) -> ModelMetadata:
         """The description an exported file of this model carries (the PyTorch backend uses
         the same); `fields` sets the file-only ones (batch, opset, versions, ...)."""
-        import detdeploy
         values = dict(batch=None, dynamic_shape=True, opset=0,
                       detdeploy_version=detdeploy.__version__, torch_version=torch.__version__,
                       onnx_version='')

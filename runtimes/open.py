@@ -71,8 +71,7 @@ def open_model_file(path: str | Path, backend: str = 'auto', *, device: str = 'c
 
 
 def model_kind(model: str) -> str:
-    """'ort' or 'trt' for model files (by suffix), 'torch' for registry
-    names."""
+    """'ort' or 'trt' for model files (by suffix), 'torch' for registry names."""
     return backend_for_file(model) if is_model_file(model) else 'torch'
 
 

@@ -102,6 +102,14 @@ def test_score_thr_and_show_thr(tmp_path, tiny_checkpoint, image_dir, infer_run)
     assert f'{len(kept)} detections, {shown} at score > 0.35' in result.stdout
 
 
+def test_nms_preset_eval_for_registry_models(image_dir):
+    result = run_cli('infer', '--model', 'rtmdet-tiny', image_dir / 'gray.png', '--nms-preset',
+                     'eval')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        'nms: score > 0.001, pre-top-k 30000 per level, IoU 0.65, max 300 per image')
+
+
 def test_random_weights_are_announced(image_dir):
     result = run_cli('infer', '--model', 'rtmdet-tiny', image_dir / 'gray.png')
     assert result.returncode == 0, result.stderr

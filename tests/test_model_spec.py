@@ -56,5 +56,9 @@ def test_raw_output_shapes_and_initial_scores():
         raw = model(torch.zeros(2, 3, 320, 256))
     assert [tuple(s.shape) for s in raw.cls_scores] == [(2, 80, 40, 32), (2, 80, 20, 16), (2, 80, 10, 8)]
     assert [tuple(b.shape) for b in raw.bbox_preds] == [(2, 4, 40, 32), (2, 4, 20, 16), (2, 4, 10, 8)]
+    named = model.named_raw_outputs(raw)        # the names the exporter and parity use
+    assert list(named) == ['cls_scores.0', 'cls_scores.1', 'cls_scores.2', 'bbox_preds.0',
+                           'bbox_preds.1', 'bbox_preds.2']
+    assert named['bbox_preds.1'] is raw.bbox_preds[1]
     # MMDetection's head init: classifier bias gives a prior probability of 0.01
     assert raw.cls_scores[0].sigmoid().mean().item() == pytest.approx(0.01, rel=0.05)

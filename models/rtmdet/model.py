@@ -220,10 +220,13 @@ class RTMDet(Detector):
     def forward(self, images: torch.Tensor) -> RawOutputs:
         return self.bbox_head(self.neck(self.backbone(images)))
 
-    def named_raw_outputs(self, raw: RawOutputs) -> dict[str, torch.Tensor]:
-        named = {f'cls_scores.{level}': t for level, t in enumerate(raw.cls_scores)}
-        named.update({f'bbox_preds.{level}': t for level, t in enumerate(raw.bbox_preds)})
-        return named
+    @property
+    def raw_output_names(self) -> tuple[str, ...]:
+        return tuple(f'{kind}.{level}' for kind in RawOutputs._fields
+                     for level in range(len(self.strides)))
+
+    def raw_tensors(self, raw: RawOutputs) -> tuple[torch.Tensor, ...]:
+        return (*raw.cls_scores, *raw.bbox_preds)
 
     def postprocess(self, raw: RawOutputs, input_hw: tuple[int, int], nms: NMSConfig,
                     nms_mode: str) -> tuple[torch.Tensor, ...]:
