@@ -9,7 +9,9 @@ tools/make_mmdet_reference.py, plus scipy):
 import os
 import sys
 sys.path.insert(0, os.path.dirname(__file__))
-import make_mmdet_reference  # installs the mmcv._ext stub (python NMS kernel)
+import mmcv_lite_shim  # noqa: E402
+
+mmcv_lite_shim.install()
 import numpy as np, torch
 import mmdet
 from mmdet.registry import MODELS
@@ -28,7 +30,7 @@ register_all_modules()
 cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs', 'rtmdet', 'rtmdet_tiny_8xb32-300e_coco.py'))
 cfg.model.backbone.init_cfg = None
 cfg.model.bbox_head.num_classes = 6
-make_mmdet_reference.syncbn_to_bn(cfg.model)
+mmcv_lite_shim.syncbn_to_bn(cfg.model)
 mm = MODELS.build(cfg.model).eval()
 info = load_checkpoint(mm, ckpt, map_location='cpu', strict=True)
 print('mmengine load_checkpoint strict: ok; meta classes', info['meta']['dataset_meta']['classes'])

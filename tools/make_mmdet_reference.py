@@ -7,46 +7,16 @@ outside the repo, e.g.:
         pycocotools shapely scipy terminaltables platformdirs
     PYTHONPATH=/tmp/mmref/site:tests .venv/bin/python tools/make_mmdet_reference.py tiny
 mmcv-lite has no compiled ops; mmcv's Python `batched_nms` runs unchanged on a Python port of
-its CPU NMS kernel (mmcv/ops/csrc/pytorch/cpu/nms.cpp), installed as `mmcv._ext.nms`.
+its CPU NMS kernel (mmcv/ops/csrc/pytorch/cpu/nms.cpp): see tools/mmcv_lite_shim.py.
 """
 import json
-import os
 import sys
-import types
 
 import torch
 
+import mmcv_lite_shim
 
-def nms_kernel(boxes, scores, iou_threshold, offset):
-    """mmcv 2.1 nms_cpu: unstable descending sort, suppress where IoU > threshold."""
-    x1, y1, x2, y2 = boxes.unbind(1)
-    areas = (x2 - x1 + offset) * (y2 - y1 + offset)
-    order = scores.sort(0, descending=True)[1]
-    keep = torch.ones(len(order), dtype=torch.bool)
-    for i in range(len(order)):
-        if not keep[i]:
-            continue
-        a, rest = order[i], order[i + 1:]
-        width = (torch.minimum(x2[a], x2[rest]) - torch.maximum(x1[a], x1[rest]) + offset).clamp(min=0)
-        height = (torch.minimum(y2[a], y2[rest]) - torch.maximum(y1[a], y1[rest]) + offset).clamp(min=0)
-        inter = width * height
-        keep[i + 1:] &= ~(inter / (areas[a] + areas[rest] - inter) > float(iou_threshold))
-    return order[keep]
-
-
-def missing_kernel(name):
-    if name.startswith('__'):
-        raise AttributeError(name)
-
-    def fail(*args, **kwargs):
-        raise NotImplementedError(f'mmcv._ext.{name} is not available (mmcv-lite)')
-    return fail
-
-
-ext = types.ModuleType('mmcv._ext')
-ext.nms = nms_kernel
-ext.__getattr__ = missing_kernel         # mmcv.ops checks every kernel exists at import
-sys.modules['mmcv._ext'] = ext
+mmcv_lite_shim.install()
 
 import mmdet  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
@@ -58,23 +28,11 @@ from conftest import DATA_DIR, calibration_images, randomize_detector  # noqa: E
 from detdeploy.models import build_model  # noqa: E402
 
 
-def syncbn_to_bn(cfg):
-    if isinstance(cfg, dict):
-        if cfg.get('type') == 'SyncBN':
-            cfg['type'] = 'BN'
-        for value in cfg.values():
-            syncbn_to_bn(value)
-    elif isinstance(cfg, (list, tuple)):
-        for value in cfg:
-            syncbn_to_bn(value)
-
-
 def main(size: str) -> None:
     register_all_modules()
-    config = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs',
-                                          'rtmdet', f'rtmdet_{size}_8xb32-300e_coco.py'))
+    config = Config.fromfile(mmcv_lite_shim.config_path(f'rtmdet/rtmdet_{size}_8xb32-300e_coco.py'))
     config.model.backbone.init_cfg = None
-    syncbn_to_bn(config.model)
+    mmcv_lite_shim.syncbn_to_bn(config.model)
     mm_model = MODELS.build(config.model).eval()
 
     torch.manual_seed(0)
