@@ -11,7 +11,10 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade pip
 
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt
-	$(BIN)/pip install -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -c constraints.txt -e '.[test,serve]'
+	# export-triton's config check: tritonclient's generated protobuf module only (its grpc
+	# extra pins protobuf < 7, its base ml-dtypes <= 0.5.4: neither is needed for that)
+	$(BIN)/pip install -c constraints.txt --no-deps tritonclient
 	touch $(STAMP)
 
 install: $(STAMP)

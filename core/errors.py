@@ -20,6 +20,10 @@ class ImageError(DetdeployError):
     """An image that cannot be read or converted."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image with more pixels than the limit in force (refused before decoding)."""
+
+
 class ModelFileError(DetdeployError):
     """A model file that is unsafe to load, incomplete, or does not match its own description."""
 

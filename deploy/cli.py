@@ -23,6 +23,8 @@ from .commands import build_engine as build_engine_command
 from .commands import eval as eval_command
 from .commands import export, infer, make_dataset, train
 from .commands import parity as parity_command
+from .commands import batch_infer, export_triton
+from .commands import serve as serve_command
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130          # 128 + SIGINT, what shells report for Ctrl-C
@@ -53,6 +55,10 @@ cli.add_command(bench_command.bench)
 cli.add_command(make_dataset.make_dataset)
 cli.add_command(train.train)
 cli.add_command(eval_command.eval_command)
+# the serve extra (Ray, Triton): each command imports its libraries when it runs
+cli.add_command(serve_command.serve)
+cli.add_command(batch_infer.batch_infer)
+cli.add_command(export_triton.export_triton)
 
 
 def _run(args: list[str]) -> int:

@@ -70,7 +70,7 @@ def collect_images(paths: list[str | Path]) -> list[Path]:
     return images
 
 
-def _output_stems(images: list[Path]) -> list[str]:
+def output_stems(images: list[Path]) -> list[str]:
     """One output name per image: its stem, numbered when two images share a stem."""
     seen: dict[str, int] = {RESULTS_NAME: 1}
     stems = []
@@ -85,7 +85,7 @@ def output_paths(out_dir: str | Path, images: list[Path]) -> list[Path]:
     """Every file `run_infer` writes into `out_dir` for `images`."""
     out = Path(out_dir)
     return [out / f'{RESULTS_NAME}.json'] + [out / f'{stem}.{suffix}'
-                                             for stem in _output_stems(images)
+                                             for stem in output_stems(images)
                                              for suffix in ('json', 'png')]
 
 
@@ -118,7 +118,7 @@ def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,
     if out is not None and not overwrite:
         refuse_existing(output_paths(out, images))
     report = InferReport(backend.name)
-    stems = _output_stems(images)
+    stems = output_stems(images)
 
     def skip(source, error) -> None:
         report.skipped.append(SkippedImage(str(source), str(error)))

@@ -7,6 +7,7 @@ Model execution and NMS are elsewhere.
 """
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from detdeploy.core.errors import ImageError
+from detdeploy.core.errors import ImageError, ImageTooLargeError
 from detdeploy.core.preprocessing import PreprocessConfig
 
 RESIZE_COEF_BITS = 11                   # OpenCV's fixed-point precision for 8-bit bilinear
@@ -41,11 +42,13 @@ class ImageMeta:
     scale_wh: tuple[float, float]      # resized / original, per axis, as MMDetection's scale_factor
 
 
-def read_image(source: str | Path | np.ndarray, array_order: str = 'bgr',
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(source: str | Path | np.ndarray | bytes, array_order: str = 'bgr',
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = 'uploaded image'
+               ) -> np.ndarray:
     """An image as an HxWx3 uint8 RGB array.
 
-    Files are read with Pillow, EXIF orientation applied. Gray (L, 1), gray+alpha (LA), palette
+    Files and encoded bytes (an upload, called `name` in messages) are read with Pillow, EXIF
+    orientation applied. Gray (L, 1), gray+alpha (LA), palette
     (P, with or without transparency), RGBA, CMYK and YCbCr become RGB, alpha dropped (as
     OpenCV's IMREAD_COLOR, which MMDetection reads with, drops it). 16-bit images keep their
     high byte (value >> 8, as OpenCV/libpng reduce them), not clipped at 255. A file with more
@@ -55,19 +58,34 @@ def read_image(source: str | Path | np.ndarray, array_order: str = 'bgr',
     """
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, array_order)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageError(f'cannot read {name}: it is empty')
+        return _decode(io.BytesIO(source), name, max_pixels)
     path = Path(source)
     if path.is_dir():
         raise ImageError(f'{path} is a directory, not an image')
     try:
         if path.stat().st_size == 0:
             raise ImageError(f'cannot read image {path}: the file is empty')
+    except FileNotFoundError:
+        raise ImageError(f'image not found: {path}') from None
+    except OSError as exc:
+        raise ImageError(f'cannot read image {path}: {exc.strerror or exc}') from None
+    return _decode(path, path, max_pixels)
+
+
+def _decode(opened: Path | io.BytesIO, path: Path | str, max_pixels: int | None) -> np.ndarray:
+    """Pillow's decoding of a file or an in-memory upload, every failure one ImageError line
+    naming `path`."""
+    try:
         with warnings.catch_warnings():
             # Pillow's own bomb check warns above 89 MP; the limit that applies is ours, below
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(opened) as image:
                 width, height = image.size
                 if max_pixels and width * height > max_pixels:
-                    raise ImageError(
+                    raise ImageTooLargeError(
                         f'{path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, '
                         f'above the limit of {max_pixels / 1e6:g} (--max-pixels; 0 = no limit)')
                 image.load()
@@ -86,7 +104,7 @@ def read_image(source: str | Path | np.ndarray, array_order: str = 'bgr',
         raise ImageError(f'cannot read image {path}: {text}') from None
 
 
-def _pil_to_rgb(image: Image.Image, path: Path) -> np.ndarray:
+def _pil_to_rgb(image: Image.Image, path: Path | str) -> np.ndarray:
     """A decoded Pillow image in any mode -> HxWx3 uint8 RGB."""
     mode = image.mode
     if mode.startswith('I;16') or mode == 'I':

@@ -1,0 +1,7 @@
+"""`detdeploy export-triton`: (being written)."""
+import click
+
+
+@click.command('export-triton')
+def export_triton():
+    """(being written)"""
