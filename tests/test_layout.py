@@ -16,7 +16,7 @@ ROOMS = {'core': 'detdeploy.core', 'models': 'detdeploy.models', 'export': 'detd
          'runtimes': 'detdeploy.runtimes', 'inference': 'detdeploy.inference',
          'verification': 'detdeploy.verification', 'evaluation': 'detdeploy.evaluation',
          'benchmark': 'detdeploy.benchmark', 'training': 'detdeploy.training',
-         'deploy': 'detdeploy'}
+         'serving': 'detdeploy.serving', 'deploy': 'detdeploy'}
 CLI_MODULES = ('detdeploy.cli', 'detdeploy.commands', 'detdeploy.demo', 'detdeploy.__main__')
 
 
@@ -81,21 +81,44 @@ def test_runtimes_import_torch_only_in_the_pytorch_backend():
 def test_models_never_import_runtimes_or_the_rooms_above():
     above = ('detdeploy.runtimes', 'detdeploy.export', 'detdeploy.inference',
              'detdeploy.verification', 'detdeploy.evaluation', 'detdeploy.benchmark',
-             'detdeploy.training', *CLI_MODULES)
+             'detdeploy.training', 'detdeploy.serving', *CLI_MODULES)
     assert offending('models', lambda path, name: any(within(name, a) for a in above)) == []
 
 
 def test_export_never_imports_runtimes_or_the_rooms_above():
     above = ('detdeploy.runtimes', 'detdeploy.inference', 'detdeploy.verification',
-             'detdeploy.evaluation', 'detdeploy.benchmark', 'detdeploy.training')
+             'detdeploy.evaluation', 'detdeploy.benchmark', 'detdeploy.training',
+             'detdeploy.serving')
     assert offending('export', lambda path, name: any(within(name, a) for a in above)) == []
+
+
+def test_serving_sits_beside_inference():
+    """serving/ (Ray, Triton) builds on runtimes, core and inference like inference/ does:
+    never on models, export, torch or the CLI."""
+    allowed = ('detdeploy.core', 'detdeploy.runtimes', 'detdeploy.inference',
+               'detdeploy.serving')
+    assert offending('serving', lambda path, name: (ours(name) and not any(
+        within(name, room) for room in allowed)) or within(name, 'torch')) == []
+
+
+def test_the_cli_loads_without_ray_or_tritonclient():
+    """The serve extra's libraries load only inside its commands: `detdeploy --help` and
+    every other command stay as fast as before."""
+    code = ('import sys, detdeploy.cli\n'
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('ray', 'tritonclient', 'starlette', 'torch')))")
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == '[]'
 
 
 @pytest.mark.parametrize('modules', [
     ['detdeploy.core.' + p.stem for p in room_files('core') if p.stem != '__init__'],
     ['detdeploy.runtimes.pipeline', 'detdeploy.runtimes.open', 'detdeploy.runtimes.model_file',
      'detdeploy.runtimes.onnxruntime_backend', 'detdeploy.inference.batch',
-     'detdeploy.evaluation.coco_eval']])
+     'detdeploy.evaluation.coco_eval', 'detdeploy.serving.http_detect',
+     'detdeploy.serving.triton', 'detdeploy.serving.triton_python']])
 def test_torch_free_rooms_load_without_torch(modules):
     """What the static check says, in a real interpreter: importing these loads no torch."""
     code = ('import importlib, sys\n'
