@@ -1,0 +1,235 @@
+"""`detdeploy export-triton`: every config.pbtxt parses strictly with Triton's own protobuf, its
+shapes are the ONNX file's, the ensemble's wiring is closed, and the repository's pipeline
+(its model.py files under a stand-in for Triton's Python-stub API, ONNX Runtime on its
+model.onnx) answers what `infer` answers. No Triton server runs here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+from conftest import fake_metadata
+from detdeploy.core.errors import DetdeployError
+from detdeploy.inference.batch import collect_images, run_infer
+from detdeploy.runtimes.model_file import read_onnx_metadata
+from detdeploy.runtimes.open import open_model_file
+from detdeploy.serving.triton import (_check_servable, _max_batch, export_triton,
+                                      model_config_module, parse_config, plan_repository)
+
+pytestmark = pytest.mark.serving
+DETDEPLOY = str(Path(sys.executable).parent / 'detdeploy')
+ONNX_TO_TRITON = {'FLOAT': 'TYPE_FP32', 'INT32': 'TYPE_INT32', 'INT64': 'TYPE_INT64'}
+
+
+@pytest.fixture(scope='module')
+def repository(tiny_onnx, tmp_path_factory):
+    root = tmp_path_factory.mktemp('triton')
+    done = subprocess.run([DETDEPLOY, 'export-triton', str(tiny_onnx[0]), '-o', str(root),
+                           '--name', 'rtmdet'], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "max_batch_size 8, configs parsed with Triton's model_config protobuf" in done.stdout
+    return root
+
+
+@pytest.fixture(scope='module')
+def configs(repository):
+    pb2 = model_config_module()
+    assert pb2 is not None, 'tritonclient is part of the test install (make install)'
+    return {folder.name: parse_config((folder / 'config.pbtxt').read_text(), folder.name, pb2)
+            for folder in repository.iterdir()}
+
+
+def test_repository_layout(repository):
+    assert sorted(str(p.relative_to(repository)) for p in repository.rglob('*')) == [
+        'rtmdet', 'rtmdet/1', 'rtmdet/config.pbtxt',
+        'rtmdet_model', 'rtmdet_model/1', 'rtmdet_model/1/model.onnx',
+        'rtmdet_model/config.pbtxt',
+        'rtmdet_postprocess', 'rtmdet_postprocess/1', 'rtmdet_postprocess/1/model.py',
+        'rtmdet_postprocess/config.pbtxt',
+        'rtmdet_preprocess', 'rtmdet_preprocess/1', 'rtmdet_preprocess/1/model.py',
+        'rtmdet_preprocess/config.pbtxt']
+
+
+def test_parsing_is_strict():
+    with pytest.raises(DetdeployError, match='not a valid Triton model config'):
+        parse_config('name: "x"\nmax_batch_sise: 8\n')
+
+
+def test_model_config_matches_the_onnx_file(configs, tiny_onnx):
+    graph = onnx.load(str(tiny_onnx[0]), load_external_data=False).graph
+
+    def dims(info):
+        return [d.dim_value if d.HasField('dim_value') else -1
+                for d in info.type.tensor_type.shape.dim]
+
+    pb2 = model_config_module()
+    model = configs['rtmdet_model']
+    assert model.platform == 'onnxruntime_onnx' and model.max_batch_size == 8
+    assert model.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert dims(graph.input[0])[0] == -1            # the batch axis Triton fills
+    for config_io, graph_io in ((model.input, graph.input), (model.output, graph.output)):
+        assert [(t.name, list(t.dims)) for t in config_io] == [
+            (g.name, dims(g)[1:]) for g in graph_io]
+        assert [pb2.DataType.Name(t.data_type) for t in config_io] == [
+            ONNX_TO_TRITON[onnx.TensorProto.DataType.Name(g.type.tensor_type.elem_type)]
+            for g in graph_io]
+    pre = configs['rtmdet_preprocess']
+    assert list(pre.output[0].dims) == dims(graph.input[0])[1:]
+    assert json.loads(pre.parameters['preprocess'].string_value)['input_size'] == [320, 320]
+
+
+def test_ensemble_wiring_is_closed(configs, tiny_onnx):
+    """Each step's tensors exist in the model it calls, every input it reads is the
+    ensemble's input or an earlier step's output, and the ensemble's outputs are produced."""
+    ensemble = configs['rtmdet']
+    assert ensemble.platform == 'ensemble'
+    available = {t.name for t in ensemble.input}
+    for step in ensemble.ensemble_scheduling.step:
+        called = configs[step.model_name]
+        assert called.max_batch_size == ensemble.max_batch_size
+        assert set(step.input_map) == {t.name for t in called.input}
+        assert set(step.output_map) <= {t.name for t in called.output}
+        assert set(step.input_map.values()) <= available
+        available |= set(step.output_map.values())
+    assert {t.name for t in ensemble.output} <= available
+    assert tuple(json.loads(ensemble.parameters['class_names'].string_value)) == \
+        read_onnx_metadata(tiny_onnx[0]).class_names
+
+
+def fake_pb_utils() -> types.ModuleType:
+    """The part of Triton's `triton_python_backend_utils` the model.py files use, as its docs
+    describe it (Tensor, InferenceResponse, TritonError, get_input_tensor_by_name)."""
+    module = types.ModuleType('triton_python_backend_utils')
+
+    class Tensor:
+        def __init__(self, name, array):
+            self._name, self._array = name, array
+
+        def name(self):
+            return self._name
+
+        def as_numpy(self):
+            return self._array
+
+    class TritonError:
+        def __init__(self, message):
+            self._message = message
+
+        def message(self):
+            return self._message
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self._tensors, self._error = output_tensors, error
+
+        def output_tensors(self):
+            return self._tensors
+
+        def error(self):
+            return self._error
+
+    module.Tensor, module.TritonError, module.InferenceResponse = (Tensor, TritonError,
+                                                                   InferenceResponse)
+    module.get_input_tensor_by_name = lambda request, name: next(
+        (t for t in request if t.name() == name), None)
+    return module
+
+
+def load_python_model(folder: Path, config, monkeypatch):
+    """`folder/1/model.py`'s TritonPythonModel, initialised as the Python stub does it (the
+    model config as JSON with protobuf field names)."""
+    from google.protobuf import json_format
+    spec = importlib.util.spec_from_file_location(f'model_{folder.name}', folder / '1' / 'model.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({'model_config': json_format.MessageToJson(
+        config, preserving_proto_field_name=True), 'model_name': folder.name})
+    return model
+
+
+def test_the_repository_pipeline_answers_like_infer(repository, configs, tiny_onnx, image_dir,
+                                                     tmp_path, monkeypatch):
+    """One request of three images: preprocess model.py -> ONNX Runtime on the repository's
+    model.onnx -> postprocess model.py gives infer's detections (as its JSON rounds them)."""
+    pb_utils = fake_pb_utils()
+    monkeypatch.setitem(sys.modules, 'triton_python_backend_utils', pb_utils)
+    pre = load_python_model(repository / 'rtmdet_preprocess', configs['rtmdet_preprocess'],
+                            monkeypatch)
+    post = load_python_model(repository / 'rtmdet_postprocess', configs['rtmdet_postprocess'],
+                             monkeypatch)
+    paths = collect_images([image_dir])
+    encoded = np.array([[p.read_bytes()] for p in paths], dtype=object)     # [3, 1] bytes
+    [pre_response] = pre.execute([[pb_utils.Tensor('IMAGE', encoded)]])
+    assert pre_response.error() is None
+    prepared = {t.name(): t.as_numpy() for t in pre_response.output_tensors()}
+    session = onnxruntime.InferenceSession(str(repository / 'rtmdet_model/1/model.onnx'),
+                                           providers=['CPUExecutionProvider'])
+    raw = session.run(None, {'images': prepared['images']})
+    request = [pb_utils.Tensor(f'raw_{name}', array) for name, array in
+               zip(('num_dets', 'boxes', 'scores', 'labels'), raw)]
+    request += [pb_utils.Tensor(name, prepared[name]) for name in ('image_hw', 'scale_wh')]
+    [post_response] = post.execute([request])
+    answer = {t.name(): t.as_numpy() for t in post_response.output_tensors()}
+    assert answer['boxes'].shape == (3, 100, 4) and answer['num_dets'].dtype == np.int32
+    report = run_infer(open_model_file(tiny_onnx[0]), paths, tmp_path)
+    for index, image in enumerate(report.images):
+        expected = json.loads(image.json_path.read_text())['detections']
+        count = int(answer['num_dets'][index, 0])
+        got = [{'bbox_xyxy': [round(float(v), 3) for v in answer['boxes'][index, row]],
+                'score': round(float(answer['scores'][index, row]), 6),
+                'label': int(answer['labels'][index, row])} for row in range(count)]
+        assert got == [{k: d[k] for k in ('bbox_xyxy', 'score', 'label')} for d in expected]
+        assert (answer['labels'][index, count:] == -1).all()
+
+    broken = np.array([[b'not an image']], dtype=object)
+    [refused] = pre.execute([[pb_utils.Tensor('IMAGE', broken)]])
+    assert 'cannot read image IMAGE: not an image' in refused.error().message()
+
+
+def test_engine_repository_uses_the_sidecar(tmp_path):
+    """An .engine: tensorrt_plan with the sidecar's input, outputs and batch profile (the plan
+    file is copied as it is; no GPU needed to write the repository)."""
+    from detdeploy.runtimes.tensorrt_common import (BatchProfile, EngineBuildInfo,
+                                                    EngineSidecar, write_sidecar)
+    engine = tmp_path / 'm.engine'
+    engine.write_bytes(b'plan bytes')
+    metadata = fake_metadata(input_hw=(320, 320), nms_mode='trt')
+    build = EngineBuildInfo('fp16', BatchProfile(1, 4, 16), (320, 320), 'images',
+                            ('num_dets', 'boxes', 'scores', 'labels'), '10.9', 'gpu', 'm.onnx',
+                            '0' * 64, None, None, '0.1.0')
+    write_sidecar(engine, EngineSidecar(metadata, build, '0' * 64))
+    models, batch = plan_repository(engine, 'det')
+    pb2 = model_config_module()
+    parsed = {m.name: parse_config(m.config, m.name, pb2) for m in models}
+    net = parsed['det_model']
+    assert (net.platform, net.max_batch_size, batch) == ('tensorrt_plan', 16, 16)
+    assert [(t.name, list(t.dims)) for t in net.output] == [
+        ('num_dets', [1]), ('boxes', [1, 4]), ('scores', [1]), ('labels', [1])]   # max_det 1
+    assert dict(models[1].files) == {'model.plan': engine}
+
+
+def test_batch_rules_and_refusals():
+    assert _max_batch(None, None, None, Path('m.onnx')) == 8
+    assert _max_batch(None, None, 32, Path('m.onnx')) == 32
+    assert _max_batch(1, 1, None, Path('m.onnx')) == 1
+    with pytest.raises(DetdeployError, match='static batch of 4.*--dynamic-batch'):
+        _max_batch(4, 4, None, Path('m.onnx'))
+    with pytest.raises(DetdeployError, match='--nms none'):
+        _check_servable(fake_metadata(nms_mode='none'), Path('m.onnx'))
+    with pytest.raises(DetdeployError, match='EfficientNMS_TRT'):
+        _check_servable(fake_metadata(nms_mode='trt'), Path('m.onnx'))
+
+
+def test_existing_model_folders_are_refused(repository, tiny_onnx):
+    with pytest.raises(DetdeployError, match='model folder rtmdet_preprocess exists'):
+        export_triton(tiny_onnx[0], repository, name='rtmdet')
