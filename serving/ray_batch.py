@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from detdeploy.core.errors import DetdeployError, ImageError
+from detdeploy.core.errors import ImageError
 from detdeploy.core.fileio import atomic_write, make_output_dir, refuse_existing
 from detdeploy.inference.batch import (RESULTS_NAME, ImageReport, InferReport, SkippedImage,
                                        coco_rows, output_stems)
 from detdeploy.runtimes.pipeline import require_detections
-from detdeploy.runtimes.preprocess import DEFAULT_MAX_PIXELS, read_image
+from detdeploy.runtimes.preprocess import DEFAULT_MAX_PIXELS, allow_pixels, read_image
 
 from .http_detect import detect_by_canvas
-from .ray_cluster import ModelToOpen, connect
+from .ray_cluster import ModelToOpen, check_room, connect
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class BatchInferOptions:
     actors: int = 2
     batch: int = 4                      # images per actor call (and per forward pass at most)
     cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
     score_thr: float | None = None
     show_thr: float = 0.3               # PNGs draw detections scoring above it
     png: bool = False
@@ -49,6 +50,7 @@ class DetectActor:
     PNG bytes if drawing, or the one-line reason it was unreadable."""
 
     def __init__(self, model: ModelToOpen, options: BatchInferOptions):
+        allow_pixels(options.max_pixels)        # an actor is its own process: Pillow's limit
         self.backend = model.open()
         require_detections(self.backend)
         self.options = options
@@ -108,19 +110,16 @@ def run_batch_infer(model: ModelToOpen, images: list[Path], out_dir: str | Path,
     if not options.overwrite:
         refuse_existing(output_paths(out, images, options.png))
     ray = connect(address)
-    needed = options.actors * options.cpus_per_actor
-    available = ray.cluster_resources().get('CPU', 0)
-    if needed > available:
-        raise DetdeployError(f'--actors {options.actors} x --cpus-per-actor '
-                             f'{options.cpus_per_actor:g} = {needed:g} CPUs, but the Ray cluster '
-                             f'has {available:g}: lower one of them')
+    if not address:
+        check_room(ray, options.actors, options.cpus_per_actor, options.gpus_per_actor,
+                   'actors')
     items = [{'image_id': image_id, 'path': str(path.resolve()), 'source': str(path)}
              for image_id, path in enumerate(images)]
     dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / options.batch))
     detected = dataset.map_batches(
         DetectActor, fn_constructor_kwargs={'model': model, 'options': options},
         batch_size=options.batch, concurrency=options.actors, num_cpus=options.cpus_per_actor,
-        batch_format='numpy')
+        num_gpus=options.gpus_per_actor, batch_format='numpy')
     report = InferReport(backend_name, results_path=out / f'{RESULTS_NAME}.json')
     stems = output_stems(images)
     with atomic_write(report.results_path, 'w', overwrite=options.overwrite) as results_file:

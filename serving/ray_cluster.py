@@ -44,6 +44,19 @@ def import_ray():
     return ray
 
 
+def check_room(ray, workers: int, cpus_each: float, gpus_each: float, what: str) -> None:
+    """A one-line error when `workers` x (CPUs, GPUs) exceed the cluster's totals: Ray would
+    otherwise wait for resources that never come. For clusters started here; an autoscaling
+    cluster joined by address may grow, so it is not asked."""
+    totals = ray.cluster_resources()
+    for unit, each in (('CPU', cpus_each), ('GPU', gpus_each)):
+        needed, available = workers * each, totals.get(unit, 0)
+        if needed > available:
+            raise DetdeployError(f'{workers} {what} x {each:g} {unit}s = {needed:g} {unit}s, but '
+                                 f'the Ray cluster has {available:g}: use fewer {what} or less '
+                                 'per worker')
+
+
 def connect(address: str | None = None, num_cpus: int | None = None):
     """Ray, initialised: the cluster at `address` ('auto': the one `ray start` runs on this
     machine), or a new local one on loopback with `num_cpus` CPUs (default: all). A process

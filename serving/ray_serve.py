@@ -21,10 +21,10 @@ from starlette.responses import JSONResponse
 
 from detdeploy.core.errors import DetdeployError
 from detdeploy.core.metadata import ModelMetadata
-from detdeploy.runtimes.preprocess import DEFAULT_MAX_PIXELS
+from detdeploy.runtimes.preprocess import DEFAULT_MAX_PIXELS, allow_pixels
 
 from .http_detect import DEFAULT_MAX_BYTES, DetectionService, RequestError, upload_from_body
-from .ray_cluster import LOOPBACK, ModelToOpen, connect
+from .ray_cluster import LOOPBACK, ModelToOpen, check_room, connect
 
 APP_NAME = 'detdeploy'
 DETECT_ROUTE = '/detect'
@@ -39,6 +39,7 @@ class ServeOptions:
     port: int = 8000
     replicas: int = 1
     cpus_per_replica: float = 1.0           # Ray's scheduling unit; ORT threads follow it
+    gpus_per_replica: float = 0.0           # Ray then sets CUDA_VISIBLE_DEVICES per replica
     max_batch: int | None = None            # None: the file's static batch, else 8
     batch_wait_ms: float = 10.0
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -63,6 +64,7 @@ class DetectorDeployment:
     """One replica: its own backend, and a batch queue collecting concurrent requests."""
 
     def __init__(self, model: ModelToOpen, options: ServeOptions, max_batch: int):
+        allow_pixels(options.max_pixels)        # a replica is its own process: Pillow's limit
         self.service = DetectionService(model.open(), options.score_thr, options.max_pixels)
         self.max_bytes = options.max_bytes
         self.detect_batch.set_max_batch_size(max_batch)
@@ -131,7 +133,8 @@ def build_app(model: ModelToOpen, options: ServeOptions, metadata: ModelMetadata
     max_batch = batch_size_for(metadata, options.max_batch, model.path)
     deployment = DetectorDeployment.options(
         num_replicas=options.replicas,
-        ray_actor_options={'num_cpus': options.cpus_per_replica},
+        ray_actor_options={'num_cpus': options.cpus_per_replica,
+                           'num_gpus': options.gpus_per_replica},
         max_ongoing_requests=max(2 * max_batch, 8))
     return deployment.bind(model, options, max_batch)
 
@@ -154,6 +157,9 @@ def serve_until_signal(model: ModelToOpen, options: ServeOptions, metadata: Mode
         check_port_free(options.host, options.port)
     max_batch = batch_size_for(metadata, options.max_batch, model.path)
     ray = connect(address)
+    if not address:
+        check_room(ray, options.replicas, options.cpus_per_replica, options.gpus_per_replica,
+                   'replicas')
     stop = threading.Event()
     received: list[str] = []
 

@@ -26,6 +26,11 @@ DEFAULT_MAX_BATCH = 8
 DEFAULT_QUEUE_DELAY_US = 2000
 TRITON_TYPES = {'FLOAT': 'TYPE_FP32', 'FLOAT16': 'TYPE_FP16', 'INT32': 'TYPE_INT32',
                 'INT64': 'TYPE_INT64', 'float32': 'TYPE_FP32', 'int32': 'TYPE_INT32'}
+TRT_PLUGIN_NOTE = (
+    '# The plan ends in EfficientNMS_TRT, from TensorRT\'s own plugin library (libnvinfer_plugin,\n'
+    '# shipped in Triton\'s containers). If Triton cannot find the plugin creator, start it with\n'
+    '# LD_PRELOAD=libnvinfer_plugin.so.10 (Triton\'s way to load TensorRT plugins). The plan must\n'
+    '# come from the TensorRT version of the Triton release that serves it, on the same GPU model.\n')
 MODEL_PY = '''"""Triton Python backend model written by `detdeploy export-triton`: detdeploy's own {what}
 code, imported (not copied), so Triton gives the answers `detdeploy infer` gives. The Python
 backend's environment needs detdeploy, numpy and Pillow (pip install --no-deps detdeploy numpy
@@ -200,7 +205,8 @@ def plan_repository(model_path: str | Path, name: str, max_batch: int | None = N
                            'max_pixels': str(max_pixels or 0)})),
             {'model.py': MODEL_PY.format(what='preprocessing', cls='PreprocessModel')}),
         TritonModel(net, (
-            f'name: "{net}"\nplatform: "{signature.platform}"\nmax_batch_size: {batch}\n'
+            (TRT_PLUGIN_NOTE if metadata.nms_mode == 'trt' else '')
+            + f'name: "{net}"\nplatform: "{signature.platform}"\nmax_batch_size: {batch}\n'
             f'default_model_filename: "{signature.filename}"\n'
             + _io_block('input', [signature.input]) + _io_block('output', raw)
             + _batching(batch, queue_delay_us)), {signature.filename: path}),

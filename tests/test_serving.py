@@ -279,9 +279,13 @@ def test_batch_infer_refuses_more_cpus_than_the_cluster_has(ray_address, tiny_on
                                                             tmp_path):
     from detdeploy.serving.ray_batch import BatchInferOptions, run_batch_infer
     from detdeploy.serving.ray_cluster import ModelToOpen
-    with pytest.raises(DetdeployError, match='--actors 3 x --cpus-per-actor 1 = 3 CPUs'):
+    with pytest.raises(DetdeployError, match='3 actors x 1 CPUs = 3 CPUs, but the Ray cluster '
+                                             'has 2'):
         run_batch_infer(ModelToOpen(str(tiny_onnx[0])), collect_images([image_dir]), tmp_path,
-                        BatchInferOptions(actors=3, cpus_per_actor=1.0), address=ray_address)
+                        BatchInferOptions(actors=3, cpus_per_actor=1.0))
+    with pytest.raises(DetdeployError, match='1 actors x 1 GPUs = 1 GPUs'):
+        run_batch_infer(ModelToOpen(str(tiny_onnx[0])), collect_images([image_dir]), tmp_path,
+                        BatchInferOptions(actors=1, gpus_per_actor=1.0))
 
 
 def test_sigterm_stops_the_server_cleanly(server):

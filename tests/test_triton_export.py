@@ -212,6 +212,7 @@ def test_engine_repository_uses_the_sidecar(tmp_path):
     pb2 = model_config_module()
     parsed = {m.name: parse_config(m.config, m.name, pb2) for m in models}
     net = parsed['det_model']
+    assert models[1].config.startswith('# The plan ends in EfficientNMS_TRT')
     assert (net.platform, net.max_batch_size, batch) == ('tensorrt_plan', 16, 16)
     assert [(t.name, list(t.dims)) for t in net.output] == [
         ('num_dets', [1]), ('boxes', [1, 4]), ('scores', [1]), ('labels', [1])]   # max_det 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .common import apply_max_pixels, foreign_model_options, max_pixels_option, no_overwrite_option
-from .serve import model_file_options, model_to_open
+from .serve import gpus_for, model_file_options, model_to_open
 
 
 @click.command('batch-infer')
@@ -29,8 +29,9 @@ from .serve import model_file_options, model_to_open
 @max_pixels_option
 @no_overwrite_option
 def batch_infer(model, images, out_dir, actors, cpus_per_actor, batch_size, png, score_thr,
-                show_thr, address, class_names, input_size, backend, device, device_id, threads,
-                mean, std, channel_order, pad_value, max_pixels, no_overwrite) -> None:
+                show_thr, address, gpus_per_worker, class_names, input_size, backend, device,
+                device_id, threads, mean, std, channel_order, pad_value, max_pixels,
+                no_overwrite) -> None:
     """Detect objects in IMAGES (files and folders) with an exported MODEL on Ray Data: the
     images are read and detected by --actors workers, and one coco_results.json (as `infer
     --out` writes it, same detections) is written atomically; --png adds the drawn images.
@@ -55,8 +56,9 @@ def batch_infer(model, images, out_dir, actors, cpus_per_actor, batch_size, png,
     target, opened = model_to_open(model, backend, device, device_id, threads, cpus_per_actor,
                                      class_names, input_size, mean, std, channel_order,
                                      pad_value)
-    options = BatchInferOptions(actors, batch_size, cpus_per_actor, score_thr, show_thr, png,
-                                limit, overwrite=not no_overwrite)
+    options = BatchInferOptions(actors, batch_size, cpus_per_actor,
+                                gpus_for(model, backend, device, gpus_per_worker), score_thr,
+                                show_thr, png, limit, overwrite=not no_overwrite)
     report = run_batch_infer(target, image_paths, out_dir, options,
                              backend_name=opened.name, address=address)
     for image in report.images:

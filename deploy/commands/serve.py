@@ -23,9 +23,22 @@ def model_file_options(command):
         "tools; renames a detdeploy file's classes)."))(command)
     command = click.option('--input-size', help=(
         '--dynamic-shape files and files from other tools: network input, 640 or HxW.'))(command)
+    command = click.option('--gpus', 'gpus_per_worker', type=click.FloatRange(min=0), help=(
+        'GPUs Ray reserves for each replica or actor (fractions share one) [default: 1 for '
+        '--device cuda/tensorrt and .engine files, else 0].'))(command)
     return click.option('--address', help=(
         "Join this Ray cluster ('auto': the one `ray start` runs here; or HOST:PORT) instead "
         'of starting a local one on 127.0.0.1.'))(command)
+
+
+def gpus_for(model: str, backend: str, device: str, given: float | None) -> float:
+    """GPUs each Ray worker reserves: what was given, else one when the model runs on a GPU
+    (Ray then points each worker's CUDA_VISIBLE_DEVICES at its own)."""
+    if given is not None:
+        return given
+    on_gpu = device != 'cpu' or backend == 'trt' or str(model).lower().endswith(
+        ('.engine', '.plan'))
+    return 1.0 if on_gpu else 0.0
 
 
 def model_to_open(model, backend, device, device_id, threads, cpus, class_names, input_size,
@@ -63,8 +76,8 @@ def model_to_open(model, backend, device, device_id, threads, cpus, class_names,
 @foreign_model_options
 @max_pixels_option
 def serve(model, host, port, replicas, cpus_per_replica, max_batch, batch_wait_ms, max_bytes,
-          score_thr, address, class_names, input_size, backend, device, device_id, threads,
-          mean, std, channel_order, pad_value, max_pixels) -> None:
+          score_thr, address, gpus_per_worker, class_names, input_size, backend, device,
+          device_id, threads, mean, std, channel_order, pad_value, max_pixels) -> None:
     """Serve an exported MODEL (.onnx, or .engine where TensorRT is installed) over HTTP on
     Ray Serve, until Ctrl-C or SIGTERM (then requests in flight finish and it exits 0).
 
@@ -82,8 +95,9 @@ def serve(model, host, port, replicas, cpus_per_replica, max_batch, batch_wait_m
                                      cpus_per_replica, class_names, input_size, mean, std,
                                      channel_order, pad_value)
     metadata = opened.metadata
-    options = ServeOptions(host, port, replicas, cpus_per_replica, max_batch, batch_wait_ms,
-                           max_bytes, limit, score_thr)
+    options = ServeOptions(host, port, replicas, cpus_per_replica,
+                           gpus_for(model, backend, device, gpus_per_worker), max_batch,
+                           batch_wait_ms, max_bytes, limit, score_thr)
     batch = batch_size_for(metadata, max_batch, model)
 
     def ready(url: str) -> None:
