@@ -148,6 +148,10 @@ def test_service_answers_as_infer_does_for_any_batch(tiny_onnx, image_dir, infer
     with pytest.raises(RequestError) as caught:
         service.decode(Upload('x.png', paths[0].read_bytes()[:200]))
     assert caught.value.status == 400
+    small = DetectionService(service.backend, max_pixels=1000)
+    with pytest.raises(RequestError, match='above the limit of 0.001') as caught:
+        small.decode(uploads[0])
+    assert caught.value.status == 413
 
 
 def test_failures_answer_500_without_internals(tiny_onnx):
