@@ -8,6 +8,7 @@ files are the same as `infer --out` writes, less the per-image JSON files.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,12 +114,17 @@ def run_batch_infer(model: ModelToOpen, images: list[Path], out_dir: str | Path,
     if not address:
         check_room(ray, options.actors, options.cpus_per_actor, options.gpus_per_actor,
                    'actors')
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False        # the command prints per image itself
+    context.print_on_execution_start = False
+    logging.getLogger('ray.data').setLevel(logging.WARNING)
     items = [{'image_id': image_id, 'path': str(path.resolve()), 'source': str(path)}
              for image_id, path in enumerate(images)]
     dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / options.batch))
     detected = dataset.map_batches(
         DetectActor, fn_constructor_kwargs={'model': model, 'options': options},
-        batch_size=options.batch, concurrency=options.actors, num_cpus=options.cpus_per_actor,
+        batch_size=options.batch, compute=ray.data.ActorPoolStrategy(size=options.actors),
+        num_cpus=options.cpus_per_actor,
         num_gpus=options.gpus_per_actor, batch_format='numpy')
     report = InferReport(backend_name, results_path=out / f'{RESULTS_NAME}.json')
     stems = output_stems(images)
