@@ -154,6 +154,38 @@ def test_service_answers_as_infer_does_for_any_batch(tiny_onnx, image_dir, infer
     assert caught.value.status == 413
 
 
+def test_batches_are_grouped_by_padded_size():
+    """With divisor padding (a --dynamic-shape file), images padded to different sizes run in
+    separate forward passes, so each is padded as it would be alone; answers keep their order."""
+    from dataclasses import replace
+
+    from conftest import fake_metadata
+    from detdeploy.runtimes.backend import Backend
+    from detdeploy.serving.http_detect import detect_by_canvas
+
+    class ShapeRecorder(Backend):
+        name = 'recorder'
+        metadata = fake_metadata((64, 64))
+        metadata = replace(metadata, preprocess=replace(metadata.preprocess, pad='divisor'))
+
+        def __init__(self):
+            self.batch_shapes = []
+
+        def _run(self, batch):
+            self.batch_shapes.append(batch.shape)
+            size = len(batch)
+            return (np.ones((size, 1), np.int32), np.tile([[[2, 2, 10, 10]]], (size, 1, 1)
+                                                          ).astype(np.float32),
+                    np.full((size, 1), 0.5, np.float32), np.zeros((size, 1), np.int32))
+
+    backend = ShapeRecorder()
+    wide, square = np.zeros((32, 64, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)
+    found = detect_by_canvas(backend, ['w1', 's1', 'w2'], [wide, square, wide])
+    assert backend.batch_shapes == [(2, 3, 32, 64), (1, 3, 64, 64)]
+    assert [d.source for d in found] == ['w1', 's1', 'w2']
+    assert [d.image_hw for d in found] == [(32, 64), (64, 64), (32, 64)]
+
+
 def test_failures_answer_500_without_internals(tiny_onnx):
     """A replica whose backend breaks answers 500 with a generic line: no traceback, no
     exception text (the replica's log has them)."""
