@@ -11,8 +11,9 @@ Without --model, the bundled rtmdet (shapes) is exported at 320x320 with a dynam
 dashboard); requests go to 127.0.0.1 only. Each replica and actor reserves one CPU and runs
 ONNX Runtime on --ort-threads threads, as the single process does. Batch-inference times are
 wall times of whole runs, actor start-up (opening the model) included; the first Ray Data run
-of the process (one image on one actor) is timed apart, as it carries one-time set-up. The single-process batch figure is `run_infer` without
-output files (batch-infer writes only coco_results.json).
+of the process (one image on one actor) is timed apart, as it carries one-time set-up. The
+single-process batch figure is `run_infer` without output files (batch-infer writes only
+coco_results.json).
 """
 from __future__ import annotations
 

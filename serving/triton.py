@@ -27,14 +27,15 @@ DEFAULT_QUEUE_DELAY_US = 2000
 TRITON_TYPES = {'FLOAT': 'TYPE_FP32', 'FLOAT16': 'TYPE_FP16', 'INT32': 'TYPE_INT32',
                 'INT64': 'TYPE_INT64', 'float32': 'TYPE_FP32', 'int32': 'TYPE_INT32'}
 TRT_PLUGIN_NOTE = (
-    '# The plan ends in EfficientNMS_TRT, from TensorRT\'s own plugin library (libnvinfer_plugin,\n'
-    '# shipped in Triton\'s containers). If Triton cannot find the plugin creator, start it with\n'
-    '# LD_PRELOAD=libnvinfer_plugin.so.10 (Triton\'s way to load TensorRT plugins). The plan must\n'
-    '# come from the TensorRT version of the Triton release that serves it, on the same GPU model.\n')
-MODEL_PY = '''"""Triton Python backend model written by `detdeploy export-triton`: detdeploy's own {what}
-code, imported (not copied), so Triton gives the answers `detdeploy infer` gives. The Python
-backend's environment needs detdeploy, numpy and Pillow (pip install --no-deps detdeploy numpy
-pillow; no torch or onnxruntime)."""
+    "# The plan ends in EfficientNMS_TRT, from TensorRT's own plugin library (libnvinfer_plugin,\n"
+    "# shipped in Triton's containers). If Triton cannot find the plugin creator, start it\n"
+    "# with LD_PRELOAD=libnvinfer_plugin.so.10 (Triton's way to load TensorRT plugins). The\n"
+    '# plan must come from the TensorRT version of the Triton release that serves it, on the\n'
+    '# same GPU model.\n')
+MODEL_PY = '''"""Triton Python backend model written by `detdeploy export-triton`: detdeploy's
+own {what} code, imported (not copied), so Triton gives the answers `detdeploy infer` gives.
+The Python backend's environment needs detdeploy, numpy and Pillow (pip install --no-deps
+detdeploy numpy pillow; no torch or onnxruntime)."""
 from detdeploy.serving.triton_python import {cls} as TritonPythonModel  # noqa: F401
 '''
 
@@ -147,7 +148,8 @@ def _quote(text: str) -> str:
 
 
 def _parameters(values: dict[str, str]) -> str:
-    return ''.join(f'parameters {{ key: {_quote(key)} value {{ string_value: {_quote(value)} }} }}\n'
+    return ''.join(f'parameters {{ key: {_quote(key)} '
+                   f'value {{ string_value: {_quote(value)} }} }}\n'
                    for key, value in values.items())
 
 

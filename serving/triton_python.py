@@ -77,9 +77,11 @@ class PostprocessModel:
                    for name in ('num_dets', 'boxes', 'scores', 'labels')]
             image_hw = pb_utils.get_input_tensor_by_name(request, 'image_hw').as_numpy()
             scale_wh = pb_utils.get_input_tensor_by_name(request, 'scale_wh').as_numpy()
-            metas = [ImageMeta(tuple(int(v) for v in hw),
-                               self.preprocess.resized_size(tuple(int(v) for v in hw)),
-                               tuple(float(v) for v in scale)) for hw, scale in zip(image_hw, scale_wh)]
+            metas = []
+            for hw, scale in zip(image_hw, scale_wh):
+                original_hw = (int(hw[0]), int(hw[1]))
+                metas.append(ImageMeta(original_hw, self.preprocess.resized_size(original_hw),
+                                       (float(scale[0]), float(scale[1]))))
             found = to_detections(tuple(raw), [''] * len(metas), metas, self.class_names)
             responses.append(pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor(name, array)
