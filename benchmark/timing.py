@@ -6,6 +6,7 @@ sample as data. Printing, JSON and plots live in `report`; statistics in `stats`
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from detdeploy.runtimes.pipeline import prepare_batch, require_detections, to_de
 
 STAGES = ('preprocess', 'inference', 'postprocess', 'end_to_end')
 IO_BINDING_KEY = 'inference_io_binding'
+MAX_SECONDS = 3600.0            # --seconds per configuration
 MAX_IMAGES = 64                 # images decoded into memory from --images
 GENERATED_SIZES_HW = ((480, 640), (640, 480), (427, 640), (640, 427), (360, 640), (512, 512),
                       (375, 500), (500, 375))          # typical COCO shapes
@@ -231,6 +233,9 @@ def run_benchmark(entries: list[Entry], batches: tuple[int, ...], images: list[n
         raise DetdeployError('nothing to benchmark: no models given')
     if not images:
         raise DetdeployError('no images to benchmark with')
+    if seconds is not None and not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+        raise DetdeployError(f'--seconds {seconds}: give a number of seconds above 0 and at '
+                             f'most {MAX_SECONDS:g} per configuration')
     configs = [ConfigResult(config_label(entry, batch), entry, batch)
                for entry in entries for batch in batches]
     system = system_info()

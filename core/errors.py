@@ -30,3 +30,9 @@ class MetadataError(DetdeployError):
 
 class OutputError(DetdeployError):
     """An output path that cannot be written, or exists under --no-overwrite."""
+
+
+def one_line(text: str) -> str:
+    """`text` on one line: newlines (in file names, in a library's reason) shown escaped, as
+    Python's repr shows them, so a message or verdict stays one line."""
+    return text.replace('\r', '\\r').replace('\n', '\\n')

@@ -14,9 +14,10 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
-from .common import (apply_max_pixels, export_for_ort, foreign_model_options, load_model,
-                     max_pixels_option, model_overrides, no_overwrite_option, pytorch_model_options,
-                     torch_device)
+from .common import (FiniteFloat, ThreadCount, apply_max_pixels, export_for_ort,
+                     foreign_model_options, load_model, max_pixels_option, model_overrides,
+                     no_overwrite_option, pytorch_model_options, torch_device,
+                     weight_inputs)
 
 
 def _registry_entries(name: str, backends: list[str], device: str, options: dict,
@@ -68,9 +69,10 @@ def _registry_entries(name: str, backends: list[str], device: str, options: dict
               help='Untimed rounds first.')
 @click.option('--iters', type=click.IntRange(min=1),
               help='Timed rounds: samples per configuration [default: 100].')
-@click.option('--seconds', type=click.FloatRange(min=0, min_open=True),
-              help='Instead of --iters: measure for about this long per configuration.')
-@click.option('--threads', type=click.IntRange(min=1),
+@click.option('--seconds', type=FiniteFloat(min=0, min_open=True, max=3600),
+              help='Instead of --iters: measure for about this long per configuration '
+              '(at most an hour).')
+@click.option('--threads', type=ThreadCount(),
               help='Intra-op threads for PyTorch and ONNX Runtime [default: theirs].')
 @click.option('--images', 'images_dir', type=click.Path(),
               help='Folder of images [default: generated ones]; decoded once into memory.')
@@ -98,7 +100,8 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
     """
     from detdeploy.benchmark.report import format_report, write_json, write_plot
     from detdeploy.benchmark.timing import Entry, load_images, parse_int_list, run_benchmark
-    from detdeploy.core.fileio import check_output_file
+    from detdeploy.inference.batch import collect_images
+    from detdeploy.core.fileio import check_output_file, refuse_overwriting_inputs
     from detdeploy.runtimes.open import backends_for, model_kind, open_model_file, parse_backends
 
     models = ((model_name,) if model_name else ()) + tuple(models)
@@ -121,6 +124,11 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
             check_output_file(path, overwrite=not no_overwrite, flag=flag)
     if json_path and plot_path and Path(json_path).resolve() == Path(plot_path).resolve():
         raise DetdeployError('--json and --plot name the same file')
+    refuse_overwriting_inputs(
+        [(flag, path) for flag, path in (('--json', json_path), ('--plot', plot_path)) if path],
+        [('model', model) for model, _ in plan] + weight_inputs(checkpoint, class_names)
+        + ([('--images', path) for path in collect_images([images_dir])]
+           if images_dir and Path(images_dir).is_dir() else []))
     overrides = model_overrides(class_names, input_size, mean, std, channel_order, pad_value)
     if overrides.preprocessing_flags() and any(model_kind(m) != 'ort' for m, _ in plan):
         raise DetdeployError(f'{", ".join(overrides.preprocessing_flags())}: only for .onnx '

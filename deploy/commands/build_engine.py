@@ -44,7 +44,7 @@ def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_bat
     build facts go to a JSON file next to it (model.engine -> model.engine.json), which
     `detdeploy infer model.engine` needs.
     """
-    from detdeploy.core.fileio import check_output_file
+    from detdeploy.core.fileio import check_output_file, refuse_overwriting_inputs
     from detdeploy.runtimes.tensorrt_build import BuildOptions
     from detdeploy.runtimes.tensorrt_build import build_engine as build
     from detdeploy.runtimes.tensorrt_common import sidecar_path
@@ -63,6 +63,10 @@ def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_bat
     if calib_images:
         from detdeploy.inference.batch import collect_images
         images = tuple(collect_images([calib_images]))
+    refuse_overwriting_inputs(
+        [('-o', output), ('-o (its sidecar)', sidecar_path(output))]
+        + ([('--timing-cache', timing_cache)] if timing_cache else []),
+        [('MODEL.onnx', onnx_path)] + [('--calib-images', path) for path in images])
     options = BuildOptions(fp16=fp16, int8=int8, calibration_images=images, min_batch=min_batch,
                            opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb,
                            timing_cache=timing_cache, device_id=device_id,

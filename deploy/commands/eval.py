@@ -14,9 +14,10 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
-from .common import (DEFAULT_MODEL, apply_max_pixels, export_for_ort, foreign_model_options,
-                     load_model, max_pixels_option, model_overrides, nms_line, no_overwrite_option,
-                     pytorch_model_options, refuse_weight_flags, torch_device)
+from .common import (DEFAULT_MODEL, FiniteFloat, ThreadCount, apply_max_pixels, export_for_ort,
+                     foreign_model_options, load_model, max_pixels_option, model_overrides,
+                     nms_line, no_overwrite_option, pytorch_model_options, refuse_weight_flags,
+                     torch_device, weight_inputs)
 
 EXIT_CHECK_FAILED = 1
 
@@ -65,12 +66,12 @@ def format_table(results) -> str:
               'registry names, ort for .onnx, trt for .engine]; the first is the baseline.')
 @click.option('--device', default='cpu', show_default=True,
               help='torch: cpu, cuda, cuda:N; ort: cpu, cuda, tensorrt.')
-@click.option('--threads', type=click.IntRange(min=1), help='ort: intra-op threads.')
+@click.option('--threads', type=ThreadCount(), help='ort: intra-op threads.')
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--nms-preset', type=click.Choice(['eval', 'deploy']), default='eval',
               show_default=True, help='NMS of registry models (files keep their own): eval = '
               'score 0.001, 300 detections, as COCO mAP is measured.')
-@click.option('--min-ap', type=click.FloatRange(0, 1),
+@click.option('--min-ap', type=FiniteFloat(0, 1),
               help='Exit with code 1 when any backend scores an AP below this.')
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False),
               help='Write the metrics of every backend here.')
@@ -88,7 +89,7 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     MODEL: a registry name (with --checkpoint; the default is the bundled model), a .onnx or an
     .engine file. With several backends, a table and each one's AP difference to the first.
     """
-    from detdeploy.core.fileio import check_output_file
+    from detdeploy.core.fileio import check_output_file, refuse_overwriting_inputs
     from detdeploy.evaluation.coco_eval import evaluate, load_coco, write_json
     from detdeploy.runtimes.open import backends_for, is_model_file, open_model_file, parse_backends
 
@@ -100,6 +101,8 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     chosen = backends_for(model, parse_backends(backends))
     if json_path:
         check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
+        refuse_overwriting_inputs([('--json', json_path)], [('--ann', ann_file), ('model', model)]
+                                  + weight_inputs(checkpoint, class_names))
     overrides = model_overrides(class_names if is_model_file(model) else None, input_size, mean,
                                 std, channel_order, pad_value)
     if not is_model_file(model) and (overrides.input_size or overrides.preprocessing_flags()):

@@ -9,8 +9,9 @@ import click
 from detdeploy.core.errors import DetdeployError
 from detdeploy.runtimes.open import FILE_BACKENDS
 
-from .common import (apply_max_pixels, load_model, max_pixels_option, no_overwrite_option,
-                     pytorch_model_options, torch_device)
+from .common import (FiniteFloat, apply_max_pixels, load_model, max_pixels_option,
+                     no_overwrite_option, pytorch_model_options, torch_device,
+                     weight_inputs)
 
 EXIT_MISMATCH = 1
 SHOWN_UNMATCHED = 2
@@ -30,9 +31,9 @@ SHOWN_UNMATCHED = 2
               help="The backend's device (ort: cpu, cuda, tensorrt); PyTorch: --torch-device.")
 @click.option('--torch-device', 'torch_device_name', default='cpu', show_default=True,
               help='Device of the PyTorch reference.')
-@click.option('--atol', type=click.FloatRange(min=0),
+@click.option('--atol', type=FiniteFloat(min=0),
               help='Raw-output absolute tolerance [default: by precision, fp32 1e-2].')
-@click.option('--rtol', type=click.FloatRange(min=0),
+@click.option('--rtol', type=FiniteFloat(min=0),
               help='Raw-output relative tolerance [default: by precision, fp32 1e-3].')
 @click.option('--per-layer', is_flag=True,
               help='If raw outputs differ, bisect the graph for the first diverging layer.')
@@ -47,7 +48,7 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
            per_layer, json_path, max_pixels, no_overwrite) -> None:
     """Check that MODEL_FILE gives the PyTorch model's answers: metadata, detections, raw
     outputs (and with --per-layer, the first layer that differs). Exit 0 pass, 1 mismatch."""
-    from detdeploy.core.fileio import check_output_file
+    from detdeploy.core.fileio import check_output_file, refuse_overwriting_inputs
     from detdeploy.inference.batch import collect_images
     from detdeploy.runtimes.open import open_model_file
     from detdeploy.verification.compare import tolerances_for
@@ -60,6 +61,10 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
         raise DetdeployError(f'model file not found: {model_file}')
     if json_path:
         check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
+        image_files = collect_images(list(image_inputs)) if image_inputs else []
+        refuse_overwriting_inputs([('--json', json_path)], [('model', model_file)]
+                                  + [('image', path) for path in image_files]
+                                  + weight_inputs(checkpoint, class_names))
     # a graph that does not fit its metadata is opened anyway: parity reports how it differs
     backend = open_model_file(model_file, backend_name, device=device, check_signature=False)
     images = (random_images(random_count) if random_count
