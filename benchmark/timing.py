@@ -204,7 +204,7 @@ def time_iteration(entry: Entry, images: list[np.ndarray], names: list[str]
     backend.synchronize()
     inferred = clock()
     if not entry.raw_outputs:
-        to_detections(outputs, names, metas, backend.class_names)
+        to_detections(outputs, names, metas, backend.class_names, backend.source)
     finished = clock()
     sample = {'preprocess': (prepared - started) * 1e3, 'inference': (inferred - prepared) * 1e3,
               'postprocess': (finished - inferred) * 1e3, 'end_to_end': (finished - started) * 1e3}

@@ -243,16 +243,30 @@ def atomic_write(path: str | os.PathLike, mode: str = 'wb', overwrite: bool = Tr
         else:
             _link_new(tmp_name, target)
         _fsync_directory(target.parent)
-    except OSError as exc:
+    except Exception as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-        if exc.errno in _DISK_ERRORS and exc.filename is None:
-            raise OutputError(f'cannot write {target}: {exc.strerror}') from None
+        disk = _disk_error(exc)
+        if disk is not None:
+            raise OutputError(f'cannot write {target}: {disk.strerror}') from None
         raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def _disk_error(exc: BaseException) -> OSError | None:
+    """The disk's OSError (full, quota, read-only, I/O) behind `exc`, also when a writer such as
+    torch.save wrapped it into an error of its own; None for any other error, and for one that
+    already names another file (an input that failed to read)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS and exc.filename is None:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
