@@ -39,13 +39,21 @@ def format_bytes(count: int | float) -> str:
     return f'{count:.0f} bytes'
 
 
-def check_memory(needed_bytes: int, what: str) -> None:
-    """Refuse, in one line with both figures, when `needed_bytes` (a lower bound for `what`)
-    exceeds this machine's memory."""
+def memory_problem(needed_bytes: int, what: str) -> str | None:
+    """Why `what` cannot run here, when `needed_bytes` (a lower bound) exceeds this machine's
+    memory; None if it may fit."""
     limit = memory_limit_bytes()
     if limit is not None and needed_bytes > limit:
-        raise DetdeployError(f'{what} needs at least {format_bytes(needed_bytes)} of memory, '
-                             f'more than this machine has ({format_bytes(limit)})')
+        return (f'{what} needs at least {format_bytes(needed_bytes)} of memory, more than this '
+                f'machine has ({format_bytes(limit)})')
+    return None
+
+
+def check_memory(needed_bytes: int, what: str) -> None:
+    """`memory_problem` as a one-line `DetdeployError`."""
+    problem = memory_problem(needed_bytes, what)
+    if problem:
+        raise DetdeployError(problem)
 
 
 def image_batch_bytes(batch: int, height: int, width: int) -> int:

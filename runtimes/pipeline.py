@@ -11,6 +11,7 @@ import numpy as np
 
 from detdeploy.core.detections import ImageDetections, check_outputs
 from detdeploy.core.errors import DetdeployError, ImageError
+from detdeploy.core.memory import check_memory, image_batch_bytes
 from detdeploy.core.preprocessing import PreprocessConfig
 from detdeploy.core.tasks import DETECT
 
@@ -82,7 +83,12 @@ def detect(backend: Backend, sources: Iterable[str | Path | np.ndarray], batch_s
     with `on_unreadable`, is passed to it with the error and skipped."""
     require_detections(backend)
     config = backend.preprocess_config
-    for chunk in _batches(list(sources), batch_size):
+    sources = list(sources)
+    images_per_pass = min(batch_size, len(sources))
+    check_memory(image_batch_bytes(images_per_pass, *config.input_size),
+                 f'a batch of {images_per_pass} images at {config.input_size[0]}x'
+                 f'{config.input_size[1]} (--batch)')
+    for chunk in _batches(sources, batch_size):
         readable, images = [], []
         for source in chunk:
             try:

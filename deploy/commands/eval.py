@@ -89,15 +89,16 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     MODEL: a registry name (with --checkpoint; the default is the bundled model), a .onnx or an
     .engine file. With several backends, a table and each one's AP difference to the first.
     """
-    from detdeploy.core.fileio import check_output_file, refuse_overwriting_inputs
+    from detdeploy.core.fileio import (check_input_file, check_output_file,
+                                       refuse_overwriting_inputs)
     from detdeploy.evaluation.coco_eval import evaluate, load_coco, write_json
     from detdeploy.runtimes.open import backends_for, is_model_file, open_model_file, parse_backends
 
     if model and model_name:
         raise DetdeployError(f'give MODEL or --model, not both ({model}, {model_name})')
     model = model or model_name or DEFAULT_MODEL
-    if is_model_file(model) and not Path(model).is_file():
-        raise DetdeployError(f'model file not found: {model}')
+    if is_model_file(model):
+        check_input_file(model, 'model file')
     chosen = backends_for(model, parse_backends(backends))
     if json_path:
         check_output_file(json_path, overwrite=not no_overwrite, flag='--json')

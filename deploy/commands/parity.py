@@ -48,17 +48,17 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
            per_layer, json_path, max_pixels, no_overwrite) -> None:
     """Check that MODEL_FILE gives the PyTorch model's answers: metadata, detections, raw
     outputs (and with --per-layer, the first layer that differs). Exit 0 pass, 1 mismatch."""
-    from detdeploy.core.fileio import check_output_file, refuse_overwriting_inputs
+    from detdeploy.core.fileio import (check_input_file, check_output_file,
+                                       refuse_overwriting_inputs)
     from detdeploy.inference.batch import collect_images
     from detdeploy.runtimes.open import open_model_file
     from detdeploy.verification.compare import tolerances_for
     from detdeploy.verification.parity import (ParityOptions, file_images, random_images,
-                                               run_parity, write_report)
+                                               recorded_checkpoint, run_parity, write_report)
 
     if bool(image_inputs) == bool(random_count):
         raise DetdeployError('give either --images DIR... or --random N')
-    if not Path(model_file).is_file():
-        raise DetdeployError(f'model file not found: {model_file}')
+    check_input_file(model_file, 'model file')
     if json_path:
         check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
         image_files = collect_images(list(image_inputs)) if image_inputs else []
@@ -70,6 +70,8 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
     images = (random_images(random_count) if random_count
               else file_images(collect_images(list(image_inputs)),
                                apply_max_pixels(max_pixels)))
+    if checkpoint is None and model_name is None:   # the weights the file says it came from
+        checkpoint = recorded_checkpoint(backend.metadata, model_file)
     detector = load_model(model_name or backend.metadata.arch, checkpoint, class_names,
                           trust_checkpoint, 'uses random weights: the file must have been '
                           'exported from the same random weights to agree')
