@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from detdeploy.core.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError, one_line
 from detdeploy.runtimes.open import FILE_BACKENDS
 
 from .common import (FiniteFloat, apply_max_pixels, load_model, max_pixels_option,
@@ -85,7 +85,7 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
     report = run_parity(model_file, backend, detector, images, options)
     if json_path:
         write_report(report, json_path, overwrite=not no_overwrite)
-    lines = format_report(report)
+    lines = [one_line(line) for line in format_report(report)]   # names may hold newlines
     for line in lines[:-1]:
         click.echo(line)
     if json_path:

@@ -5,6 +5,7 @@ NCCL on GPU) and only rank 0 writes.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -20,8 +21,8 @@ def _scale_range(text: str) -> tuple[float, float]:
         low, high = (float(v) for v in text.split(','))
     except ValueError:
         raise DetdeployError(f"--scale-range '{text}': give two numbers, e.g. 0.5,2.0") from None
-    if not 0 < low <= high:
-        raise DetdeployError(f"--scale-range '{text}': need 0 < low <= high")
+    if not (math.isfinite(high) and 0 < low <= high):
+        raise DetdeployError(f"--scale-range '{text}': need finite numbers 0 < low <= high")
     return low, high
 
 
