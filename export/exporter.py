@@ -73,9 +73,7 @@ def validate_options(options: ExportOptions, input_hw: tuple[int, int], task: st
     if options.batch < 1:
         raise DetdeployError(f'batch must be at least 1, got {options.batch}')
     options.nms.check()
-    if options.opset is not None and not MIN_OPSET <= options.opset <= max_opset():
-        raise DetdeployError(f'--opset {options.opset} is not supported: the exporter writes '
-                             f'opsets {MIN_OPSET} to {max_opset()}')
+    check_opset(options.opset)
     if options.trt_plugin_domain not in TRT_PLUGIN_DOMAINS:
         raise DetdeployError(f"TensorRT plugin domain must be one of {TRT_PLUGIN_DOMAINS}")
 
@@ -84,6 +82,13 @@ def max_opset() -> int:
     """The newest opset torch's exporter writes (its version converter fails beyond it)."""
     from torch.onnx import _constants
     return int(getattr(_constants, 'ONNX_MAX_OPSET', MIN_OPSET))
+
+
+def check_opset(opset: int | None) -> None:
+    """An opset the exporter writes (None: its default), or a one-line error."""
+    if opset is not None and not MIN_OPSET <= opset <= max_opset():
+        raise DetdeployError(f'--opset {opset} is not supported: the exporter writes opsets '
+                             f'{MIN_OPSET} to {max_opset()}')
 
 
 def _dynamic_shapes(options: ExportOptions, size_divisor: int) -> dict | None:

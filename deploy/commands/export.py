@@ -41,7 +41,7 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
     import dataclasses
 
     from detdeploy.core.fileio import check_output_file, refuse_overwriting_inputs
-    from detdeploy.export.exporter import ExportOptions, export_onnx
+    from detdeploy.export.exporter import ExportOptions, check_opset, export_onnx
     from detdeploy.models.registry import get_spec
 
     input_hw = parse_input_size(input_size)
@@ -49,6 +49,8 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
     output = output or f'{get_spec(model_name or DEFAULT_MODEL).name}.onnx'
     check_output_file(output, overwrite=not no_overwrite, flag='-o')
     refuse_overwriting_inputs([('-o', output)], weight_inputs(checkpoint, class_names))
+    check_opset(opset)
+    get_spec(model_name or DEFAULT_MODEL).preprocessing.with_input_size(input_hw)
     detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
                           'is exported with random weights')
     overrides = {'score_thr': score_thr, 'iou_thr': iou_thr, 'pre_top_k': pre_top_k,
