@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def load_checkpoint_file(path: str | Path, trust: bool = False) -> dict:
     if magic != b'PK\x03\x04' and magic[:1] != b'\x80':
         raise CheckpointError(f'{path} is not a PyTorch checkpoint (neither a zip nor a pickle file)')
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=not trust)
+        with warnings.catch_warnings():     # torch warns about sparse tensors it then loads
+            warnings.simplefilter('ignore', UserWarning)
+            obj = torch.load(path, map_location='cpu', weights_only=not trust)
     except pickle.UnpicklingError as exc:
         # torch names the refused global: "Unsupported global: GLOBAL m.C" for classes
         # outside its allow-list, "unsupported GLOBAL m.f whose module m is blocked" for
