@@ -193,6 +193,11 @@ def check_graph_signature(model, metadata: ModelMetadata, source: str) -> None:
     if not _outputs_follow(model, schema):
         raise ModelFileError(f'{source}: outputs ({_describe_outputs(model)}) do not match the '
                              f'layout its metadata states ({layout})')
+    if not metadata.has_nms:        # per-anchor scores [B, N, C]: C is the class count
+        classes = _value_shape(model.graph.output[len(schema) - 1])[-1]
+        if classes is not None and classes != len(metadata.class_names):
+            raise ModelFileError(f'{source}: its graph scores {classes} classes but its metadata '
+                                 f'names {len(metadata.class_names)}')
     names = [o.name for o in model.graph.output]
     if metadata.arch != FOREIGN_ARCH and names != [field.name for field in schema]:
         raise ModelFileError(f'{source}: outputs are ({", ".join(names)}) but its metadata '

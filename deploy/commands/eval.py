@@ -89,6 +89,7 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     MODEL: a registry name (with --checkpoint; the default is the bundled model), a .onnx or an
     .engine file. With several backends, a table and each one's AP difference to the first.
     """
+    from detdeploy.core.coco import image_path
     from detdeploy.core.fileio import (check_input_file, check_output_file,
                                        refuse_overwriting_inputs)
     from detdeploy.evaluation.coco_eval import evaluate, load_coco, write_json
@@ -113,6 +114,9 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
         refuse_weight_flags(model, checkpoint, trust_checkpoint)
     limit = apply_max_pixels(max_pixels)
     coco = load_coco(ann_file)
+    if json_path:                   # nor over an image of the dataset
+        refuse_overwriting_inputs([('--json', json_path)], [
+            ('image', image_path(image_dir, image['file_name'])) for image in coco.imgs.values()])
     options = {'checkpoint': checkpoint, 'class_names': class_names, 'device': device,
                'trust_checkpoint': trust_checkpoint, 'nms_preset': nms_preset,
                'threads': threads}

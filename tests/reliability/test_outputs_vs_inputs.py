@@ -83,6 +83,9 @@ CASES = {
                                    '{imgs}/a.png'], 'would overwrite the input image'),
     'eval --json == --ann': (['eval', '{good}', '--ann', '{ann}', '--images', '{imgs}',
                               '--json', '{ann}'], 'would overwrite the input --ann'),
+    'eval --json == an image of the dataset': (['eval', '{good}', '--ann', '{ann}', '--images',
+                                                '{imgs}', '--json', '{imgs}/a.png'],
+                                               'would overwrite the input image'),
     'eval --json == model': (['eval', '{good}', '--ann', '{ann}', '--images', '{imgs}',
                               '--json', '{good}'], 'would overwrite the input model'),
     'build-engine --timing-cache == its ONNX': (

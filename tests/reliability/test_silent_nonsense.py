@@ -301,3 +301,23 @@ def test_parity_uses_the_recorded_weights_or_says_they_are_missing(files, capsys
     with pytest.raises(DetdeployError, match='which is not here'):
         recorded_checkpoint(io_helpers.metadata(checkpoint=str(tiny_checkpoint),
                                                 checkpoint_sha256='0' * 64), 'm')
+
+
+def test_raw_output_class_count_is_checked_against_the_metadata(tmp_path):
+    """A --nms none graph's scores [B, N, C] state the class count: names must match it."""
+    from detdeploy.core.errors import ModelFileError
+    from detdeploy.runtimes.model_file import resolve_onnx_metadata
+    graph = helper.make_graph(
+        [helper.make_node('Constant', [], ['boxes'], value=numpy_helper.from_array(
+            np.zeros((1, 5, 4), np.float32))),
+         helper.make_node('Constant', [], ['scores'], value=numpy_helper.from_array(
+             np.zeros((1, 5, 3), np.float32)))],
+        'raw', [helper.make_tensor_value_info('images', onnx.TensorProto.FLOAT, [1, 3, 64, 64])],
+        [helper.make_tensor_value_info('boxes', onnx.TensorProto.FLOAT, [1, 5, 4]),
+         helper.make_tensor_value_info('scores', onnx.TensorProto.FLOAT, [1, 5, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18)])
+    model.ir_version = 8
+    helper.set_model_props(model, io_helpers.metadata(batch=1, nms_mode='none').to_props())
+    path = io_helpers.save(model, tmp_path / 'raw.onnx')
+    with pytest.raises(ModelFileError, match='its graph scores 3 classes but its metadata names 2'):
+        resolve_onnx_metadata(path)
