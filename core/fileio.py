@@ -80,11 +80,11 @@ def refuse_overwriting_inputs(outputs: Iterable[tuple[str, str | os.PathLike]],
     """The one rule every writing command applies before any work: no file it writes may be
     one of the files it reads (the same file after symlinks and hard links), and no two
     outputs may be the same file. `outputs` and `inputs` are (flag or description, path)
-    pairs; None paths are skipped. Directories among `inputs` are skipped (their files are
-    listed one by one by the caller)."""
+    pairs; None paths, inputs that do not exist (a registry name, nothing to lose) and
+    directories (their files are listed one by one by the caller) are skipped."""
     read: dict[tuple, tuple[str, Path]] = {}
     for label, path in inputs:
-        if path is None or Path(path).is_dir():
+        if path is None or not os.path.exists(path) or Path(path).is_dir():
             continue
         read.setdefault(_identity(Path(path)), (label, Path(path)))
     written: dict[tuple, tuple[str, Path]] = {}

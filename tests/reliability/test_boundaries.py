@@ -5,15 +5,13 @@ locations. Each is one line naming the file, the field and the problem, exit 2."
 import copy
 import errno
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
-from onnx import helper
 
 import io_helpers
-from detdeploy.core.errors import CheckpointError, DetdeployError
+from detdeploy.core.errors import DetdeployError
 
 BASE_COCO = {
     'images': [{'id': 1, 'file_name': 'a.png', 'height': 64, 'width': 64}],
