@@ -48,6 +48,8 @@ def check_input_file(path: str | os.PathLike, what: str = 'file') -> Path:
     target = Path(path)
     try:
         mode = os.stat(target).st_mode
+    except ValueError:                      # a NUL byte
+        raise DetdeployError(f'{what} {str(target)!r} is not a valid file name') from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise DetdeployError(f'{what} {target} is not a regular file (a symlink loop)') \
@@ -71,7 +73,7 @@ def _identity(path: Path) -> tuple:
     try:
         info = os.stat(path)
         return ('inode', info.st_dev, info.st_ino)
-    except OSError:
+    except (OSError, ValueError):
         return ('path', os.path.realpath(path))
 
 

@@ -103,8 +103,6 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     chosen = backends_for(model, parse_backends(backends))
     if json_path:
         check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
-        refuse_overwriting_inputs([('--json', json_path)], [('--ann', ann_file), ('model', model)]
-                                  + weight_inputs(checkpoint, class_names))
     overrides = model_overrides(class_names if is_model_file(model) else None, input_size, mean,
                                 std, channel_order, pad_value)
     if not is_model_file(model) and (overrides.input_size or overrides.preprocessing_flags()):
@@ -114,9 +112,12 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
         refuse_weight_flags(model, checkpoint, trust_checkpoint)
     limit = apply_max_pixels(max_pixels)
     coco = load_coco(ann_file)
-    if json_path:                   # nor over an image of the dataset
-        refuse_overwriting_inputs([('--json', json_path)], [
-            ('image', image_path(image_dir, image['file_name'])) for image in coco.imgs.values()])
+    if json_path:                   # before any model runs
+        refuse_overwriting_inputs(
+            [('--json', json_path)],
+            [('--ann', ann_file), ('model', model)] + weight_inputs(checkpoint, class_names)
+            + [('image', image_path(image_dir, image['file_name']))
+               for image in coco.imgs.values()])
     options = {'checkpoint': checkpoint, 'class_names': class_names, 'device': device,
                'trust_checkpoint': trust_checkpoint, 'nms_preset': nms_preset,
                'threads': threads}
