@@ -6,6 +6,7 @@ sample as data. Printing, JSON and plots live in `report`; statistics in `stats`
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,13 @@ import numpy as np
 from detdeploy.benchmark.stats import alternating_schedule, paired_ratios
 from detdeploy.benchmark.system import load_average, system_info
 from detdeploy.core.errors import DetdeployError
+from detdeploy.core.memory import check_memory, image_batch_bytes
 from detdeploy.runtimes.backend import IO_BINDING, Backend
 from detdeploy.runtimes.pipeline import prepare_batch, require_detections, to_detections
 
 STAGES = ('preprocess', 'inference', 'postprocess', 'end_to_end')
 IO_BINDING_KEY = 'inference_io_binding'
+MAX_SECONDS = 3600.0            # --seconds per configuration
 MAX_IMAGES = 64                 # images decoded into memory from --images
 GENERATED_SIZES_HW = ((480, 640), (640, 480), (427, 640), (640, 427), (360, 640), (512, 512),
                       (375, 500), (500, 375))          # typical COCO shapes
@@ -146,6 +149,17 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def check_batch_memory(max_batch: int, input_sizes: list[tuple[int, int]],
+                       images: int | None = None) -> None:
+    """Refuse a --batch whose network input (at the largest input size) and generated images
+    cannot fit in memory, before any image is made."""
+    count = images if images is not None else max(len(GENERATED_SIZES_HW), max_batch)
+    largest = max((h * w for h, w in input_sizes), default=0)
+    per_image = sum(3 * h * w for h, w in GENERATED_SIZES_HW) // len(GENERATED_SIZES_HW)
+    check_memory(max_batch * image_batch_bytes(1, 1, largest) + count * per_image,
+                 f'--batch {max_batch}')
+
+
 def generated_images(count: int) -> list[np.ndarray]:
     """Deterministic RGB images of typical COCO sizes: colour blocks on noise."""
     images = []
@@ -166,6 +180,7 @@ def load_images(folder: str | Path | None, max_batch: int,
                 max_pixels: int | None = None) -> tuple[list[np.ndarray], list[str], str]:
     """Images decoded once into memory, their names, and a description for the header."""
     if folder is None:
+        check_batch_memory(max_batch, [])
         count = max(len(GENERATED_SIZES_HW), max_batch)
         sizes = sorted({f'{w}x{h}' for h, w in GENERATED_SIZES_HW[:count]})
         return (generated_images(count), ['<generated>'] * count,
@@ -202,7 +217,7 @@ def time_iteration(entry: Entry, images: list[np.ndarray], names: list[str]
     backend.synchronize()
     inferred = clock()
     if not entry.raw_outputs:
-        to_detections(outputs, names, metas, backend.class_names)
+        to_detections(outputs, names, metas, backend.class_names, backend.source)
     finished = clock()
     sample = {'preprocess': (prepared - started) * 1e3, 'inference': (inferred - prepared) * 1e3,
               'postprocess': (finished - inferred) * 1e3, 'end_to_end': (finished - started) * 1e3}
@@ -231,6 +246,11 @@ def run_benchmark(entries: list[Entry], batches: tuple[int, ...], images: list[n
         raise DetdeployError('nothing to benchmark: no models given')
     if not images:
         raise DetdeployError('no images to benchmark with')
+    if seconds is not None and not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+        raise DetdeployError(f'--seconds {seconds}: give a number of seconds above 0 and at '
+                             f'most {MAX_SECONDS:g} per configuration')
+    check_batch_memory(max(batches), [entry.backend.preprocess_config.input_size
+                                      for entry in entries], len(images))
     configs = [ConfigResult(config_label(entry, batch), entry, batch)
                for entry in entries for batch in batches]
     system = system_info()

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ModelFileError
 from .nms import keep_above
+from .tasks import has_nms, output_schema
 
 
 @dataclass
@@ -53,3 +55,45 @@ class ImageDetections:
                                       for i, v in enumerate(rotated)]
         return {'image': self.source, 'height': int(self.image_hw[0]),
                 'width': int(self.image_hw[1]), 'detections': rows}
+
+
+def check_outputs(outputs, task: str, nms_mode: str, num_classes: int, source: str) -> None:
+    """A model's outputs for one batch are what its schema promises, or a one-line error naming
+    `source` and the output: the right count, dtypes and batch; for NMS layouts `num_dets`
+    within 0..K and, in the valid rows, labels within the classes and finite boxes and scores.
+    A model that breaks these would otherwise give wrapped labels or NaN boxes downstream."""
+    schema = output_schema(task, nms_mode)
+    if len(outputs) != len(schema):
+        raise ModelFileError(f'{source} returned {len(outputs)} outputs, its layout has '
+                             f'{len(schema)} ({", ".join(f.name for f in schema)})')
+    for field, array in zip(schema, outputs):
+        if np.ndim(array) != field.rank:
+            raise ModelFileError(f'{source}: output {field.name} has shape '
+                                 f'{list(np.shape(array))}, not rank {field.rank}')
+        kind = np.asarray(array).dtype.kind
+        if (field.kind == 'i') != (kind in 'iu'):
+            raise ModelFileError(f'{source}: output {field.name} is {np.asarray(array).dtype}, '
+                                 f'not {field.dtype}')
+    if len({len(array) for array in outputs}) != 1:
+        raise ModelFileError(f'{source}: outputs disagree on the batch size '
+                             f'({", ".join(str(len(a)) for a in outputs)})')
+    if not has_nms(nms_mode):
+        return
+    num_dets, boxes, scores, labels = outputs[:4]
+    rows = scores.shape[1]
+    counts = num_dets[:, 0]
+    if counts.size and (counts.min() < 0 or counts.max() > rows):
+        bad = int(counts[(counts < 0) | (counts > rows)][0])
+        raise ModelFileError(f'{source}: output num_dets is {bad}, outside 0..{rows} (the rows '
+                             'of boxes, scores and labels)')
+    valid = np.arange(rows)[None, :] < counts[:, None]
+    valid_labels = labels[valid]
+    if valid_labels.size and (valid_labels.min() < 0 or valid_labels.max() >= num_classes):
+        bad = int(valid_labels[(valid_labels < 0) | (valid_labels >= num_classes)][0])
+        raise ModelFileError(f'{source}: output labels holds {bad}, outside the model\'s '
+                             f'{num_classes} classes (0..{num_classes - 1}); its class names '
+                             'do not fit the graph')
+    for name, values in (('boxes', boxes[valid]), ('scores', scores[valid])):
+        if not np.isfinite(values).all():
+            raise ModelFileError(f'{source}: output {name} holds non-finite values (NaN or '
+                                 'infinity) in detections it reports as valid')

@@ -34,3 +34,15 @@ class MetadataError(DetdeployError):
 
 class OutputError(DetdeployError):
     """An output path that cannot be written, or exists under --no-overwrite."""
+
+
+# every character str.splitlines() breaks a line at
+_LINE_BREAKS = '\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029'
+
+
+def one_line(text: str) -> str:
+    """`text` on one line: line breaks (in file names, in a library's reason) shown escaped, as
+    Python's repr shows them, so a message or verdict stays one line."""
+    if not any(char in text for char in _LINE_BREAKS):
+        return text
+    return ''.join(repr(char)[1:-1] if char in _LINE_BREAKS else char for char in text)

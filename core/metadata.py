@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .errors import DetdeployError, MetadataError
+from .memory import format_bytes, image_batch_bytes, memory_limit_bytes
 from .nms import NMSConfig
 from .preprocessing import CHANNEL_ORDERS, PreprocessConfig
 from .tasks import NMS_MODES, TASKS, describe_layout, has_nms, has_schema, output_schema
@@ -105,7 +106,10 @@ class ModelMetadata:
             nms_values = json.loads(props['nms'])
             nms = NMSConfig.from_dict(nms_values) if nms_values else None
             field_name = 'raw_outputs'
-            raw_outputs = tuple(json.loads(props.get('raw_outputs', '[]')))
+            raw_outputs = json.loads(props.get('raw_outputs', '[]'))
+            if not isinstance(raw_outputs, list):
+                raise ValueError(f'a {type(raw_outputs).__name__}, not a list of tensor names')
+            raw_outputs = tuple(raw_outputs)
             field_name = 'batch'
             batch = None if props['batch'] == 'dynamic' else int(props['batch'])
             field_name = 'dynamic_shape'
@@ -125,9 +129,10 @@ class ModelMetadata:
         except KeyError as exc:
             raise MetadataError(f'{source} has incomplete detdeploy metadata (no '
                                 f'{exc.args[0]})') from None
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             raise MetadataError(f'{source} has invalid detdeploy metadata: {field_name}: '
-                                f'{exc}') from None
+                                f'{type(exc).__name__ if isinstance(exc, RecursionError) else exc}'
+                                ) from None
         problem = metadata.problem()
         if problem:
             raise MetadataError(f'{source} has invalid detdeploy metadata: {problem}')
@@ -152,6 +157,18 @@ class ModelMetadata:
             return f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}"
         if self.batch is not None and self.batch < 1:
             return f'batch {self.batch} is below 1'
+        if self.batch is not None:
+            needed = image_batch_bytes(self.batch, *self.preprocess.input_size)
+            limit = memory_limit_bytes()
+            if limit is not None and needed > limit:
+                return (f'batch {self.batch} at {self.preprocess.input_size[0]}x'
+                        f'{self.preprocess.input_size[1]} needs at least '
+                        f'{format_bytes(needed)} of memory, more than this machine has '
+                        f'({format_bytes(limit)})')
+        if not isinstance(self.dynamic_shape, bool):
+            return f'dynamic_shape must be true or false, got {self.dynamic_shape!r}'
+        if not all(isinstance(name, str) and name for name in self.raw_outputs):
+            return 'raw_outputs must be a list of tensor names'
         return None
 
     def with_input_size(self, input_hw: tuple[int, int] | None, source: str) -> 'ModelMetadata':

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 from .errors import DetdeployError
 
+MAX_PRE_TOP_K = 1_000_000      # per pyramid level; MMDetection's largest preset is 30,000
+MAX_DETECTIONS = 100_000       # per image
 NMS_PRESETS = ('deploy', 'eval')
 """deploy: fewer, surer candidates and a small output (the default of export, infer, bench);
 eval: the family's test config, what its published mAP is measured with (the default of eval)."""
@@ -33,6 +35,8 @@ class NMSConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> 'NMSConfig':
+        if not isinstance(values, dict):
+            raise TypeError(f'must be a JSON object, got {type(values).__name__}')
         return cls(score_thr=float(values['score_thr']), pre_top_k=int(values['pre_top_k']),
                    iou_thr=float(values['iou_thr']), max_det=int(values['max_det']))
 
@@ -41,8 +45,10 @@ class NMSConfig:
         for name, value in (('score_thr', self.score_thr), ('iou_thr', self.iou_thr)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
                 return f'{name} must be a number in [0, 1], got {value}'
-        if self.pre_top_k < 1 or self.max_det < 1:
-            return 'pre_top_k and max_det must be at least 1'
+        for name, value, most in (('pre_top_k', self.pre_top_k, MAX_PRE_TOP_K),
+                                  ('max_det', self.max_det, MAX_DETECTIONS)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+                return f'{name} must be an integer from 1 to {most}, got {value}'
         return None
 
     def check(self) -> 'NMSConfig':

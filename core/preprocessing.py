@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from .errors import DetdeployError
+from .memory import format_bytes, image_batch_bytes, memory_limit_bytes
 
 RESIZE_MODES = ('fit', 'scale', 'stretch')
 """fit: keep the ratio, fit inside input_size (RTMDet, YOLO); scale: keep the ratio, MMDetection's
@@ -24,12 +25,25 @@ CHANNEL_ORDERS = ('rgb', 'bgr')
 
 def check_input_size(input_hw: tuple[int, int], size_divisor: int,
                      flag: str = '--input-size') -> None:
-    """Both sides positive multiples of the network's size divisor, or a one-line error."""
-    if len(input_hw) != 2 or any(not isinstance(side, int) or side <= 0 or side % size_divisor
-                                 for side in input_hw):
+    """The one rule for a network input size, wherever it comes from (a flag of infer, export
+    or bench, a file's metadata or graph, a checkpoint): both sides positive multiples of the
+    network's size divisor, and one image's input fitting in memory; or a one-line error."""
+    problem = input_size_problem(input_hw, size_divisor)
+    if problem:
         shown = 'x'.join(str(side) for side in input_hw)
-        raise DetdeployError(f'{flag} {shown}: both sides must be positive multiples of '
-                             f'{size_divisor}')
+        raise DetdeployError(f'{flag} {shown}: {problem}')
+
+
+def input_size_problem(input_hw, size_divisor: int) -> str | None:
+    if len(input_hw) != 2 or any(not isinstance(side, int) or isinstance(side, bool)
+                                 or side <= 0 or side % size_divisor for side in input_hw):
+        return f'both sides must be positive multiples of {size_divisor}'
+    needed = image_batch_bytes(1, *input_hw)
+    limit = memory_limit_bytes()
+    if limit is not None and needed > limit:
+        return (f'one image\'s network input alone needs {format_bytes(needed)} of memory, '
+                f'more than this machine has ({format_bytes(limit)})')
+    return None
 
 
 def _finite(values) -> bool:
@@ -55,6 +69,8 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, values: dict) -> 'PreprocessConfig':
         """From `to_dict`'s form; keys added since a file was written take their defaults."""
+        if not isinstance(values, dict):
+            raise TypeError(f'must be a JSON object, got {type(values).__name__}')
         defaults = cls()
         return cls(input_size=tuple(values['input_size']), channel_order=values['channel_order'],
                    mean=tuple(values['mean']), std=tuple(values['std']),
@@ -72,12 +88,15 @@ class PreprocessConfig:
             return f"pad '{self.pad}' is not one of {', '.join(PAD_MODES)}"
         if not isinstance(self.size_divisor, int) or self.size_divisor < 1:
             return f'size_divisor {self.size_divisor} is not a positive integer'
-        if len(self.input_size) != 2 or not all(isinstance(v, int) and v > 0
-                                                for v in self.input_size):
+        if len(self.input_size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                and v > 0 for v in self.input_size):
             return f'input_size {list(self.input_size)} is not two positive integers'
         if self.pad == 'fixed' and any(v % self.size_divisor for v in self.input_size):
             return (f'input_size {list(self.input_size)} is not a multiple of size_divisor '
                     f'{self.size_divisor}')
+        problem = input_size_problem(self.input_size, 1)
+        if problem:
+            return f'input_size {list(self.input_size)}: {problem}'
         if self.channel_order not in CHANNEL_ORDERS:
             return f"channel_order '{self.channel_order}' is not rgb or bgr"
         if len(self.mean) != 3 or len(self.std) != 3:

@@ -29,18 +29,18 @@ class EvalResult:
 
 
 def load_coco(ann_file: str | Path):
-    """A pycocotools COCO object, quietly; a bad file is a one-line error."""
+    """A pycocotools COCO object of a checked file (`core.coco.read_coco_file`), quietly; a bad
+    file is a one-line error naming the field."""
     from pycocotools.coco import COCO
+
+    from detdeploy.core.coco import read_coco_file
     path = Path(ann_file)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise DetdeployError(f'annotation file {path} does not exist')
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(path))
-        coco.getCatIds()
-        coco.getImgIds()
-    except (ValueError, KeyError, TypeError, AssertionError) as exc:
-        raise DetdeployError(f'{path} is not a COCO instances file ({exc})') from None
+    coco = COCO()
+    coco.dataset = read_coco_file(path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
     return coco
 
 
@@ -67,6 +67,7 @@ def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: i
     annotation file lists would not be comparable."""
     from tqdm import tqdm
 
+    from detdeploy.core.coco import image_path
     from detdeploy.runtimes.pipeline import detect
 
     coco = coco or load_coco(ann_file)
@@ -82,8 +83,11 @@ def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: i
     if list(names) != list(backend.class_names):
         warnings.append(f"class names differ from the annotation file's ({names[:3]}... vs "
                         f'{list(backend.class_names)[:3]}...); matching by index')
+    if not coco.dataset['annotations']:
+        raise DetdeployError(f'{ann_file} has no annotations (no ground truth): there is nothing '
+                             'to score')
     image_ids = sorted(coco.getImgIds())
-    files = [image_root / coco.imgs[i]['file_name'] for i in image_ids]
+    files = [image_path(image_root, coco.imgs[i]['file_name']) for i in image_ids]
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise DetdeployError(f'{len(missing)} annotated images are missing, e.g. {missing[0]}')

@@ -30,6 +30,7 @@ from .onnx_nms import TRT_PLUGIN_DOMAINS, batched_nms_to_onnx, efficient_nms_tra
 from .simplify import simplify
 
 INPUT_NAME = 'images'
+MIN_OPSET = 18                  # the dynamo exporter's first opset
 MAX_DYNAMIC_BATCH = 1024
 MAX_DYNAMIC_SIDE = 4096
 TRT_SLOW_SCORE_THR = 0.01   # EfficientNMS_TRT gets much slower below this
@@ -72,8 +73,22 @@ def validate_options(options: ExportOptions, input_hw: tuple[int, int], task: st
     if options.batch < 1:
         raise DetdeployError(f'batch must be at least 1, got {options.batch}')
     options.nms.check()
+    check_opset(options.opset)
     if options.trt_plugin_domain not in TRT_PLUGIN_DOMAINS:
         raise DetdeployError(f"TensorRT plugin domain must be one of {TRT_PLUGIN_DOMAINS}")
+
+
+def max_opset() -> int:
+    """The newest opset torch's exporter writes (its version converter fails beyond it)."""
+    from torch.onnx import _constants
+    return int(getattr(_constants, 'ONNX_MAX_OPSET', MIN_OPSET))
+
+
+def check_opset(opset: int | None) -> None:
+    """An opset the exporter writes (None: its default), or a one-line error."""
+    if opset is not None and not MIN_OPSET <= opset <= max_opset():
+        raise DetdeployError(f'--opset {opset} is not supported: the exporter writes opsets '
+                             f'{MIN_OPSET} to {max_opset()}')
 
 
 def _dynamic_shapes(options: ExportOptions, size_divisor: int) -> dict | None:
@@ -178,6 +193,9 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
     _drop_outputs(model, raw_names)
     processing = detector.spec.preprocessing.with_input_size(tuple(input_hw))
     opset = next(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx'))
+    if options.opset is not None and opset != options.opset:
+        raise DetdeployError(f'--opset {options.opset} was asked for but the exporter wrote '
+                             f'opset {opset}; nothing written')
     metadata = detector.metadata(
         options.nms, options.nms_mode, processing, precision='fp32', raw_outputs=raw_names,
         batch=None if options.dynamic_batch else options.batch,

@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from detdeploy.core.detections import ImageDetections
 from detdeploy.core.errors import DetdeployError
-from detdeploy.core.fileio import atomic_write, make_output_dir, refuse_existing
+from detdeploy.core.fileio import (atomic_write, check_input_file, make_output_dir,
+                                   refuse_existing)
 from detdeploy.inference.draw import draw_detections
 from detdeploy.runtimes.backend import Backend
 from detdeploy.runtimes.pipeline import detect
@@ -61,8 +62,8 @@ def collect_images(paths: list[str | Path]) -> list[Path]:
                                      f'{exc.strerror}') from None
             images.extend(p for p in entries
                           if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        elif path.is_file():
-            images.append(path)
+        elif path.exists() or path.is_symlink():
+            images.append(check_input_file(path, 'image'))    # not a FIFO, device or loop
         else:
             raise DetdeployError(f'no such image file or directory: {path}')
     if not images:

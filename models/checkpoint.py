@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 import detdeploy
-from detdeploy.core.errors import CheckpointError
-from detdeploy.core.fileio import atomic_write, file_sha256
+from detdeploy.core.errors import CheckpointError, DetdeployError
+from detdeploy.core.fileio import atomic_write, check_input_file, file_sha256
 from detdeploy.core.metadata import ModelMetadata
 from detdeploy.core.nms import NMSConfig
-from detdeploy.core.preprocessing import PreprocessConfig
+from detdeploy.core.preprocessing import PreprocessConfig, check_input_size
 
 from .base import Detector, ModelSpec
 from .registry import get_spec
@@ -50,17 +51,25 @@ class LoadedDetector:
             checkpoint_sha256=self.checkpoint_sha256, **values)
 
 
-def read_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict, dict]:
-    """(state_dict, meta) from an MMDetection checkpoint or a plain state dict."""
+def load_checkpoint_file(path: str | Path, trust: bool = False) -> dict:
+    """The dict a checkpoint file holds, read with torch's weights-only loader (unless `trust`);
+    every way a file can fail to be one (missing, not a regular file, truncated, not a pickle,
+    refused by the safe loader) is a one-line `CheckpointError` naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        check_input_file(path, 'checkpoint')
+    except CheckpointError:
+        raise
+    except DetdeployError as exc:
+        raise CheckpointError(str(exc)) from None
     with open(path, 'rb') as handle:
         magic = handle.read(4)
     if magic != b'PK\x03\x04' and magic[:1] != b'\x80':
         raise CheckpointError(f'{path} is not a PyTorch checkpoint (neither a zip nor a pickle file)')
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=not trust)
+        with warnings.catch_warnings():     # torch warns about sparse tensors it then loads
+            warnings.simplefilter('ignore', UserWarning)
+            obj = torch.load(path, map_location='cpu', weights_only=not trust)
     except pickle.UnpicklingError as exc:
         # torch names the refused global: "Unsupported global: GLOBAL m.C" for classes
         # outside its allow-list, "unsupported GLOBAL m.f whose module m is blocked" for
@@ -79,41 +88,84 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict, dict]:
                 'refused it); if you trust its source, pass --trust-checkpoint') from None
         raise CheckpointError(f'{path} is not a PyTorch checkpoint '
                               f'({reason.group(1) if reason else _first_line(exc)})') from None
-    except Exception as exc:  # torch raises several types for files that are not checkpoints
+    except Exception as exc:  # torch raises many types for files that are not checkpoints
         raise CheckpointError(f'cannot read checkpoint {path}: {_first_line(exc)}') from None
     if not isinstance(obj, dict):
         raise CheckpointError(f'{path} holds a {type(obj).__name__}, not a state dict')
+    return obj
+
+
+def read_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict, dict]:
+    """(state_dict, meta) from an MMDetection checkpoint or a plain state dict, checked
+    (`check_state_dict`): string keys, dense tensors, finite floating-point values."""
+    obj = load_checkpoint_file(path, trust)
     state_dict = obj.get('state_dict', obj.get('model', obj))
     meta = obj.get('meta') or {}
-    if not isinstance(state_dict, dict) or not all(
+    if not isinstance(state_dict, dict) or not state_dict or not all(
             isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f'{path} has no state dict of tensors')
+    check_state_dict(state_dict, path)
     # Weights saved from a DistributedDataParallel wrapper carry a 'module.' prefix.
-    if state_dict and all(k.startswith('module.') for k in state_dict):
+    if all(k.startswith('module.') for k in state_dict):
         state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
     return state_dict, meta if isinstance(meta, dict) else {}
 
 
+def check_state_dict(state_dict: dict, path: str | Path) -> None:
+    """The schema of a state dict: string keys and dense tensors; floating-point tensors hold
+    finite values (a NaN or infinite weight makes a model that silently detects nothing)."""
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f'{path}: state dict key {key!r} is a {type(key).__name__}, '
+                                  'not a parameter name')
+        if tensor.layout != torch.strided:
+            raise CheckpointError(f'{path}: {key} is a {str(tensor.layout).split(".")[-1]} '
+                                  'tensor; checkpoints hold dense tensors (call .to_dense())')
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f'{path}: {key} holds {count} non-finite values (NaN or '
+                                  'infinity): the weights are broken (a diverged run?)')
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return f'{type(exc).__name__}: {text.splitlines()[0][:160]}' if text else type(exc).__name__
+    return f'{type(exc).__name__}: {text.splitlines()[0]}' if text else type(exc).__name__
 
 
-def class_names_from_meta(meta: dict) -> tuple[str, ...] | None:
-    """Class names stored by detdeploy (meta['detdeploy']) or MMDetection (dataset_meta)."""
-    for source in (meta.get('detdeploy', {}), meta.get('dataset_meta', {}), meta):
-        names = source.get('class_names') or source.get('classes') or source.get('CLASSES')
-        if names:
-            return tuple(str(n) for n in names)
+def class_names_from_meta(meta: dict, path: str | Path = 'checkpoint'
+                          ) -> tuple[str, ...] | None:
+    """Class names stored by detdeploy (meta['detdeploy']) or MMDetection (dataset_meta): a
+    list of strings, or a one-line error (one string would otherwise be split into letters)."""
+    for where in ('detdeploy', 'dataset_meta', None):
+        source = meta.get(where, {}) if where else meta
+        if not isinstance(source, dict):
+            continue
+        for key in ('class_names', 'classes', 'CLASSES'):
+            names = source.get(key)
+            if names is None or (isinstance(names, (list, tuple)) and not names):
+                continue
+            field = f"meta{f'.{where}' if where else ''}.{key}"
+            if isinstance(names, str):
+                raise CheckpointError(f'{path}: {field} is one string ({names[:40]!r}), not a '
+                                      'list of class names')
+            if not isinstance(names, (list, tuple)) or not all(
+                    isinstance(name, str) and name for name in names):
+                raise CheckpointError(f'{path}: {field} must be a list of non-empty strings, '
+                                      f'got {type(names).__name__}')
+            return tuple(names)
     return None
 
 
-def input_size_from_meta(meta: dict, size_divisor: int) -> tuple[int, int] | None:
-    """The (height, width) a checkpoint was trained for, if its meta says (and it fits)."""
+def input_size_from_meta(meta: dict, size_divisor: int, path: str | Path = 'checkpoint'
+                         ) -> tuple[int, int] | None:
+    """The (height, width) a checkpoint was trained for, if its meta says (and it fits; a
+    size too large for this machine's memory is an error, `check_input_size`)."""
     ours = meta.get('detdeploy') if isinstance(meta, dict) else None
     size = ours.get('input_size') if isinstance(ours, dict) else None
     if (isinstance(size, (list, tuple)) and len(size) == 2
-            and all(isinstance(v, int) and v > 0 and v % size_divisor == 0 for v in size)):
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                    and v % size_divisor == 0 for v in size)):
+        check_input_size((size[0], size[1]), size_divisor, f'{path}: meta.detdeploy.input_size')
         return (size[0], size[1])
     return None
 
@@ -125,9 +177,14 @@ def describe_mismatch(model: torch.nn.Module, state_dict: dict) -> str | None:
     unexpected = [k for k in state_dict if k not in own]
     misshaped = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}'
                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    # an integer or bool tensor for a float parameter loads (converted) into nonsense
+    mistyped = [f'{k} {str(state_dict[k].dtype).split(".")[-1]}' for k in own
+                if k in state_dict and own[k].is_floating_point()
+                and not state_dict[k].is_floating_point()]
     parts = []
     for label, keys in (('missing', missing), ('unexpected', unexpected),
-                        ('mis-shaped (checkpoint vs model)', misshaped)):
+                        ('mis-shaped (checkpoint vs model)', misshaped),
+                        ('not floating point (for float parameters)', mistyped)):
         if keys:
             more = f', ... (+{len(keys) - SHOWN_KEYS})' if len(keys) > SHOWN_KEYS else ''
             parts.append(f'{len(keys)} {label}: {", ".join(keys[:SHOWN_KEYS])}{more}')
@@ -149,17 +206,20 @@ def load_detector(name: str, checkpoint: str | Path | None = None,
 
     state_dict, meta = read_checkpoint(checkpoint, trust=trust)
     class_count_key = spec.model_class.num_classes_key
-    num_classes = (state_dict[class_count_key].shape[0] if class_count_key in state_dict
-                   else len(spec.class_names))
+    classifier = state_dict.get(class_count_key)
+    if classifier is not None and (classifier.dim() == 0 or classifier.shape[0] < 1):
+        raise CheckpointError(f'checkpoint {checkpoint}: {class_count_key} has shape '
+                              f'{list(classifier.shape)}; a classifier has one row per class')
+    num_classes = classifier.shape[0] if classifier is not None else len(spec.class_names)
     model = spec.build(num_classes)
     mismatch = describe_mismatch(model, state_dict)
     if mismatch:
         raise CheckpointError(f'checkpoint {checkpoint} does not fit {spec.name}: {mismatch}')
     model.load_state_dict(state_dict, strict=True)
-    input_size = input_size_from_meta(meta, spec.preprocessing.size_divisor)
+    input_size = input_size_from_meta(meta, spec.preprocessing.size_divisor, checkpoint)
     if input_size:
         spec = replace(spec, preprocessing=spec.preprocessing.with_input_size(input_size))
-    names = class_names or class_names_from_meta(meta)
+    names = class_names or class_names_from_meta(meta, checkpoint)
     if names is None:
         names = (spec.class_names if num_classes == len(spec.class_names)
                  else tuple(f'class_{i}' for i in range(num_classes)))

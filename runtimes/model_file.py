@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from detdeploy.core.errors import DetdeployError, MetadataError, ModelFileError
+from detdeploy.core.fileio import check_input_file
 from detdeploy.core.metadata import FOREIGN_ARCH, ModelMetadata, ModelOverrides, apply_overrides
 from detdeploy.core.preprocessing import PreprocessConfig, check_input_size
 from detdeploy.core.tasks import DETECT, output_schema
@@ -25,8 +26,7 @@ def load_onnx_graph(path: str | Path):
     path = Path(path)
     if path.is_dir():
         raise DetdeployError(f'{path} is a directory, not an ONNX model file')
-    if not path.is_file():
-        raise DetdeployError(f'model file not found: {path}')
+    check_input_file(path, 'model file')
     if path.stat().st_size == 0:
         raise DetdeployError(f'{path} is empty, not an ONNX model')
     try:
@@ -138,7 +138,7 @@ def foreign_metadata(model, path: Path, overrides: ModelOverrides) -> ModelMetad
     overrides.check()
     opset = next((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')), 0)
     batch = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
-    return ModelMetadata(
+    metadata = ModelMetadata(
         arch=FOREIGN_ARCH, class_names=tuple(overrides.class_names),
         preprocess=PreprocessConfig(
             input_size=input_size, channel_order=overrides.channel_order,
@@ -148,6 +148,11 @@ def foreign_metadata(model, path: Path, overrides: ModelOverrides) -> ModelMetad
         detdeploy_version='', torch_version='', onnx_version='',
         checkpoint=f'unknown (made by {model.producer_name or "another tool"})',
         checkpoint_sha256=None)
+    problem = metadata.problem()        # e.g. static dims too large for this machine
+    if problem:
+        raise ModelFileError(f'{source}: its graph and flags do not describe a usable model: '
+                             f'{problem}')
+    return metadata
 
 
 def check_graph_signature(model, metadata: ModelMetadata, source: str) -> None:
@@ -188,6 +193,11 @@ def check_graph_signature(model, metadata: ModelMetadata, source: str) -> None:
     if not _outputs_follow(model, schema):
         raise ModelFileError(f'{source}: outputs ({_describe_outputs(model)}) do not match the '
                              f'layout its metadata states ({layout})')
+    if not metadata.has_nms:        # per-anchor scores [B, N, C]: C is the class count
+        classes = _value_shape(model.graph.output[len(schema) - 1])[-1]
+        if classes is not None and classes != len(metadata.class_names):
+            raise ModelFileError(f'{source}: its graph scores {classes} classes but its metadata '
+                                 f'names {len(metadata.class_names)}')
     names = [o.name for o in model.graph.output]
     if metadata.arch != FOREIGN_ARCH and names != [field.name for field in schema]:
         raise ModelFileError(f'{source}: outputs are ({", ".join(names)}) but its metadata '
@@ -248,19 +258,29 @@ def check_external_data(model, path: str | Path) -> None:
         location = info.get('location', '')
         if not location:
             raise ModelFileError(f"{path}: tensor '{name}' has external data without a location")
+        if '\x00' in location:
+            raise ModelFileError(f"{path}: tensor '{name}' has an external data location with a "
+                                 f'NUL byte ({location!r}): not a file name')
         if (os.path.isabs(location) or PureWindowsPath(location).is_absolute()
                 or location.startswith(('/', '\\')) or PureWindowsPath(location).drive):
             raise ModelFileError(f"{path}: tensor '{name}' reads its data from the absolute path "
                                  f'{location}; external data must lie in the model\'s directory '
                                  '(refused: a model file could otherwise read any file)')
-        target = (base / location).resolve()
+        try:
+            target = (base / location).resolve()
+        except (RuntimeError, OSError) as exc:      # a symlink loop
+            raise ModelFileError(f"{path}: the external data file {location} of tensor '{name}' "
+                                 f'cannot be resolved ({exc})') from None
         if not target.is_relative_to(base):
             raise ModelFileError(f"{path}: tensor '{name}' reads its data from {location}, "
                                  f"outside the model's directory {base} (refused: a model file "
                                  'could otherwise read any file)')
-        if not target.is_file():
+        if not target.exists():
             raise ModelFileError(f"{path}: the external data file {location} of tensor '{name}' "
                                  f'is missing (looked for {target}); keep it next to the model')
+        if not target.is_file():
+            raise ModelFileError(f"{path}: the external data file {location} of tensor '{name}' "
+                                 f'is not a regular file ({target})')
         size = target.stat().st_size
         try:
             offset = int(info.get('offset', 0))

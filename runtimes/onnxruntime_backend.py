@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,12 +104,12 @@ class OnnxRuntimeBackend(Backend):
                 self.session = onnxruntime.InferenceSession(str(self.path), session_options,
                                                             providers=requested)
         except Exception as exc:  # ONNX Runtime raises its own exception types
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ''
+            # the whole reason, on one line: its cause often comes last (an IR version, an op)
+            reason = ' '.join(str(exc).split()) or type(exc).__name__
             if options.strict_device:
                 raise DetdeployError(f'--strict-device: {wanted} is not usable here '
-                                     f'(ONNX Runtime: {first_line[:160]})') from None
-            raise DetdeployError(f'ONNX Runtime cannot load {self.path}: '
-                                 f'{first_line[:200]}') from None
+                                     f'(ONNX Runtime: {reason})') from None
+            raise DetdeployError(f'ONNX Runtime cannot load {self.path}: {reason}') from None
         self.options = options
         self.providers = self.session.get_providers()
         self.fallback = None if wanted in self.providers else (
@@ -144,7 +145,7 @@ class OnnxRuntimeBackend(Backend):
         except Exception as exc:  # ONNX Runtime raises its own exception types
             text = ' '.join(str(exc).split()) or type(exc).__name__
             raise DetdeployError(f'ONNX Runtime failed to run {self.path} on a batch of shape '
-                                 f'{list(batch.shape)}: {text[:300]}') from None
+                                 f'{list(batch.shape)}: {text}') from None
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         """The file's outputs for a batch, padding or splitting to a static batch size."""
@@ -190,6 +191,8 @@ class OrtIoBinding:
     once (an OrtValue there), `run` may then be repeated, and the outputs stay bound on the device
     until `outputs()` copies them to the host. On the CPU provider everything lives in host
     memory and the results equal `run_raw`. One binding per thread; the backend is shared.
+    Using one binding from two threads at once is an error (ONNX Runtime would crash the
+    process), not a race: each call holds the binding's lock or fails at once.
 
     A static-batch file takes at most its batch size per input; smaller batches are zero-padded
     and the padding's outputs dropped."""
@@ -204,8 +207,23 @@ class OrtIoBinding:
         self.binding = backend.session.io_binding()
         self.used = 0
         self._input = None          # keeps the bound OrtValue alive
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _exclusive(self, method: str):
+        if not self._lock.acquire(blocking=False):
+            raise DetdeployError(f'OrtIoBinding.{method}: this binding is in use by another '
+                                 'thread; give each thread its own (backend.io_binding())')
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def set_input(self, batch: np.ndarray) -> None:
+        with self._exclusive('set_input'):
+            self._set_input(batch)
+
+    def _set_input(self, batch: np.ndarray) -> None:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         static = self.backend.metadata.batch
         self.used = len(batch)
@@ -226,17 +244,20 @@ class OrtIoBinding:
 
     def run(self) -> None:
         """One inference on the bound input; outputs stay on the device."""
-        if self._input is None:
-            raise DetdeployError('OrtIoBinding.run: call set_input first')
-        self.backend.session.run_with_iobinding(self.binding)
+        with self._exclusive('run'):
+            if self._input is None:
+                raise DetdeployError('OrtIoBinding.run: call set_input first')
+            self.backend.session.run_with_iobinding(self.binding)
 
     def output_values(self) -> list:
         """The outputs as OrtValues on the device (no copy)."""
-        return self.binding.get_outputs()
+        with self._exclusive('output_values'):
+            return self.binding.get_outputs()
 
     def outputs(self) -> list[np.ndarray]:
         """The outputs of the last run, copied to the host, without any padding rows."""
-        return [array[:self.used] for array in self.binding.copy_outputs_to_cpu()]
+        with self._exclusive('outputs'):
+            return [array[:self.used] for array in self.binding.copy_outputs_to_cpu()]
 
 
 def graph_with_outputs(model, tensors: list[str]) -> bytes:

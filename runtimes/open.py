@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from detdeploy.core.errors import DetdeployError
+from detdeploy.core.fileio import check_input_file
 
 ONNX_SUFFIXES = ('.onnx',)
 ENGINE_SUFFIXES = ('.engine', '.plan')
@@ -58,8 +59,7 @@ def open_model_file(path: str | Path, backend: str = 'auto', *, device: str = 'c
             device=device, device_id=device_id, threads=threads, optimization=optimization,
             strict_device=strict_device, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir),
             overrides=overrides, check_signature=check_signature)
-    if not Path(path).is_file():
-        raise DetdeployError(f'engine file not found: {path}')
+    check_input_file(path, 'engine file')
     if overrides is not None and (overrides.input_size or overrides.preprocessing_flags()):
         raise DetdeployError('--input-size, --mean, --std, --channel-order and --pad-value do '
                              'not apply to a TensorRT engine: its sidecar fixes them')

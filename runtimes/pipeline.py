@@ -9,8 +9,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from detdeploy.core.detections import ImageDetections
+from detdeploy.core.detections import ImageDetections, check_outputs
 from detdeploy.core.errors import DetdeployError, ImageError
+from detdeploy.core.memory import check_memory, image_batch_bytes
 from detdeploy.core.preprocessing import PreprocessConfig
 from detdeploy.core.tasks import DETECT
 
@@ -45,9 +46,12 @@ def prepare_batch(images_rgb: list[np.ndarray], config: PreprocessConfig
 
 
 def to_detections(outputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-                  names: list[str], metas: list[ImageMeta], class_names: tuple[str, ...]
-                  ) -> list[ImageDetections]:
-    """Stage 3: a backend's four NMS outputs -> detections in original-image pixels."""
+                  names: list[str], metas: list[ImageMeta], class_names: tuple[str, ...],
+                  source: str = 'the model') -> list[ImageDetections]:
+    """Stage 3: a backend's four NMS outputs -> detections in original-image pixels. The
+    outputs are checked first (`core.detections.check_outputs`: counts, label range, finite
+    values); `source` names the model in that error."""
+    check_outputs(outputs, DETECT, 'onnx', len(class_names), source)
     num_dets, batch_boxes, batch_scores, batch_labels = outputs
     results = []
     for index, (name, meta) in enumerate(zip(names, metas)):
@@ -79,7 +83,12 @@ def detect(backend: Backend, sources: Iterable[str | Path | np.ndarray], batch_s
     with `on_unreadable`, is passed to it with the error and skipped."""
     require_detections(backend)
     config = backend.preprocess_config
-    for chunk in _batches(list(sources), batch_size):
+    sources = list(sources)
+    images_per_pass = min(batch_size, len(sources))
+    check_memory(image_batch_bytes(images_per_pass, *config.input_size),
+                 f'a batch of {images_per_pass} images at {config.input_size[0]}x'
+                 f'{config.input_size[1]} (--batch)')
+    for chunk in _batches(sources, batch_size):
         readable, images = [], []
         for source in chunk:
             try:
@@ -95,6 +104,6 @@ def detect(backend: Backend, sources: Iterable[str | Path | np.ndarray], batch_s
         batch, metas = prepare_batch(images, config)
         outputs = backend.run(batch)
         detections = to_detections(outputs, [source_name(s) for s in readable], metas,
-                                   backend.class_names)
+                                   backend.class_names, backend.source)
         for image, image_detections in zip(images, detections):
             yield image_detections, image if keep_images else None

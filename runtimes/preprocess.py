@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from detdeploy.core.errors import ImageError, ImageTooLargeError
+from detdeploy.core.memory import memory_problem
 from detdeploy.core.preprocessing import PreprocessConfig
 
 RESIZE_COEF_BITS = 11                   # OpenCV's fixed-point precision for 8-bit bilinear
@@ -88,6 +89,11 @@ def _decode(opened: Path | io.BytesIO, path: Path | str, max_pixels: int | None)
                     raise ImageTooLargeError(
                         f'{path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, '
                         f'above the limit of {max_pixels / 1e6:g} (--max-pixels; 0 = no limit)')
+                # decoded, then converted to RGB: two copies of at least 3 bytes per pixel
+                too_big = memory_problem(2 * 3 * width * height,
+                                         f'decoding {path} ({width}x{height})')
+                if too_big:
+                    raise ImageError(too_big)
                 image.load()
                 return _pil_to_rgb(ImageOps.exif_transpose(image), path)
     except FileNotFoundError:

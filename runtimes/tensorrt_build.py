@@ -163,7 +163,7 @@ def _parse_onnx(trt, network, logger, onnx_path: Path) -> None:
     errors = [' '.join(str(parser.get_error(i)).split()) for i in range(parser.num_errors)]
     first = errors[0] if errors else (logger.errors[-1] if logger.errors else 'no details')
     more = f' (+{len(errors) - 1} more)' if len(errors) > 1 else ''
-    raise DetdeployError(f'TensorRT cannot parse {onnx_path}: {first[:300]}{more}')
+    raise DetdeployError(f'TensorRT cannot parse {onnx_path}: {first}{more}')
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path,
@@ -232,7 +232,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
         if calibrator is not None:
             calibrator.free()
     if serialized is None:
-        detail = logger.errors[-1][:300] if logger.errors else 'no details from TensorRT'
+        detail = (' '.join(logger.errors[-1].split()) if logger.errors
+                  else 'no details from TensorRT')
         raise DetdeployError(f'TensorRT could not build an engine from {onnx_path}: {detail}')
     plan_bytes = memoryview(serialized)
     # engine and sidecar are two renames: an interruption between them leaves a sidecar whose

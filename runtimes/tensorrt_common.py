@@ -94,8 +94,9 @@ def check_cuda_device(device_id: int, cudart=None) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    """The runtime's whole reason on one line (its cause often comes last: never cut)."""
+    text = ' '.join(str(exc).split())
+    return text or type(exc).__name__
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,7 @@ def test_cli_export_summary_and_atomic_replace(tmp_path):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--input-size', '100'], 'error: input size 100x100: both sides must be positive multiples of 32'),
+    (['--input-size', '100'], 'error: --input-size 100x100: both sides must be positive multiples of 32'),
     (['--input-size', 'big'], "error: --input-size 'big': give one side (640) or HEIGHTxWIDTH"),
     (['--nms', 'fast'], "Invalid value for '--nms'"),
     (['-o', '/nonexistent/dir/m.onnx'], 'error: output directory does not exist: /nonexistent/dir'),

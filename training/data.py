@@ -7,7 +7,6 @@ images an uninterrupted one would. Network tensors are normalised as the model's
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from detdeploy.core.coco import image_path, read_coco_file
 from detdeploy.core.errors import DetdeployError
 from detdeploy.runtimes.preprocess import PreprocessConfig, read_image
 
@@ -33,15 +33,12 @@ class CocoSet:
 def read_coco(ann_file: str | Path, image_dir: str | Path) -> CocoSet:
     """Read a COCO instances file; crowd boxes and boxes under 1 px are left out."""
     ann_path, image_root = Path(ann_file), Path(image_dir)
-    try:
-        coco = json.loads(ann_path.read_text())
-        categories = sorted(coco['categories'], key=lambda c: c['id'])
-        images = coco['images']
-        annotations = coco.get('annotations', [])
-    except FileNotFoundError:
-        raise DetdeployError(f'annotation file {ann_path} does not exist') from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DetdeployError(f'{ann_path} is not a COCO instances file ({exc})') from None
+    if not ann_path.exists() and not ann_path.is_symlink():
+        raise DetdeployError(f'annotation file {ann_path} does not exist')
+    coco = read_coco_file(ann_path)
+    categories = sorted(coco['categories'], key=lambda c: c['id'])
+    images = coco['images']
+    annotations = coco['annotations']
     if not image_root.is_dir():
         raise DetdeployError(f'image directory {image_root} does not exist')
     label_of = {c['id']: index for index, c in enumerate(categories)}
@@ -57,7 +54,7 @@ def read_coco(ann_file: str | Path, image_dir: str | Path) -> CocoSet:
         boxes.append(rows[:, :4].copy())
         labels.append(rows[:, 4].astype(np.int64))
     return CocoSet(tuple(c['name'] for c in categories), tuple(c['id'] for c in categories),
-                   tuple(image_root / image['file_name'] for image in images),
+                   tuple(image_path(image_root, image['file_name']) for image in images),
                    tuple(image['id'] for image in images), tuple(boxes), tuple(labels))
 
 

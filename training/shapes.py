@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from detdeploy.core.errors import DetdeployError
+from detdeploy.core.memory import check_memory
 from detdeploy.core.fileio import atomic_write
 
 SHAPE_CLASSES = ('circle', 'square', 'triangle', 'star', 'hexagon', 'cross')
@@ -204,6 +205,9 @@ def make_shapes_dataset(out_dir: str | Path, train: int, val: int, size: int = 3
         raise DetdeployError('make-dataset needs --train and/or --val image counts above 0')
     if size < 64:
         raise DetdeployError(f'--size {size}: images must be at least 64 pixels')
+    # per image: float32 noise (3 channels) and coordinate grids (2), the 2x drawing canvas
+    check_memory(size * size * (3 * 4 + 2 * 4 + 3 * SUPERSAMPLE ** 2),
+                 f'--size {size} ({size}x{size} images)')
     out = Path(out_dir)
     config = ShapesConfig(size=size)
     written = {}

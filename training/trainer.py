@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from detdeploy.core.errors import DetdeployError
+from detdeploy.core.errors import CheckpointError, DetdeployError
 from detdeploy.core.fileio import atomic_write
 from detdeploy.models import LoadedDetector, build_model, get_spec, save_checkpoint
-from detdeploy.models.checkpoint import read_checkpoint
+from detdeploy.models.checkpoint import check_state_dict, load_checkpoint_file, read_checkpoint
 from detdeploy.models.rtmdet.loss import RTMDetLoss
 
 from .data import AugmentConfig, CocoDetectionDataset, collate, read_coco
@@ -85,10 +85,21 @@ def setup_distributed() -> DistInfo:
 
 
 def _load_init(model: torch.nn.Module, path: str) -> list[str]:
-    """Initial weights; classifier layers whose class count differs are left as initialised."""
+    """Initial weights; classifier layers whose class count differs are left as initialised.
+    A checkpoint none of whose tensors fit, or with integer tensors for float parameters, is
+    refused (it would silently train from scratch or from nonsense)."""
     state_dict, _ = read_checkpoint(path)
     own = model.state_dict()
+    mistyped = [k for k, v in state_dict.items()
+                if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if mistyped:
+        raise CheckpointError(f'--checkpoint {path}: {mistyped[0]} is '
+                              f'{str(state_dict[mistyped[0]].dtype).split(".")[-1]}, not floating '
+                              f'point ({len(mistyped)} such tensors)')
     usable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise CheckpointError(f'--checkpoint {path}: none of its {len(state_dict)} tensors fits '
+                              f'{type(model).__name__} (e.g. {next(iter(state_dict))})')
     skipped = sorted(set(own) - set(usable))
     model.load_state_dict(usable, strict=False)
     return skipped
@@ -175,16 +186,23 @@ class Trainer:
         path = self.out / LAST
         if not path.is_file():
             raise DetdeployError(f'--resume: {path} does not exist (start without --resume)')
-        checkpoint = torch.load(path, map_location=self.dist.device, weights_only=True)
-        state, meta = checkpoint.get('train_state'), checkpoint['meta'].get('detdeploy_train')
-        if not state or not meta:
+        checkpoint = load_checkpoint_file(path)
+        meta = checkpoint.get('meta')
+        state = checkpoint.get('train_state')
+        meta = meta.get('detdeploy_train') if isinstance(meta, dict) else None
+        if not isinstance(state, dict) or not isinstance(meta, dict):
             raise DetdeployError(f'--resume: {path} holds no training state')
+        missing = ({'model', 'ema', 'optimizer', 'scheduler', 'torch_rng'} - set(state)) or (
+            {'epoch', 'iter', 'best_ap', 'train_config'} - set(meta))
+        if missing or not isinstance(meta['train_config'], dict):
+            raise DetdeployError(f'--resume: {path} has incomplete training state (no '
+                                 f'{", ".join(sorted(missing)) or "train_config"})')
         saved = meta['train_config']
         for key in ('model', 'img_size', 'batch', 'seed', 'lr'):
-            if saved[key] != getattr(self.config, key):
+            if saved.get(key) != getattr(self.config, key):
                 raise DetdeployError(f'--resume: --{key.replace("_", "-")} {getattr(self.config, key)}'
                                      f' differs from the run in {self.out} ({saved[key]})')
-        if saved['epochs'] != self.config.epochs:
+        if saved.get('epochs') != self.config.epochs:
             # A run may be shortened or extended: the flat-then-cosine decay is recomputed for
             # the new length from the current step on (earlier steps are not revisited).
             if self.config.epochs <= meta['epoch']:
@@ -195,11 +213,17 @@ class Trainer:
                           f'{saved["epochs"]}): the learning-rate decay is recomputed for '
                           f'{self.config.epochs} epochs from epoch {meta["epoch"] + 1} on')
             self.epochs_changed = (saved['epochs'], self.config.epochs)
-        self.model.load_state_dict(state['model'])
-        self.ema.load_state_dict(state['ema'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
-        torch.set_rng_state(state['torch_rng'])
+        try:
+            check_state_dict(state['model'], path)
+            self.model.load_state_dict(state['model'])
+            self.ema.load_state_dict(state['ema'])
+            self.optimizer.load_state_dict(state['optimizer'])
+            self.scheduler.load_state_dict(state['scheduler'])
+            torch.set_rng_state(state['torch_rng'])
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            text = ' '.join(str(exc).split())
+            raise DetdeployError(f'--resume: {path} does not fit this run: '
+                                 f'{type(exc).__name__}: {text[:300]}') from None
         self.epoch, self.iteration = meta['epoch'], meta['iter']
         self.best_ap = meta['best_ap']
         log = self.out / LOG

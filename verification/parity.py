@@ -18,6 +18,7 @@ import numpy as np
 
 from detdeploy.core.errors import DetdeployError
 from detdeploy.core.fileio import atomic_write
+from detdeploy.core.memory import check_memory
 from detdeploy.core.metadata import ModelMetadata
 from detdeploy.core.nms import NMSConfig
 from detdeploy.core.preprocessing import PreprocessConfig
@@ -144,11 +145,32 @@ def _json_value(value):
 
 # ---- images -------------------------------------------------------------------------------
 
+def recorded_checkpoint(metadata: ModelMetadata, model_file: str | Path) -> str | None:
+    """The weights a file says it was exported from, for a parity check given no --checkpoint:
+    the recorded checkpoint if it is here with the recorded sha256 (the bundled model is also
+    found by its sha256 when installed elsewhere), None for a file exported from random
+    weights; a one-line error when the weights are not here."""
+    from detdeploy.core.fileio import file_sha256
+    from detdeploy.models.bundled import BUNDLED_FILE
+    recorded, sha256 = metadata.checkpoint, metadata.checkpoint_sha256
+    if recorded == 'random weights' or not sha256:
+        return None
+    candidates = [Path(recorded), BUNDLED_FILE]
+    for candidate in candidates:
+        if candidate.is_file() and file_sha256(candidate) == sha256:
+            return str(candidate)
+    raise DetdeployError(f'{model_file} was exported from {recorded} (sha256 {sha256[:12]}...), '
+                         'which is not here with that content: pass --checkpoint with those '
+                         'weights (a comparison with other weights would fail for no reason)')
+
+
 def random_images(count: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:
     """`count` generated RGB images of assorted sizes (landscape, portrait, square, tiny)."""
     from detdeploy.models.synthetic_weights import make_image
     if count < 1:
         raise DetdeployError(f'--random needs at least 1 image, got {count}')
+    per_image = sum(3 * h * w for h, w in RANDOM_IMAGE_SIZES) // len(RANDOM_IMAGE_SIZES)
+    check_memory(count * per_image, f'--random {count} (images kept for the comparison)')
     return [(f'random_{i}', make_image(*RANDOM_IMAGE_SIZES[i % len(RANDOM_IMAGE_SIZES)],
                                        seed + i)) for i in range(count)]
 

@@ -14,9 +14,10 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
-from .common import (apply_max_pixels, export_for_ort, foreign_model_options, load_model,
-                     max_pixels_option, model_overrides, no_overwrite_option, pytorch_model_options,
-                     torch_device)
+from .common import (FiniteFloat, ThreadCount, apply_max_pixels, export_for_ort,
+                     foreign_model_options, load_model, max_pixels_option, model_overrides,
+                     no_overwrite_option, pytorch_model_options, torch_device,
+                     weight_inputs)
 
 
 def _registry_entries(name: str, backends: list[str], device: str, options: dict,
@@ -54,6 +55,29 @@ def _registry_entries(name: str, backends: list[str], device: str, options: dict
     return entries
 
 
+def _input_sizes(plan, input_hw) -> list[tuple[int, int]]:
+    """The network input sizes the models will run at, as far as known before opening them
+    (registry specs, detdeploy files' metadata), for the memory check of --batch; a registry
+    model's --input-size is checked here, before its weights load (`check_input_size`)."""
+    from detdeploy.runtimes.model_file import read_onnx_metadata
+    from detdeploy.runtimes.open import model_kind
+    sizes = []
+    for model, _ in plan:
+        if model_kind(model) == 'torch':
+            from detdeploy.models.registry import get_spec    # torch: registry models only
+            sizes.append(get_spec(model).preprocessing.with_input_size(input_hw).input_size)
+            continue
+        try:
+            if model_kind(model) == 'ort':
+                config = read_onnx_metadata(model).preprocess
+            else:
+                continue
+        except DetdeployError:
+            continue                # foreign or broken files: reported when opened
+        sizes.append(tuple(input_hw or config.input_size))
+    return sizes
+
+
 @click.command()
 @click.argument('models', nargs=-1, metavar='MODEL [MODEL...]')
 @pytorch_model_options
@@ -68,9 +92,10 @@ def _registry_entries(name: str, backends: list[str], device: str, options: dict
               help='Untimed rounds first.')
 @click.option('--iters', type=click.IntRange(min=1),
               help='Timed rounds: samples per configuration [default: 100].')
-@click.option('--seconds', type=click.FloatRange(min=0, min_open=True),
-              help='Instead of --iters: measure for about this long per configuration.')
-@click.option('--threads', type=click.IntRange(min=1),
+@click.option('--seconds', type=FiniteFloat(min=0, min_open=True, max=3600),
+              help='Instead of --iters: measure for about this long per configuration '
+              '(at most an hour).')
+@click.option('--threads', type=ThreadCount(),
               help='Intra-op threads for PyTorch and ONNX Runtime [default: theirs].')
 @click.option('--images', 'images_dir', type=click.Path(),
               help='Folder of images [default: generated ones]; decoded once into memory.')
@@ -97,8 +122,11 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
     the first is the baseline the ratios compare with.
     """
     from detdeploy.benchmark.report import format_report, write_json, write_plot
-    from detdeploy.benchmark.timing import Entry, load_images, parse_int_list, run_benchmark
-    from detdeploy.core.fileio import check_output_file
+    from detdeploy.benchmark.timing import (Entry, check_batch_memory, load_images,
+                                            parse_int_list, run_benchmark)
+    from detdeploy.inference.batch import collect_images
+    from detdeploy.core.fileio import (check_input_file, check_output_file,
+                                       refuse_overwriting_inputs)
     from detdeploy.runtimes.open import backends_for, model_kind, open_model_file, parse_backends
 
     models = ((model_name,) if model_name else ()) + tuple(models)
@@ -114,13 +142,18 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
         raise DetdeployError(f'--checkpoint fits one registry model; got '
                              f'{len(registry_models)}: {", ".join(registry_models) or "none"}')
     for model, _ in plan:
-        if model_kind(model) != 'torch' and not Path(model).is_file():
-            raise DetdeployError(f'model file not found: {model}')
+        if model_kind(model) != 'torch':
+            check_input_file(model, 'model file')
     for flag, path in (('--json', json_path), ('--plot', plot_path)):
         if path:
             check_output_file(path, overwrite=not no_overwrite, flag=flag)
     if json_path and plot_path and Path(json_path).resolve() == Path(plot_path).resolve():
         raise DetdeployError('--json and --plot name the same file')
+    refuse_overwriting_inputs(
+        [(flag, path) for flag, path in (('--json', json_path), ('--plot', plot_path)) if path],
+        [('model', model) for model, _ in plan] + weight_inputs(checkpoint, class_names)
+        + ([('--images', path) for path in collect_images([images_dir])]
+           if images_dir and Path(images_dir).is_dir() else []))
     overrides = model_overrides(class_names, input_size, mean, std, channel_order, pad_value)
     if overrides.preprocessing_flags() and any(model_kind(m) != 'ort' for m, _ in plan):
         raise DetdeployError(f'{", ".join(overrides.preprocessing_flags())}: only for .onnx '
@@ -128,6 +161,7 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
     options = {'checkpoint': checkpoint, 'class_names': class_names,
                'trust_checkpoint': trust_checkpoint, 'nms_preset': nms_preset,
                'input_hw': overrides.input_size, 'threads': threads}
+    check_batch_memory(max(batches), _input_sizes(plan, overrides.input_size))
     images, names, description = load_images(images_dir, max(batches),
                                              apply_max_pixels(max_pixels))
     with tempfile.TemporaryDirectory(prefix='detdeploy_bench_') as temp:

@@ -4,6 +4,7 @@ A thin command: options are checked and the engine built by `detdeploy.runtimes.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -44,15 +45,15 @@ def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_bat
     build facts go to a JSON file next to it (model.engine -> model.engine.json), which
     `detdeploy infer model.engine` needs.
     """
-    from detdeploy.core.fileio import check_output_file
+    from detdeploy.core.fileio import (check_input_file, check_output_file,
+                                       refuse_overwriting_inputs)
     from detdeploy.runtimes.tensorrt_build import BuildOptions
     from detdeploy.runtimes.tensorrt_build import build_engine as build
     from detdeploy.runtimes.tensorrt_common import sidecar_path
 
-    if not Path(onnx_path).is_file():
-        raise DetdeployError(f'model file not found: {onnx_path}')
+    check_input_file(onnx_path, 'model file')
     output = output or str(Path(onnx_path).with_suffix('.engine'))
-    if Path(output).resolve() == Path(onnx_path).resolve():
+    if os.path.realpath(output) == os.path.realpath(onnx_path):
         raise DetdeployError(f'-o {output} would replace the ONNX file it is built from; give '
                              'another name (e.g. MODEL.engine)')
     check_output_file(output, overwrite=not no_overwrite, flag='-o')
@@ -63,6 +64,10 @@ def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_bat
     if calib_images:
         from detdeploy.inference.batch import collect_images
         images = tuple(collect_images([calib_images]))
+    refuse_overwriting_inputs(
+        [('-o', output), ('-o (its sidecar)', sidecar_path(output))]
+        + ([('--timing-cache', timing_cache)] if timing_cache else []),
+        [('MODEL.onnx', onnx_path)] + [('--calib-images', path) for path in images])
     options = BuildOptions(fp16=fp16, int8=int8, calibration_images=images, min_batch=min_batch,
                            opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb,
                            timing_cache=timing_cache, device_id=device_id,

@@ -1,6 +1,8 @@
 """Options and helpers shared by the CLI commands: model loading, class names, devices."""
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import click
@@ -8,6 +10,36 @@ import click
 from detdeploy.core.errors import DetdeployError
 
 DEFAULT_MODEL = 'rtmdet'
+
+
+class FiniteFloat(click.FloatRange):
+    """The type of every float flag: a finite number within its range. click's FloatRange lets
+    NaN through any range (NaN compares false with every bound) and infinity through an open
+    one; a threshold of NaN would pass every check it guards."""
+    name = 'finite number'
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f'{value!r} is not a finite number', param, ctx)
+        return number
+
+
+class ThreadCount(click.IntRange):
+    """--threads: at least 1; more than the machine's cores works but only adds contention,
+    so it is said once on stderr."""
+    name = 'thread count'
+
+    def __init__(self):
+        super().__init__(min=1)
+
+    def convert(self, value, param, ctx):
+        threads = super().convert(value, param, ctx)
+        cores = os.cpu_count() or 1
+        if threads > cores:
+            click.echo(f'warning: --threads {threads} is more than the {cores} CPU cores here: '
+                       'the threads compete for them (slower, not faster)', err=True)
+        return threads
 
 
 def pytorch_model_options(command):
@@ -22,6 +54,14 @@ def pytorch_model_options(command):
         'MMDetection-format or plain state-dict checkpoint (.pth).'))(command)
     return click.option('--model', 'model_name', help=(
         'Registry name: rtmdet (= rtmdet-tiny, the default), rtmdet-s, -m, -l, -x.'))(command)
+
+
+def weight_inputs(checkpoint: str | None, class_names: str | None) -> list[tuple[str, str]]:
+    """The files --checkpoint and --class-names read, for `refuse_overwriting_inputs`."""
+    inputs = [('--checkpoint', checkpoint)] if checkpoint else []
+    if class_names and Path(class_names).is_file():
+        inputs.append(('--class-names', class_names))
+    return inputs
 
 
 def parse_class_names(text: str | None) -> tuple[str, ...] | None:
@@ -113,7 +153,7 @@ def apply_max_pixels(max_pixels: int) -> int | None:
 def foreign_model_options(command):
     """--input-size, --mean, --std, --channel-order, --pad-value: what an ONNX file without
     detdeploy metadata cannot say about itself (with --class-names from pytorch_model_options)."""
-    command = click.option('--pad-value', type=float, help=(
+    command = click.option('--pad-value', type=FiniteFloat(), help=(
         'ONNX files from other tools: raw pixel value of the padding [default: 114].'))(command)
     command = click.option('--channel-order', type=click.Choice(['rgb', 'bgr']), help=(
         'ONNX files from other tools: channel order the network expects.'))(command)

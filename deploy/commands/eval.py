@@ -14,9 +14,10 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
-from .common import (DEFAULT_MODEL, apply_max_pixels, export_for_ort, foreign_model_options,
-                     load_model, max_pixels_option, model_overrides, nms_line, no_overwrite_option,
-                     pytorch_model_options, refuse_weight_flags, torch_device)
+from .common import (DEFAULT_MODEL, FiniteFloat, ThreadCount, apply_max_pixels, export_for_ort,
+                     foreign_model_options, load_model, max_pixels_option, model_overrides,
+                     nms_line, no_overwrite_option, pytorch_model_options, refuse_weight_flags,
+                     torch_device, weight_inputs)
 
 EXIT_CHECK_FAILED = 1
 
@@ -65,12 +66,12 @@ def format_table(results) -> str:
               'registry names, ort for .onnx, trt for .engine]; the first is the baseline.')
 @click.option('--device', default='cpu', show_default=True,
               help='torch: cpu, cuda, cuda:N; ort: cpu, cuda, tensorrt.')
-@click.option('--threads', type=click.IntRange(min=1), help='ort: intra-op threads.')
+@click.option('--threads', type=ThreadCount(), help='ort: intra-op threads.')
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--nms-preset', type=click.Choice(['eval', 'deploy']), default='eval',
               show_default=True, help='NMS of registry models (files keep their own): eval = '
               'score 0.001, 300 detections, as COCO mAP is measured.')
-@click.option('--min-ap', type=click.FloatRange(0, 1),
+@click.option('--min-ap', type=FiniteFloat(0, 1),
               help='Exit with code 1 when any backend scores an AP below this.')
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False),
               help='Write the metrics of every backend here.')
@@ -88,15 +89,17 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     MODEL: a registry name (with --checkpoint; the default is the bundled model), a .onnx or an
     .engine file. With several backends, a table and each one's AP difference to the first.
     """
-    from detdeploy.core.fileio import check_output_file
+    from detdeploy.core.coco import image_path
+    from detdeploy.core.fileio import (check_input_file, check_output_file,
+                                       refuse_overwriting_inputs)
     from detdeploy.evaluation.coco_eval import evaluate, load_coco, write_json
     from detdeploy.runtimes.open import backends_for, is_model_file, open_model_file, parse_backends
 
     if model and model_name:
         raise DetdeployError(f'give MODEL or --model, not both ({model}, {model_name})')
     model = model or model_name or DEFAULT_MODEL
-    if is_model_file(model) and not Path(model).is_file():
-        raise DetdeployError(f'model file not found: {model}')
+    if is_model_file(model):
+        check_input_file(model, 'model file')
     chosen = backends_for(model, parse_backends(backends))
     if json_path:
         check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
@@ -109,6 +112,12 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
         refuse_weight_flags(model, checkpoint, trust_checkpoint)
     limit = apply_max_pixels(max_pixels)
     coco = load_coco(ann_file)
+    if json_path:                   # before any model runs
+        refuse_overwriting_inputs(
+            [('--json', json_path)],
+            [('--ann', ann_file), ('model', model)] + weight_inputs(checkpoint, class_names)
+            + [('image', image_path(image_dir, image['file_name']))
+               for image in coco.imgs.values()])
     options = {'checkpoint': checkpoint, 'class_names': class_names, 'device': device,
                'trust_checkpoint': trust_checkpoint, 'nms_preset': nms_preset,
                'threads': threads}

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import (DEFAULT_MODEL, load_model, no_overwrite_option, parse_input_size,
-                     pytorch_model_options)
+from .common import (DEFAULT_MODEL, FiniteFloat, load_model, no_overwrite_option, parse_input_size,
+                     pytorch_model_options, weight_inputs)
 
 
 @click.command()
@@ -17,8 +17,8 @@ from .common import (DEFAULT_MODEL, load_model, no_overwrite_option, parse_input
 @click.option('--nms-preset', type=click.Choice(['deploy', 'eval']), default='deploy',
               show_default=True, help='deploy: score 0.05, pre-top-k 1000, IoU 0.65, max-det 100; '
               "eval: the model's test config (0.001, 30000, 0.65, 300).")
-@click.option('--score-thr', type=click.FloatRange(0, 1), help='Override the preset.')
-@click.option('--iou-thr', type=click.FloatRange(0, 1), help='Override the preset.')
+@click.option('--score-thr', type=FiniteFloat(0, 1), help='Override the preset.')
+@click.option('--iou-thr', type=FiniteFloat(0, 1), help='Override the preset.')
 @click.option('--pre-top-k', type=click.IntRange(min=1),
               help='Override the preset: (anchor, class) pairs kept per pyramid level.')
 @click.option('--max-det', type=click.IntRange(min=1), help='Override the preset.')
@@ -40,14 +40,17 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
     """Export a detector to ONNX with NMS inside the graph."""
     import dataclasses
 
-    from detdeploy.core.fileio import check_output_file
-    from detdeploy.export.exporter import ExportOptions, export_onnx
+    from detdeploy.core.fileio import check_output_file, refuse_overwriting_inputs
+    from detdeploy.export.exporter import ExportOptions, check_opset, export_onnx
     from detdeploy.models.registry import get_spec
 
     input_hw = parse_input_size(input_size)
     # before minutes of tracing: the name is known, the folder writable, no file refused
     output = output or f'{get_spec(model_name or DEFAULT_MODEL).name}.onnx'
     check_output_file(output, overwrite=not no_overwrite, flag='-o')
+    refuse_overwriting_inputs([('-o', output)], weight_inputs(checkpoint, class_names))
+    check_opset(opset)
+    get_spec(model_name or DEFAULT_MODEL).preprocessing.with_input_size(input_hw)
     detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
                           'is exported with random weights')
     overrides = {'score_thr': score_thr, 'iou_thr': iou_thr, 'pre_top_k': pre_top_k,

@@ -5,10 +5,10 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
-from .common import (apply_max_pixels, foreign_model_options, load_model, max_pixels_option,
-                     model_overrides, nms_line, no_overwrite_option, parse_input_size,
-                     pytorch_model_options, refuse_weight_flags, split_model_and_images,
-                     torch_device)
+from .common import (FiniteFloat, ThreadCount, apply_max_pixels, foreign_model_options, load_model,
+                     max_pixels_option, model_overrides, nms_line, no_overwrite_option,
+                     parse_input_size, pytorch_model_options, refuse_weight_flags,
+                     split_model_and_images, torch_device, weight_inputs)
 
 
 @click.command()
@@ -23,7 +23,7 @@ from .common import (apply_max_pixels, foreign_model_options, load_model, max_pi
               help='ort (cuda, tensorrt) and trt: CUDA device [default: 0, or N of cuda:N].')
 @click.option('--strict-device', is_flag=True,
               help='ort: fail instead of falling back to the CPU when --device is unusable.')
-@click.option('--threads', type=click.IntRange(min=1), help='ort: intra-op threads.')
+@click.option('--threads', type=ThreadCount(), help='ort: intra-op threads.')
 @click.option('--trt-fp16', is_flag=True,
               help='ort --device tensorrt: let the TensorRT provider use FP16.')
 @click.option('--trt-cache-dir', type=click.Path(file_okay=False),
@@ -34,10 +34,10 @@ from .common import (apply_max_pixels, foreign_model_options, load_model, max_pi
 @click.option('--nms-preset', type=click.Choice(['deploy', 'eval']), default='deploy',
               show_default=True, help="Registry models: the model's NMS settings, as `export "
               "--nms-preset` (a file carries its own, fixed at export).")
-@click.option('--score-thr', type=click.FloatRange(0, 1),
+@click.option('--score-thr', type=FiniteFloat(0, 1),
               help='Keep detections scoring strictly above this, as the NMS score threshold '
               "does (default: all the model returns).")
-@click.option('--show-thr', type=click.FloatRange(0, 1), default=0.3, show_default=True,
+@click.option('--show-thr', type=FiniteFloat(0, 1), default=0.3, show_default=True,
               help='Draw detections scoring strictly above this in the PNGs.')
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True,
               help='Images per forward pass.')
@@ -61,7 +61,7 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
     give its classes and preprocessing (--class-names, --mean, --std, --channel-order).
     An image that cannot be read is skipped with a warning; the run then exits with code 2.
     """
-    from detdeploy.core.fileio import check_output_dir, refuse_existing
+    from detdeploy.core.fileio import check_output_dir, refuse_existing, refuse_overwriting_inputs
     from detdeploy.inference.batch import collect_images, output_paths, run_infer
     from detdeploy.runtimes.open import backend_for_file, is_model_file, open_model_file
 
@@ -69,6 +69,10 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
     image_paths = collect_images(images)
     if out_dir is not None:
         check_output_dir(out_dir)
+        refuse_overwriting_inputs(
+            [('--out', path) for path in output_paths(out_dir, image_paths)],
+            [('image', path) for path in image_paths] + [('model', model)]
+            + weight_inputs(checkpoint, class_names))
         if no_overwrite:            # before a model is loaded
             refuse_existing(output_paths(out_dir, image_paths))
     limit = apply_max_pixels(max_pixels)

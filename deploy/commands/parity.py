@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
-from detdeploy.core.errors import DetdeployError
+from detdeploy.core.errors import DetdeployError, one_line
 from detdeploy.runtimes.open import FILE_BACKENDS
 
-from .common import (apply_max_pixels, load_model, max_pixels_option, no_overwrite_option,
-                     pytorch_model_options, torch_device)
+from .common import (FiniteFloat, apply_max_pixels, load_model, max_pixels_option,
+                     no_overwrite_option, pytorch_model_options, torch_device,
+                     weight_inputs)
 
 EXIT_MISMATCH = 1
 SHOWN_UNMATCHED = 2
@@ -30,9 +31,9 @@ SHOWN_UNMATCHED = 2
               help="The backend's device (ort: cpu, cuda, tensorrt); PyTorch: --torch-device.")
 @click.option('--torch-device', 'torch_device_name', default='cpu', show_default=True,
               help='Device of the PyTorch reference.')
-@click.option('--atol', type=click.FloatRange(min=0),
+@click.option('--atol', type=FiniteFloat(min=0),
               help='Raw-output absolute tolerance [default: by precision, fp32 1e-2].')
-@click.option('--rtol', type=click.FloatRange(min=0),
+@click.option('--rtol', type=FiniteFloat(min=0),
               help='Raw-output relative tolerance [default: by precision, fp32 1e-3].')
 @click.option('--per-layer', is_flag=True,
               help='If raw outputs differ, bisect the graph for the first diverging layer.')
@@ -47,24 +48,30 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
            per_layer, json_path, max_pixels, no_overwrite) -> None:
     """Check that MODEL_FILE gives the PyTorch model's answers: metadata, detections, raw
     outputs (and with --per-layer, the first layer that differs). Exit 0 pass, 1 mismatch."""
-    from detdeploy.core.fileio import check_output_file
+    from detdeploy.core.fileio import (check_input_file, check_output_file,
+                                       refuse_overwriting_inputs)
     from detdeploy.inference.batch import collect_images
     from detdeploy.runtimes.open import open_model_file
     from detdeploy.verification.compare import tolerances_for
     from detdeploy.verification.parity import (ParityOptions, file_images, random_images,
-                                               run_parity, write_report)
+                                               recorded_checkpoint, run_parity, write_report)
 
     if bool(image_inputs) == bool(random_count):
         raise DetdeployError('give either --images DIR... or --random N')
-    if not Path(model_file).is_file():
-        raise DetdeployError(f'model file not found: {model_file}')
+    check_input_file(model_file, 'model file')
     if json_path:
         check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
+        image_files = collect_images(list(image_inputs)) if image_inputs else []
+        refuse_overwriting_inputs([('--json', json_path)], [('model', model_file)]
+                                  + [('image', path) for path in image_files]
+                                  + weight_inputs(checkpoint, class_names))
     # a graph that does not fit its metadata is opened anyway: parity reports how it differs
     backend = open_model_file(model_file, backend_name, device=device, check_signature=False)
     images = (random_images(random_count) if random_count
               else file_images(collect_images(list(image_inputs)),
                                apply_max_pixels(max_pixels)))
+    if checkpoint is None and model_name is None:   # the weights the file says it came from
+        checkpoint = recorded_checkpoint(backend.metadata, model_file)
     detector = load_model(model_name or backend.metadata.arch, checkpoint, class_names,
                           trust_checkpoint, 'uses random weights: the file must have been '
                           'exported from the same random weights to agree')
@@ -78,7 +85,7 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
     report = run_parity(model_file, backend, detector, images, options)
     if json_path:
         write_report(report, json_path, overwrite=not no_overwrite)
-    lines = format_report(report)
+    lines = [one_line(line) for line in format_report(report)]   # names may hold newlines
     for line in lines[:-1]:
         click.echo(line)
     if json_path:

@@ -5,6 +5,7 @@ NCCL on GPU) and only rank 0 writes.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -12,14 +13,16 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
+from .common import FiniteFloat
+
 
 def _scale_range(text: str) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in text.split(','))
     except ValueError:
         raise DetdeployError(f"--scale-range '{text}': give two numbers, e.g. 0.5,2.0") from None
-    if not 0 < low <= high:
-        raise DetdeployError(f"--scale-range '{text}': need 0 < low <= high")
+    if not (math.isfinite(high) and 0 < low <= high):
+        raise DetdeployError(f"--scale-range '{text}': need finite numbers 0 < low <= high")
     return low, high
 
 
@@ -38,6 +41,23 @@ def _check_run_folder(out_dir: str, resume: bool, overwrite: bool) -> None:
         raise DetdeployError(f'--out {out} already holds a run ({", ".join(held)}): pass '
                              '--resume to continue it, --overwrite to start over, or choose '
                              'another --out')
+
+
+def _check_inputs(out_dir: str, train_ann: str, val_ann: str | None,
+                  init_checkpoint: str | None, resume: bool) -> None:
+    """Every file the run reads exists and is none of the files it writes."""
+    from pathlib import Path
+
+    from detdeploy.core.fileio import check_input_file, refuse_overwriting_inputs
+    from detdeploy.training.trainer import BEST, CURVES, LAST, LOG
+
+    if init_checkpoint:
+        check_input_file(init_checkpoint, 'checkpoint')
+    inputs = [('--train-ann', train_ann), ('--val-ann', val_ann)]
+    if not resume:      # --resume reads last.pth and writes it again, on purpose
+        inputs.append(('--checkpoint', init_checkpoint))
+    refuse_overwriting_inputs([('--out', Path(out_dir) / name)
+                               for name in (LAST, BEST, LOG, CURVES)], inputs)
 
 
 @click.command()
@@ -65,18 +85,18 @@ def _check_run_folder(out_dir: str, resume: bool, overwrite: bool) -> None:
 @click.option('--checkpoint', 'init_checkpoint', type=click.Path(dir_okay=False),
               help='Initial weights (e.g. an MMDetection checkpoint); a classifier with another '
               'class count is left initialised.')
-@click.option('--lr', type=click.FloatRange(min=0, min_open=True),
+@click.option('--lr', type=FiniteFloat(min=0, min_open=True),
               help='Peak AdamW learning rate [default: 0.004 x total batch / 256, MMDetection].')
-@click.option('--weight-decay', type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option('--weight-decay', type=FiniteFloat(min=0), default=0.05, show_default=True)
 @click.option('--warmup-iters', type=click.IntRange(min=0), default=1000, show_default=True,
               help='Linear warm-up steps.')
 @click.option('--val-interval', type=click.IntRange(min=1), default=1, show_default=True,
               help='Epochs between val evaluations.')
 @click.option('--scale-range', default='0.5,2.0', show_default=True,
               help='Random resize range around the fitting scale.')
-@click.option('--mosaic', 'mosaic_prob', type=click.FloatRange(0, 1), default=0.0,
+@click.option('--mosaic', 'mosaic_prob', type=FiniteFloat(0, 1), default=0.0,
               show_default=True, help='Probability of a 4-image mosaic.')
-@click.option('--mixup', 'mixup_prob', type=click.FloatRange(0, 1), default=0.0,
+@click.option('--mixup', 'mixup_prob', type=FiniteFloat(0, 1), default=0.0,
               show_default=True, help='Probability of mixing in a second image.')
 @click.option('--workers', type=click.IntRange(min=0), default=0, show_default=True,
               help='Data-loading processes per training process.')
@@ -97,6 +117,7 @@ def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batc
     if bool(val_ann) != bool(val_images):
         raise DetdeployError('give --val-ann and --val-images together')
     spec.preprocessing.with_input_size((img_size, img_size), '--img-size')
+    _check_inputs(out_dir, train_ann, val_ann, init_checkpoint, resume)
     world = int(os.environ.get('WORLD_SIZE', '1'))             # set by torchrun
     config = TrainConfig(
         model=model_name, train_ann=train_ann, train_images=train_images, out=out_dir,
@@ -104,7 +125,7 @@ def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batc
         lr=lr if lr is not None else 0.004 * batch * world / 256, weight_decay=weight_decay,
         warmup_iters=warmup_iters, val_interval=val_interval, workers=workers, seed=seed,
         mosaic_prob=mosaic_prob, mixup_prob=mixup_prob, scale_range=_scale_range(scale_range),
-        max_iters_per_epoch=max_iters_per_epoch)
+        max_iters_per_epoch=max_iters_per_epoch, init_checkpoint=init_checkpoint)
     trainer = Trainer(config, resume=resume, show_progress=sys.stderr.isatty(), echo=click.echo)
     if trainer.dist.is_main:
         click.echo(f'training {trainer.spec.name} on {len(trainer.dataset)} images, '

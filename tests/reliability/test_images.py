@@ -209,8 +209,8 @@ def test_parity_and_eval_stop_at_a_bad_image(tmp_path, mixed_folder, capsys):
     io_helpers.assert_one_line_error(code, err, 'b_text.jpg: not an image')
     coco = {'images': [{'id': 1, 'file_name': 'a_good.png', 'height': 64, 'width': 64},
                        {'id': 2, 'file_name': 'b_text.jpg', 'height': 64, 'width': 64}],
-            'annotations': [], 'categories': [{'id': 1, 'name': 'circle'},
-                                              {'id': 2, 'name': 'square'}]}
+            'annotations': [{'id': 1, 'image_id': 1, 'category_id': 1, 'bbox': [4, 8, 36, 40]}],
+            'categories': [{'id': 1, 'name': 'circle'}, {'id': 2, 'name': 'square'}]}
     (tmp_path / 'ann.json').write_text(json.dumps(coco))
     code, _, err = io_helpers.run_main(capsys, 'eval', model, '--ann', tmp_path / 'ann.json',
                                        '--images', mixed_folder)
