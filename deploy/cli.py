@@ -23,6 +23,7 @@ from .commands import build_engine as build_engine_command
 from .commands import eval as eval_command
 from .commands import export, infer, make_dataset, train
 from .commands import parity as parity_command
+from .commands import quantize as quantize_command
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130          # 128 + SIGINT, what shells report for Ctrl-C
@@ -53,6 +54,7 @@ cli.add_command(bench_command.bench)
 cli.add_command(make_dataset.make_dataset)
 cli.add_command(train.train)
 cli.add_command(eval_command.eval_command)
+cli.add_command(quantize_command.quantize)
 
 
 def _run(args: list[str]) -> int:

@@ -43,16 +43,19 @@ def _module_path(node: onnx.NodeProto) -> str | None:
     return None
 
 
-def group_key(module_path: str) -> str:
-    """`backbone.stage2.1.blocks.0.conv1` -> `backbone.stage2`; an index after the second part
-    stays (`neck.top_down_blocks.0`, `bbox_head.rtm_cls.2`): lists of parallel modules."""
+def group_key(module_path: str, depth: int = 2) -> str:
+    """The first `depth` parts of a module path, `backbone.stage2.1.blocks.0.conv1` ->
+    `backbone.stage2` at depth 2; an index right after them stays (`neck.top_down_blocks.0`,
+    `bbox_head.rtm_cls.2`: lists of parallel modules)."""
     parts = module_path.split('.')
-    return '.'.join(parts[:3] if len(parts) > 2 and parts[2].isdigit() else parts[:2])
+    keep = depth + 1 if len(parts) > depth and parts[depth].isdigit() else depth
+    return '.'.join(parts[:keep])
 
 
-def split_graph(model: onnx.ModelProto, raw_outputs: tuple[str, ...] | list[str]) -> GraphParts:
+def split_graph(model: onnx.ModelProto, raw_outputs: tuple[str, ...] | list[str],
+                group_depth: int = 2) -> GraphParts:
     """The network (ancestors of the raw outputs), the post-processing (everything else), and
-    the network's layer groups. Nodes without module scopes (the exporter or a simplifier
+    the network's layer groups (module paths cut at `group_depth`). Nodes without module scopes (the exporter or a simplifier
     merged them) are grouped by the raw outputs they feed."""
     nodes = list(model.graph.node)
     producer = {name: index for index, node in enumerate(nodes) for name in node.output}
@@ -76,7 +79,7 @@ def split_graph(model: onnx.ModelProto, raw_outputs: tuple[str, ...] | list[str]
     groups: dict[str, list[str]] = {}
     for index in sorted(feeds):
         path = _module_path(nodes[index])
-        key = group_key(path) if path else UNSCOPED_PREFIX + '+'.join(sorted(feeds[index]))
+        key = group_key(path, group_depth) if path else UNSCOPED_PREFIX + '+'.join(sorted(feeds[index]))
         groups.setdefault(key, []).append(nodes[index].name)
     return GraphParts(network, postprocess, groups)
 

@@ -43,6 +43,7 @@ class QuantizeOptions:
     ann_file: str | None = None             # real labels for the AP probe (else pseudo labels)
     ann_images: str | None = None
     exclude: tuple[str, ...] = ()           # node or layer-group names kept float
+    group_depth: int = 2                    # layer groups: module paths cut at this depth
     threads: int | None = None
 
 
@@ -128,7 +129,7 @@ def quantize_file(model_path: str | Path, image_paths: list[Path], output_path: 
     options.calibration.check()
     types = target_types(options.target)
     model, metadata = _float_input(model_path)
-    parts = split_graph(model, metadata.raw_outputs)
+    parts = split_graph(model, metadata.raw_outputs, options.group_depth)
     producers = {out: node.name for node in model.graph.node for out in node.output}
     head_outputs = [producers[name] for name in metadata.raw_outputs]
     float_parts = [FloatPart('post-processing', parts.postprocess, POSTPROCESS_REASON),
@@ -242,3 +243,22 @@ def quantize_file(model_path: str | Path, image_paths: list[Path], output_path: 
             'model'),
         target_met=meets(final) if has_target else None, steps=steps,
         sensitivity=sensitivity, seconds=time.perf_counter() - started)
+
+
+def write_report(report: QuantizeReport, path: str | Path, overwrite: bool = True) -> None:
+    """The report as JSON, written atomically."""
+    import json
+    payload = {
+        'path': str(report.path), 'method': report.method, 'target': report.target,
+        'activations': report.activation_type, 'weights': report.weight_type,
+        'calibration_images': report.calibration_images,
+        'quantized_nodes': report.quantized_nodes, 'network_nodes': report.network_nodes,
+        'output_error': report.output_error, 'float_ap': report.float_ap, 'ap': report.ap,
+        'ap_labels': report.ap_labels, 'target_met': report.target_met,
+        'float_parts': [dict(part.to_dict(), node_names=part.nodes)
+                        for part in report.float_parts],
+        'sensitivity': report.sensitivity,
+        'steps': [dataclasses.asdict(step) for step in report.steps],
+        'seconds': report.seconds}
+    with atomic_write(path, 'w', overwrite=overwrite) as handle:
+        json.dump(payload, handle, indent=2)
