@@ -30,6 +30,14 @@ def precision_hint(backend_name: str) -> str | None:
     return backend_name.partition('-')[2] or None
 
 
+def _declared_output_dtypes(path: Path) -> list[np.dtype]:
+    import onnx
+
+    from .model_file import load_onnx_graph
+    return [np.dtype(onnx.helper.tensor_dtype_to_np_dtype(output.type.tensor_type.elem_type))
+            for output in load_onnx_graph(path).graph.output]
+
+
 def _import_openvino():
     try:
         import openvino
@@ -56,6 +64,7 @@ class OpenVinoBackend(Backend):
         self.path = Path(path)
         self.metadata: ModelMetadata = resolve_onnx_metadata(self.path, overrides,
                                                              check_signature)
+        self.output_dtypes = _declared_output_dtypes(self.path)
         self.requested_precision = precision
         self.threads = threads
         self.core = openvino.Core()
@@ -112,8 +121,8 @@ class OpenVinoBackend(Backend):
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         outputs = run_in_chunks(batch, None, self.metadata.batch,
                                 lambda chunk: self._infer(self.compiled, self._request(), chunk))
-        # OpenVINO may widen or narrow integer outputs; keep the file's declared types
-        return [out.astype(np.int64) if out.dtype.kind in 'iu' else out for out in outputs]
+        # OpenVINO may change integer widths (i64 -> i32); give the file's declared types
+        return [out.astype(dtype, copy=False) for out, dtype in zip(outputs, self.output_dtypes)]
 
     def run_tensors(self, names: list[str], batch: np.ndarray) -> dict[str, np.ndarray]:
         """Named tensors of the graph, from the model with those tensors added as outputs
