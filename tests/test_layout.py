@@ -16,7 +16,7 @@ ROOMS = {'core': 'detdeploy.core', 'models': 'detdeploy.models', 'export': 'detd
          'runtimes': 'detdeploy.runtimes', 'inference': 'detdeploy.inference',
          'verification': 'detdeploy.verification', 'evaluation': 'detdeploy.evaluation',
          'benchmark': 'detdeploy.benchmark', 'training': 'detdeploy.training',
-         'deploy': 'detdeploy'}
+         'quantization': 'detdeploy.quantization', 'deploy': 'detdeploy'}
 CLI_MODULES = ('detdeploy.cli', 'detdeploy.commands', 'detdeploy.demo', 'detdeploy.__main__')
 
 
@@ -95,7 +95,8 @@ def test_export_never_imports_runtimes_or_the_rooms_above():
     ['detdeploy.core.' + p.stem for p in room_files('core') if p.stem != '__init__'],
     ['detdeploy.runtimes.pipeline', 'detdeploy.runtimes.open', 'detdeploy.runtimes.model_file',
      'detdeploy.runtimes.onnxruntime_backend', 'detdeploy.inference.batch',
-     'detdeploy.evaluation.coco_eval']])
+     'detdeploy.evaluation.coco_eval', 'detdeploy.runtimes.openvino_backend',
+     'detdeploy.quantization.quantize', 'detdeploy.quantization.fp16']])
 def test_torch_free_rooms_load_without_torch(modules):
     """What the static check says, in a real interpreter: importing these loads no torch."""
     code = ('import importlib, sys\n'

@@ -250,3 +250,45 @@ def test_bad_input_is_one_line_and_exit_2(case, message, bundled_onnx_256, int8_
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'out.onnx').exists()
+
+
+def test_fp16_copy_keeps_io_and_post_processing_float32(bundled_onnx_256, shapes256, tmp_path):
+    from detdeploy.quantization.fp16 import convert_to_fp16
+    from detdeploy.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
+    from detdeploy.verification.compare import DetectionSet, match_detections, tolerances_for
+    report = convert_to_fp16(bundled_onnx_256, tmp_path / 'fp16.onnx')
+    model = onnx.load(str(report.path))
+    onnx.checker.check_model(model, full_check=True)
+    assert read_onnx_metadata(report.path).precision == 'fp16'
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT]
+    source = onnx.load(str(bundled_onnx_256))
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == \
+        [o.type.tensor_type.elem_type for o in source.graph.output]
+    initializers = {i.name: i.data_type for i in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    _, parts = _graph_parts(bundled_onnx_256)
+    by_name = {node.name: node for node in model.graph.node}
+    convs = [by_name[n] for n in parts.network if by_name[n].op_type == 'Conv']
+    assert all(initializers[conv.input[1]] == onnx.TensorProto.FLOAT16 for conv in convs)
+    # post-processing reads no float16 value: its inputs are float32 initializers, Casts to
+    # float32 (at the raw outputs) or other post-processing nodes' outputs
+    for name in parts.postprocess:
+        for tensor in by_name[name].input:
+            assert initializers.get(tensor) != onnx.TensorProto.FLOAT16, (name, tensor)
+            if tensor in producer and producer[tensor].op_type == 'Cast':
+                assert producer[tensor].attribute[0].i != onnx.TensorProto.FLOAT16
+    # ONNX Runtime's CPU provider runs it; detections agree with fp32 within fp16 tolerances
+    fp32 = OnnxRuntimeBackend(bundled_onnx_256, OrtOptions(threads=2))
+    fp16 = OnnxRuntimeBackend(report.path, OrtOptions(threads=2))
+    metadata = fp32.metadata
+    for path in sorted((shapes256 / 'val').glob('*.png')):
+        batch, _ = prepare_batch([read_image(path)], metadata.preprocess)
+        sets = []
+        for outputs in (fp32.run(batch), fp16.run(batch)):
+            count = int(outputs[0][0, 0])
+            sets.append(DetectionSet(outputs[1][0, :count].astype(np.float64),
+                                     outputs[2][0, :count].astype(np.float64),
+                                     outputs[3][0, :count]))
+        match = match_detections(*sets, tolerances_for('fp16'), metadata.nms.score_thr,
+                                 metadata.nms.max_det, path.name, 'fp16')
+        assert match.status != 'FAIL' and match.matched > 0, match

@@ -57,10 +57,11 @@ TOLERANCE_PRESETS = {
     'int8': Tolerances(atol=0.3, rtol=0.1, box_atol_px=4.0, box_rtol=5e-2, score_atol=5e-2,
                        borderline=5e-2),
     # bf16 (OpenVINO's default on CPUs with AVX512_BF16/AMX): 8 significant bits, a 4e-3
-    # relative step per operation. Measured with the bundled rtmdet at 256 on shapes images
-    # against ONNX Runtime fp32: boxes within 0.23 px, but a score near the threshold moved by
-    # more than 0.03; so int8's detection tolerances, tighter raw outputs.
-    'bf16': Tolerances(atol=0.2, rtol=5e-2, box_atol_px=4.0, box_rtol=5e-2, score_atol=5e-2,
+    # relative step per operation, accumulated over the network. Measured with the bundled
+    # rtmdet at 256 on 4 shapes images against ONNX Runtime fp32: matched boxes within 0.23 px,
+    # a score near the threshold moved by more than 0.03, raw box distances off by up to 1.29
+    # (6 % of elements beyond 0.2 and 5 %); so int8's detection tolerances, raw 1.5 and 30 %.
+    'bf16': Tolerances(atol=1.5, rtol=0.3, box_atol_px=4.0, box_rtol=5e-2, score_atol=5e-2,
                        borderline=5e-2),
 }
 
