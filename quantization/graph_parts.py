@@ -55,8 +55,9 @@ def group_key(module_path: str, depth: int = 2) -> str:
 def split_graph(model: onnx.ModelProto, raw_outputs: tuple[str, ...] | list[str],
                 group_depth: int = 2) -> GraphParts:
     """The network (ancestors of the raw outputs), the post-processing (everything else), and
-    the network's layer groups (module paths cut at `group_depth`). Nodes without module scopes (the exporter or a simplifier
-    merged them) are grouped by the raw outputs they feed."""
+    the network's layer groups (module paths cut at `group_depth`). Nodes without module
+    scopes (the exporter or a simplifier merged them) are grouped by the raw outputs they
+    feed."""
     nodes = list(model.graph.node)
     producer = {name: index for index, node in enumerate(nodes) for name in node.output}
     missing = [name for name in raw_outputs if name not in producer]
@@ -79,7 +80,8 @@ def split_graph(model: onnx.ModelProto, raw_outputs: tuple[str, ...] | list[str]
     groups: dict[str, list[str]] = {}
     for index in sorted(feeds):
         path = _module_path(nodes[index])
-        key = group_key(path, group_depth) if path else UNSCOPED_PREFIX + '+'.join(sorted(feeds[index]))
+        key = (group_key(path, group_depth) if path
+               else UNSCOPED_PREFIX + '+'.join(sorted(feeds[index])))
         groups.setdefault(key, []).append(nodes[index].name)
     return GraphParts(network, postprocess, groups)
 

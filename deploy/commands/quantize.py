@@ -51,8 +51,8 @@ from .common import no_overwrite_option
               help='Write the report (float parts, sensitivity, search steps) here.')
 @no_overwrite_option
 def quantize(model_file, calib_dir, output, calib_size, method, target, max_ap_drop,
-             max_output_error, probe_images, ann_file, ann_images, exclude, group_depth, bins, percentile,
-             threads, json_path, no_overwrite) -> None:
+             max_output_error, probe_images, ann_file, ann_images, exclude, group_depth, bins,
+             percentile, threads, json_path, no_overwrite) -> None:
     """Quantize MODEL_FILE (a float detdeploy .onnx) to static INT8 in QDQ form."""
     from detdeploy.core.fileio import check_output_file
     from detdeploy.inference.batch import collect_images
