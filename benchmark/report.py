@@ -10,7 +10,8 @@ JSON schema (`schema_version` 1), all times in milliseconds per batch:
      "load_average_end": [1, 5, 15 min], "measured_seconds": float,
      "settings": {warmup_rounds, rounds, iters, seconds_per_config, images, schedule, timer},
      "configs": [{"label", "model", "backend", "device", "batch", "input_shape": [B, 3, H, W],
-                  "providers": [...], "threads": {...}, "nms_mode", "nms": {...} | null,
+                  "providers": [...], "threads": {...}, "precision" (the file's, or what the
+                  backend runs, e.g. fp32+bf16), "nms_mode", "nms": {...} | null,
                   "weights", "inference_only_method", "notes": [...],
                   "samples_ms": {"preprocess": [...], "inference": [...], "postprocess": [...],
                                  "end_to_end": [...], "inference_io_binding": [...] (optional)},
@@ -152,6 +153,7 @@ def result_to_json(result: BenchResult) -> dict:
             'label': config.label, 'model': entry.model, 'backend': entry.backend.name,
             'device': entry.device, 'batch': config.batch, 'input_shape': config.input_shape,
             'providers': entry.providers, 'threads': entry.threads,
+            'precision': entry.description.get('precision', entry.backend.metadata.precision),
             'nms_mode': entry.nms_mode, 'nms': entry.nms, 'weights': entry.weights,
             'inference_only_method': entry.inference_only_method, 'notes': list(entry.notes),
             'samples_ms': {key: [float(v) for v in values]

@@ -42,6 +42,8 @@ class ModelMetadata:
     task: str = 'detect'
     precision: str = 'fp32'
     raw_outputs: tuple[str, ...] = ()   # graph tensors holding the network's raw outputs
+    # int8 files: method, target, calibration size, nodes kept float and why (`quantization`)
+    quantization: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)   # further props, kept as they are
 
     @property
@@ -79,6 +81,8 @@ class ModelMetadata:
         }
         if self.raw_outputs:
             values['raw_outputs'] = json.dumps(list(self.raw_outputs))
+        if self.quantization:
+            values['quantization'] = json.dumps(self.quantization)
         if self.trt_plugin_domain:
             values['trt_plugin_domain'] = self.trt_plugin_domain
         return values
@@ -94,7 +98,7 @@ class ModelMetadata:
         known = {'detdeploy_version', 'family', 'arch', 'task', 'class_names', 'preprocess',
                  'nms_mode', 'nms', 'output_layout', 'batch', 'dynamic_shape', 'precision',
                  'opset', 'torch_version', 'onnx_version', 'checkpoint', 'checkpoint_sha256',
-                 'raw_outputs', 'trt_plugin_domain'}
+                 'raw_outputs', 'trt_plugin_domain', 'quantization'}
         field_name = 'class_names'
         try:
             class_names = json.loads(props['class_names'])
@@ -110,6 +114,10 @@ class ModelMetadata:
             if not isinstance(raw_outputs, list):
                 raise ValueError(f'a {type(raw_outputs).__name__}, not a list of tensor names')
             raw_outputs = tuple(raw_outputs)
+            field_name = 'quantization'
+            quantization = json.loads(props.get('quantization', '{}'))
+            if not isinstance(quantization, dict):
+                raise ValueError(f'quantization is a {type(quantization).__name__}, not a dict')
             field_name = 'batch'
             batch = None if props['batch'] == 'dynamic' else int(props['batch'])
             field_name = 'dynamic_shape'
@@ -125,6 +133,7 @@ class ModelMetadata:
                 trt_plugin_domain=props.get('trt_plugin_domain'),
                 family=props.get('family', 'rtmdet'), task=props.get('task', 'detect'),
                 precision=props.get('precision', 'fp32'), raw_outputs=raw_outputs,
+                quantization=quantization,
                 extra={k: v for k, v in props.items() if k not in known})
         except KeyError as exc:
             raise MetadataError(f'{source} has incomplete detdeploy metadata (no '

@@ -25,6 +25,7 @@ from .commands import export, infer, make_dataset, train
 from .commands import parity as parity_command
 from .commands import batch_infer, export_triton
 from .commands import serve as serve_command
+from .commands import quantize as quantize_command
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130          # 128 + SIGINT, what shells report for Ctrl-C
@@ -77,6 +78,7 @@ cli.add_command(eval_command.eval_command)
 cli.add_command(serve_command.serve)
 cli.add_command(batch_infer.batch_infer)
 cli.add_command(export_triton.export_triton)
+cli.add_command(quantize_command.quantize)
 
 
 def _run(args: list[str]) -> int:

@@ -137,7 +137,8 @@ class OnnxRuntimeBackend(Backend):
                 'weights': self.metadata.checkpoint,
                 'inputs': [(i.name, i.shape) for i in self.session.get_inputs()],
                 'outputs': [(o.name, o.shape) for o in self.session.get_outputs()],
-                'nms_mode': self.metadata.nms_mode, 'arch': self.metadata.arch}
+                'nms_mode': self.metadata.nms_mode, 'arch': self.metadata.arch,
+                'precision': self.metadata.precision}
 
     def _session_run(self, batch: np.ndarray) -> list[np.ndarray]:
         try:

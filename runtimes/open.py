@@ -1,5 +1,6 @@
-"""Open an exported model file with the right backend: `.onnx` -> ONNX Runtime, `.engine` or
-`.plan` -> TensorRT. Never imports torch; imports onnxruntime or tensorrt only for the file chosen.
+"""Open an exported model file with the right backend: `.onnx` -> ONNX Runtime (or OpenVINO
+when asked: `openvino`, `openvino-f32`, `openvino-bf16`), `.engine` or `.plan` -> TensorRT.
+Never imports torch; imports onnxruntime, openvino or tensorrt only for the backend chosen.
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from detdeploy.core.fileio import check_input_file
 
 ONNX_SUFFIXES = ('.onnx',)
 ENGINE_SUFFIXES = ('.engine', '.plan')
-FILE_BACKENDS = ('auto', 'ort', 'trt')
-BACKENDS = ('torch', 'ort', 'trt')
+OPENVINO_BACKENDS = ('openvino', 'openvino-f32', 'openvino-bf16')   # precision hint in the name
+FILE_BACKENDS = ('auto', 'ort', 'trt', *OPENVINO_BACKENDS)
+BACKENDS = ('torch', 'ort', 'trt', *OPENVINO_BACKENDS)
 
 
 def is_model_file(text: str | Path) -> bool:
@@ -31,6 +33,10 @@ def backend_for_file(path: str | Path, backend: str = 'auto') -> str:
                              '(TensorRT)')
     if backend == 'auto' or backend == kind:
         return kind
+    if backend in OPENVINO_BACKENDS:
+        if kind != 'ort':
+            raise DetdeployError(f'--backend {backend} needs an .onnx file, got {path}')
+        return backend
     if backend == 'trt':
         raise DetdeployError(f'--backend trt needs a TensorRT engine, got {path}: build one with '
                              f'`detdeploy build-engine {path} -o MODEL.engine`, or run the file '
@@ -53,6 +59,13 @@ def open_model_file(path: str | Path, backend: str = 'auto', *, device: str = 'c
     chosen = backend_for_file(path, backend)
     if Path(path).is_dir():
         raise DetdeployError(f'{path} is a directory, not a model file')
+    if chosen in OPENVINO_BACKENDS:
+        if device != 'cpu':
+            raise DetdeployError(f"--backend {chosen} runs on the CPU here, not --device "
+                                 f"'{device}'")
+        from .openvino_backend import OpenVinoBackend, precision_hint
+        return OpenVinoBackend(path, precision_hint(chosen), threads=threads,
+                               overrides=overrides, check_signature=check_signature)
     if chosen == 'ort':
         from .onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
         return OnnxRuntimeBackend(path, OrtOptions(
@@ -90,12 +103,18 @@ def backends_for(model: str, requested: tuple[str, ...] | None) -> list[str]:
     """The backends a model runs on: a file's own backend; for a registry name, torch and
     (with an on-the-fly export) ort."""
     kind = model_kind(model)
+    if kind == 'ort' and requested is not None and any(b in OPENVINO_BACKENDS for b in requested):
+        return [b for b in requested if b == 'ort' or b in OPENVINO_BACKENDS]
     if kind != 'torch':
         if requested is not None and kind not in requested:
             raise DetdeployError(f"{model} runs on the {kind} backend, which --backend "
                                  f"{','.join(requested)} leaves out")
         return [kind]
     chosen = list(requested or ('torch',))
+    openvino = [b for b in chosen if b in OPENVINO_BACKENDS]
+    if openvino:
+        raise DetdeployError(f"--backend {openvino[0]} runs .onnx files: export '{model}' first "
+                             '(detdeploy export)')
     if 'trt' in chosen:
         raise DetdeployError(f"--backend trt needs an .engine file, not the registry name "
                              f"'{model}' (build one with detdeploy build-engine)")

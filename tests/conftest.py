@@ -123,3 +123,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='session')
+def shapes256(tmp_path_factory):
+    """A small shapes dataset at 256 px (the bundled model's size): 8 train, 4 val images."""
+    from detdeploy.training.shapes import make_shapes_dataset
+    folder = tmp_path_factory.mktemp('shapes256')
+    make_shapes_dataset(folder, train=8, val=4, size=256, seed=0)
+    return folder
+
+
+@pytest.fixture(scope='session')
+def bundled_onnx_256(tmp_path_factory):
+    """The bundled (trained) rtmdet exported at 256x256, deploy preset, batch 1: exported once."""
+    from detdeploy.export.exporter import ExportOptions, export_onnx
+    from detdeploy.models import load_detector
+    from detdeploy.models.bundled import bundled_checkpoint
+    detector = load_detector('rtmdet', bundled_checkpoint('rtmdet'))
+    path = tmp_path_factory.mktemp('bundled256') / 'rtmdet256.onnx'
+    export_onnx(detector, path, ExportOptions(input_hw=(256, 256)))
+    return path

@@ -16,7 +16,8 @@ ROOMS = {'core': 'detdeploy.core', 'models': 'detdeploy.models', 'export': 'detd
          'runtimes': 'detdeploy.runtimes', 'inference': 'detdeploy.inference',
          'verification': 'detdeploy.verification', 'evaluation': 'detdeploy.evaluation',
          'benchmark': 'detdeploy.benchmark', 'training': 'detdeploy.training',
-         'serving': 'detdeploy.serving', 'deploy': 'detdeploy'}
+         'serving': 'detdeploy.serving', 'quantization': 'detdeploy.quantization',
+         'deploy': 'detdeploy'}
 CLI_MODULES = ('detdeploy.cli', 'detdeploy.commands', 'detdeploy.demo', 'detdeploy.__main__')
 
 
@@ -81,14 +82,14 @@ def test_runtimes_import_torch_only_in_the_pytorch_backend():
 def test_models_never_import_runtimes_or_the_rooms_above():
     above = ('detdeploy.runtimes', 'detdeploy.export', 'detdeploy.inference',
              'detdeploy.verification', 'detdeploy.evaluation', 'detdeploy.benchmark',
-             'detdeploy.training', 'detdeploy.serving', *CLI_MODULES)
+             'detdeploy.training', 'detdeploy.serving', 'detdeploy.quantization', *CLI_MODULES)
     assert offending('models', lambda path, name: any(within(name, a) for a in above)) == []
 
 
 def test_export_never_imports_runtimes_or_the_rooms_above():
     above = ('detdeploy.runtimes', 'detdeploy.inference', 'detdeploy.verification',
              'detdeploy.evaluation', 'detdeploy.benchmark', 'detdeploy.training',
-             'detdeploy.serving')
+             'detdeploy.serving', 'detdeploy.quantization')
     assert offending('export', lambda path, name: any(within(name, a) for a in above)) == []
 
 
@@ -118,7 +119,9 @@ def test_the_cli_loads_without_ray_or_tritonclient():
     ['detdeploy.runtimes.pipeline', 'detdeploy.runtimes.open', 'detdeploy.runtimes.model_file',
      'detdeploy.runtimes.onnxruntime_backend', 'detdeploy.inference.batch',
      'detdeploy.evaluation.coco_eval', 'detdeploy.serving.http_detect',
-     'detdeploy.serving.triton', 'detdeploy.serving.triton_python']])
+     'detdeploy.serving.triton', 'detdeploy.serving.triton_python',
+     'detdeploy.runtimes.openvino_backend', 'detdeploy.quantization.quantize',
+     'detdeploy.quantization.fp16']])
 def test_torch_free_rooms_load_without_torch(modules):
     """What the static check says, in a real interpreter: importing these loads no torch."""
     code = ('import importlib, sys\n'

@@ -81,9 +81,10 @@ def _input_sizes(plan, input_hw) -> list[tuple[int, int]]:
 @click.command()
 @click.argument('models', nargs=-1, metavar='MODEL [MODEL...]')
 @pytorch_model_options
-@click.option('--backend', 'backends', help='Comma-separated torch,ort,trt [default: from each '
-              'MODEL: ort for .onnx, trt for .engine, torch for registry names]. A registry '
-              'name with ort is exported to a temporary ONNX file first.')
+@click.option('--backend', 'backends', help='Comma-separated torch,ort,trt,openvino,openvino-f32,'
+              'openvino-bf16 [default: from each MODEL: ort for .onnx, trt for .engine, torch for '
+              'registry names]. A registry name with ort is exported to a temporary ONNX file '
+              'first; .onnx files run on each of ort and the openvino ones asked for.')
 @click.option('--device', default='cpu', show_default=True,
               help='torch: cpu, cuda, cuda:N; ort: cpu, cuda, tensorrt.')
 @click.option('--batch', 'batch_text', default='1', show_default=True,
@@ -170,9 +171,9 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
             if model_kind(model) == 'torch':
                 entries += _registry_entries(model, model_backends, device, options, Path(temp))
             else:
-                backend = open_model_file(model, model_backends[0], device=device,
-                                          threads=threads, overrides=overrides)
-                entries.append(Entry(Path(model).name, backend))
+                entries += [Entry(Path(model).name, open_model_file(
+                    model, name, device=device, threads=threads, overrides=overrides))
+                    for name in model_backends]
         for entry in entries:
             if entry.backend.fallback:
                 click.echo(f'warning: {entry.model}: {entry.backend.fallback}', err=True)

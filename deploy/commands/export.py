@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from detdeploy.core.errors import DetdeployError
+
 from .common import (DEFAULT_MODEL, FiniteFloat, load_model, no_overwrite_option, parse_input_size,
                      pytorch_model_options, weight_inputs)
 
@@ -33,10 +35,12 @@ from .common import (DEFAULT_MODEL, FiniteFloat, load_model, no_overwrite_option
 @click.option('--trt-plugin-domain', type=click.Choice(['TRT', 'trt.plugins']), default='TRT',
               show_default=True, help="EfficientNMS_TRT node domain: TRT for TensorRT's parser, "
               "trt.plugins for ONNX Runtime's TensorRT provider.")
+@click.option('--fp16', is_flag=True, help='Network in float16 for GPU providers (ONNX Runtime '
+              'CUDA/TensorRT); image input, outputs and NMS stay float32.')
 @no_overwrite_option
 def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mode, nms_preset,
            score_thr, iou_thr, pre_top_k, max_det, batch, dynamic_batch, dynamic_shape, input_size,
-           opset, no_simplify, trt_plugin_domain, no_overwrite) -> None:
+           opset, no_simplify, trt_plugin_domain, fp16, no_overwrite) -> None:
     """Export a detector to ONNX with NMS inside the graph."""
     import dataclasses
 
@@ -60,7 +64,12 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
     options = ExportOptions(nms_mode=nms_mode, nms=nms, batch=batch, dynamic_batch=dynamic_batch,
                             dynamic_shape=dynamic_shape, input_hw=input_hw, opset=opset,
                             simplify=not no_simplify, trt_plugin_domain=trt_plugin_domain)
-    report = export_onnx(detector, output, options)
+    if fp16:
+        if nms_mode != 'onnx':
+            raise DetdeployError('--fp16 needs --nms onnx (the float32 NMS graph it keeps)')
+        report = _export_fp16(detector, output, options)
+    else:
+        report = export_onnx(detector, output, options)
     for warning in report.warnings:
         click.echo(f'warning: {warning}', err=True)
     click.echo(f'wrote {report.path} ({report.size_bytes / 1e6:.1f} MB, opset {report.opset}) '
@@ -73,3 +82,19 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
     click.echo(f'  nodes: {report.nodes_exported} exported, {simplified}')
     if nms_mode != 'none':
         click.echo(f'  nms: {nms_mode}, {nms.describe()}')
+    if fp16:
+        click.echo('  precision: fp16 network; input, outputs and NMS float32')
+
+
+def _export_fp16(detector, output, options):
+    """The float32 export next to `output`, then its fp16 copy at `output`."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    from detdeploy.export.exporter import export_onnx
+    from detdeploy.quantization.fp16 import convert_to_fp16
+    with tempfile.TemporaryDirectory(prefix='.detdeploy_fp32_', dir=Path(output).parent) as temp:
+        report = export_onnx(detector, Path(temp) / 'fp32.onnx', options)
+        converted = convert_to_fp16(report.path, output)
+    return dataclasses.replace(report, path=converted.path, size_bytes=converted.size_bytes)

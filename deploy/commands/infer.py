@@ -14,9 +14,11 @@ from .common import (FiniteFloat, ThreadCount, apply_max_pixels, foreign_model_o
 @click.command()
 @click.argument('inputs', nargs=-1, required=True, metavar='[MODEL] IMAGES_OR_DIRS...')
 @pytorch_model_options
-@click.option('--backend', type=click.Choice(['auto', 'torch', 'ort', 'trt']), default='auto',
+@click.option('--backend', type=click.Choice(['auto', 'torch', 'ort', 'trt', 'openvino',
+                                            'openvino-f32', 'openvino-bf16']), default='auto',
               show_default=True, help='auto: ort for .onnx files, trt for .engine files, torch '
-              'for registry names.')
+              "for registry names; openvino runs .onnx files at the CPU's default precision "
+              '(bf16 where the CPU has it), openvino-f32 / -bf16 at that precision.')
 @click.option('--device', help='torch: cpu, cuda, cuda:N; ort: cpu, cuda, cuda:N, tensorrt; trt: '
               'cuda, cuda:N (always a GPU) [default: cpu; trt: cuda].')
 @click.option('--device-id', type=click.IntRange(min=0),

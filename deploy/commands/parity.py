@@ -32,9 +32,11 @@ SHOWN_UNMATCHED = 2
 @click.option('--torch-device', 'torch_device_name', default='cpu', show_default=True,
               help='Device of the PyTorch reference.')
 @click.option('--atol', type=FiniteFloat(min=0),
-              help='Raw-output absolute tolerance [default: by precision, fp32 1e-2].')
+              help='Raw-output absolute tolerance [default: by precision, fp32 1e-2, bf16 3, '
+              'int8 0.3].')
 @click.option('--rtol', type=FiniteFloat(min=0),
-              help='Raw-output relative tolerance [default: by precision, fp32 1e-3].')
+              help='Raw-output relative tolerance [default: by precision, fp32 1e-3, bf16 0.5, '
+              'int8 0.1].')
 @click.option('--per-layer', is_flag=True,
               help='If raw outputs differ, bisect the graph for the first diverging layer.')
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1),
@@ -77,7 +79,7 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
                           'exported from the same random weights to agree')
     tolerances = None
     if atol is not None or rtol is not None:
-        base = tolerances_for(None)
+        base = tolerances_for(backend.describe().get('precision') or backend.metadata.precision)
         tolerances = dataclasses.replace(base, atol=base.atol if atol is None else atol,
                                          rtol=base.rtol if rtol is None else rtol)
     options = ParityOptions(torch_device=torch_device(torch_device_name), tolerances=tolerances,
