@@ -230,7 +230,7 @@ def test_parity_uses_int8_tolerances(int8_cpu, shapes256, capsys):
 @pytest.mark.parametrize('case, message', [
     ('missing_dir', 'no such directory'),
     ('empty_dir', 'has no images'),
-    ('output_is_input', 'is the input model'),
+    ('output_is_input', 'would overwrite the input model'),
     ('int8_input', 'already int8'),
 ])
 def test_bad_input_is_one_line_and_exit_2(case, message, bundled_onnx_256, int8_cpu, tmp_path,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .common import apply_max_pixels, foreign_model_options, max_pixels_option, no_overwrite_option
+from .common import (FiniteFloat, apply_max_pixels, foreign_model_options, max_pixels_option,
+                     no_overwrite_option)
 from .serve import gpus_for, model_file_options, model_to_open
 
 
@@ -15,14 +16,14 @@ from .serve import gpus_for, model_file_options, model_to_open
               help='Write coco_results.json (and <image>.png with --png) here.')
 @click.option('--actors', type=click.IntRange(min=1), default=2, show_default=True,
               help='Ray actors, each with its own copy of the model.')
-@click.option('--cpus-per-actor', type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option('--cpus-per-actor', type=FiniteFloat(min=0, min_open=True), default=1.0,
               show_default=True, help='CPUs Ray reserves for each actor.')
 @click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=4, show_default=True,
               help='Images per actor call (forward passes hold at most this many).')
 @click.option('--png', is_flag=True, help='Also draw <image>.png per image (as infer --out).')
-@click.option('--score-thr', type=click.FloatRange(0, 1),
+@click.option('--score-thr', type=FiniteFloat(0, 1),
               help='Keep detections scoring strictly above this [default: all].')
-@click.option('--show-thr', type=click.FloatRange(0, 1), default=0.3, show_default=True,
+@click.option('--show-thr', type=FiniteFloat(0, 1), default=0.3, show_default=True,
               help='Draw detections scoring strictly above this in the PNGs.')
 @model_file_options
 @foreign_model_options
@@ -43,13 +44,15 @@ def batch_infer(model, images, out_dir, actors, cpus_per_actor, batch_size, png,
     Needs the serve extra: pip install 'detdeploy[serve]'.
     """
     from detdeploy.core.errors import DetdeployError
-    from detdeploy.core.fileio import check_output_dir, refuse_existing
+    from detdeploy.core.fileio import check_output_dir, refuse_existing, refuse_overwriting_inputs
     from detdeploy.inference.batch import collect_images
     from detdeploy.serving.ray_cluster import import_ray
     image_paths = collect_images(images)
     check_output_dir(out_dir)
     import_ray()
     from detdeploy.serving.ray_batch import BatchInferOptions, output_paths, run_batch_infer
+    refuse_overwriting_inputs([('--out', path) for path in output_paths(out_dir, image_paths, png)],
+                              [('image', path) for path in image_paths] + [('model', model)])
     if no_overwrite:                # before a model is loaded
         refuse_existing(output_paths(out_dir, image_paths, png))
     limit = apply_max_pixels(max_pixels)

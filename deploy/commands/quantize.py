@@ -8,7 +8,7 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
-from .common import no_overwrite_option
+from .common import FiniteFloat, ThreadCount, no_overwrite_option
 
 
 @click.command()
@@ -26,10 +26,10 @@ from .common import no_overwrite_option
               show_default=True, help='cpu: U8 activations, S8 per-channel weights (ONNX '
               'Runtime, OpenVINO); tensorrt: symmetric S8 activations and weights, zero point 0 '
               '(TensorRT 10 explicit quantization).')
-@click.option('--max-ap-drop', type=click.FloatRange(min=0),
+@click.option('--max-ap-drop', type=FiniteFloat(min=0),
               help='Accuracy target: keep the most sensitive layer groups float until the AP '
               'drop on the probe images is at most this.')
-@click.option('--max-output-error', type=click.FloatRange(min=0),
+@click.option('--max-output-error', type=FiniteFloat(min=0),
               help='Accuracy target: raw head outputs\' noise-to-signal ratio at most this.')
 @click.option('--probe-images', type=click.IntRange(min=1), default=32, show_default=True,
               help='Calibration images the AP drop is measured on (pseudo labels: the float '
@@ -44,9 +44,9 @@ from .common import no_overwrite_option
               '(1: backbone, neck, head parts; 2: backbone.stage1, ...).')
 @click.option('--bins', type=click.IntRange(min=2), default=2048, show_default=True,
               help='percentile, entropy: histogram bins.')
-@click.option('--percentile', type=click.FloatRange(0, 100, min_open=True), default=99.999,
+@click.option('--percentile', type=FiniteFloat(0, 100, min_open=True), default=99.999,
               show_default=True, help='percentile: the share of values the range covers.')
-@click.option('--threads', type=click.IntRange(min=1), help='ONNX Runtime intra-op threads.')
+@click.option("--threads", type=ThreadCount(), help="ONNX Runtime intra-op threads.")
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False),
               help='Write the report (float parts, sensitivity, search steps) here.')
 @no_overwrite_option
@@ -54,7 +54,7 @@ def quantize(model_file, calib_dir, output, calib_size, method, target, max_ap_d
              max_output_error, probe_images, ann_file, ann_images, exclude, group_depth, bins,
              percentile, threads, json_path, no_overwrite) -> None:
     """Quantize MODEL_FILE (a float detdeploy .onnx) to static INT8 in QDQ form."""
-    from detdeploy.core.fileio import check_output_file
+    from detdeploy.core.fileio import check_output_file, refuse_overwriting_inputs
     from detdeploy.inference.batch import collect_images
     from detdeploy.quantization.calibration import CalibrationOptions
     from detdeploy.quantization.quantize import QuantizeOptions, quantize_file
@@ -63,9 +63,8 @@ def quantize(model_file, calib_dir, output, calib_size, method, target, max_ap_d
     if not model.is_file():
         raise DetdeployError(f'model file not found: {model}')
     output = Path(output or model.with_name(f'{model.stem}_int8.onnx'))
-    if output.resolve() == model.resolve():
-        raise DetdeployError(f'-o {output} is the input model; write the INT8 model to another '
-                             'file')
+    refuse_overwriting_inputs([('-o', output)] + ([('--json', json_path)] if json_path else []),
+                              [('model', model), ('--ann', ann_file)])
     calib = Path(calib_dir)
     if not calib.is_dir():
         raise DetdeployError(f'--calib-images {calib}: no such directory')

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import apply_max_pixels, foreign_model_options, max_pixels_option, model_overrides
+from .common import (FiniteFloat, apply_max_pixels, foreign_model_options, max_pixels_option,
+                     model_overrides)
 
 
 def model_file_options(command):
@@ -23,7 +24,7 @@ def model_file_options(command):
         "tools; renames a detdeploy file's classes)."))(command)
     command = click.option('--input-size', help=(
         '--dynamic-shape files and files from other tools: network input, 640 or HxW.'))(command)
-    command = click.option('--gpus', 'gpus_per_worker', type=click.FloatRange(min=0), help=(
+    command = click.option('--gpus', 'gpus_per_worker', type=FiniteFloat(min=0), help=(
         'GPUs Ray reserves for each replica or actor (fractions share one) [default: 1 for '
         '--device cuda/tensorrt and .engine files, else 0].'))(command)
     return click.option('--address', help=(
@@ -62,15 +63,15 @@ def model_to_open(model, backend, device, device_id, threads, cpus, class_names,
 @click.option('--port', type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option('--replicas', type=click.IntRange(min=1), default=1, show_default=True,
               help='Copies of the model, each its own Ray actor and session.')
-@click.option('--cpus-per-replica', type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option('--cpus-per-replica', type=FiniteFloat(min=0, min_open=True), default=1.0,
               show_default=True, help='CPUs Ray reserves for each replica.')
 @click.option('--max-batch', type=click.IntRange(min=1), help='Largest dynamic batch '
               "[default: a static-batch file's own size, else 8].")
-@click.option('--batch-wait-ms', type=click.FloatRange(min=0), default=10.0, show_default=True,
+@click.option('--batch-wait-ms', type=FiniteFloat(min=0), default=10.0, show_default=True,
               help='How long a replica waits to fill a batch.')
 @click.option('--max-bytes', type=click.IntRange(min=1), default=20 * 1024 * 1024,
               show_default=True, help='Largest request body (413 above it).')
-@click.option('--score-thr', type=click.FloatRange(0, 1),
+@click.option('--score-thr', type=FiniteFloat(0, 1),
               help='Answer with detections scoring strictly above this [default: all].')
 @model_file_options
 @foreign_model_options
