@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from detdeploy.core.detections import ImageDetections
 from detdeploy.core.errors import DetdeployError
 from detdeploy.core.fileio import atomic_write, make_output_dir, refuse_existing
+from detdeploy.inference.coco_ids import CocoIds, run_order_ids
 from detdeploy.inference.draw import draw_detections
 from detdeploy.runtimes.backend import Backend
 from detdeploy.runtimes.pipeline import detect
@@ -32,12 +34,16 @@ class ImageReport:
     num_shown: int
     json_path: Path | None
     png_path: Path | None
+    position: int = 0                   # in the run's images
+    shown_per_class: dict[str, int] = field(default_factory=dict)    # above show_thr, most first
+    milliseconds: float = 0.0           # read to files written; a batch's time shared evenly
 
 
 @dataclass
 class SkippedImage:
     source: str
     reason: str                         # the one-line ImageError message
+    position: int = 0                   # in the run's images
 
 
 @dataclass
@@ -46,6 +52,7 @@ class InferReport:
     images: list[ImageReport] = field(default_factory=list)
     skipped: list[SkippedImage] = field(default_factory=list)     # unreadable images
     results_path: Path | None = None
+    ids_note: str = ''                  # how coco_results.json's ids were assigned
 
 
 def collect_images(paths: list[str | Path]) -> list[Path]:
@@ -89,13 +96,15 @@ def output_paths(out_dir: str | Path, images: list[Path]) -> list[Path]:
                                              for suffix in ('json', 'png')]
 
 
-def coco_rows(image_id: int, detections: ImageDetections) -> list[dict]:
+def coco_rows(image_id: int, detections: ImageDetections, ids: CocoIds | None = None
+              ) -> list[dict]:
     """Detections in COCO's results format (bbox x, y, w, h in original pixels), plus the
-    image file and class name."""
+    image file and class name; `ids` maps class indices to category ids (default: the index)."""
+    category_id = ids.category_id if ids is not None else int
     return [{'image_id': image_id, 'file_name': detections.source,
              'bbox': [round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3),
                       round(float(y2 - y1), 3)],
-             'score': round(float(score), 6), 'category_id': int(label),
+             'score': round(float(score), 6), 'category_id': category_id(int(label)),
              'category_name': detections.label_name(int(label))}
             for (x1, y1, x2, y2), score, label in zip(detections.boxes_xyxy_px,
                                                       detections.scores, detections.labels)]
@@ -103,25 +112,27 @@ def coco_rows(image_id: int, detections: ImageDetections) -> list[dict]:
 
 def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,
               score_thr: float | None = None, show_thr: float = 0.3, batch_size: int = 1,
-              max_pixels: int | None = DEFAULT_MAX_PIXELS, overwrite: bool = True
-              ) -> InferReport:
+              max_pixels: int | None = DEFAULT_MAX_PIXELS, overwrite: bool = True,
+              ids: CocoIds | None = None) -> InferReport:
     """Detect on every image (from `collect_images`). With `out_dir`, write `<stem>.json` and
     `<stem>.png` per image and `coco_results.json` for all of them, each file atomically.
 
     The JSON files keep every detection scoring strictly above `score_thr` (default: all the
     model returns); the PNG draws those scoring above `show_thr` (`core.nms`'s rule). An image that cannot be read
     (not an image, truncated, above `max_pixels`) is skipped and listed in `report.skipped`;
-    `image_id`s stay the images' positions in `images`. Without `overwrite`, existing output
-    files are refused before anything runs.
+    `coco_results.json` takes its ids from `ids` (`coco_ids.dataset_ids`: a dataset's), by
+    default the images' positions in `images` and the class indices. Without `overwrite`,
+    existing output files are refused before anything runs.
     """
     out = make_output_dir(out_dir) if out_dir is not None else None
     if out is not None and not overwrite:
         refuse_existing(output_paths(out, images))
-    report = InferReport(backend.name)
+    ids = ids or run_order_ids(len(images))
+    report = InferReport(backend.name, ids_note=ids.note)
     stems = _output_stems(images)
 
-    def skip(source, error) -> None:
-        report.skipped.append(SkippedImage(str(source), str(error)))
+    def skip(source, error, position) -> None:
+        report.skipped.append(SkippedImage(str(source), str(error), position))
 
     with contextlib.ExitStack() as stack:
         results_file = None
@@ -137,9 +148,10 @@ def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,
         progress = tqdm(results, total=len(images), unit='img',
                         disable=len(images) < PROGRESS_MIN_IMAGES)
         first_row = True
+        step_started = time.perf_counter()
         for detections, image_rgb in progress:
-            image_id = readable.next_done()
-            stem = stems[image_id]
+            position = readable.next_done()
+            stem = stems[position]
             if score_thr is not None:
                 detections = detections.above(score_thr)
             shown = detections.above(show_thr)
@@ -150,14 +162,35 @@ def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,
                     json.dump(detections.to_dict(), handle, indent=1)
                 with atomic_write(png_path, overwrite=overwrite) as handle:
                     draw_detections(image_rgb, shown).save(handle, format='PNG')
-                for row in coco_rows(image_id, detections):
+                for row in coco_rows(ids.image_ids[position], detections, ids):
                     results_file.write(('\n' if first_row else ',\n') + json.dumps(row))
                     first_row = False
-            report.images.append(ImageReport(detections.source, len(detections), len(shown),
-                                             json_path, png_path))
+            now = time.perf_counter()
+            report.images.append(ImageReport(
+                detections.source, len(detections), len(shown), json_path, png_path, position,
+                count_per_class(shown), 1000 * (now - step_started)))
+            step_started = now
         if results_file is not None:
             results_file.write('\n]\n')
+    _share_batch_time(report.images, batch_size)
     return report
+
+
+def count_per_class(detections: ImageDetections) -> dict[str, int]:
+    """Detections per class name, the most frequent first (ties by name)."""
+    counts = collections.Counter(detections.label_name(int(label)) for label in detections.labels)
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _share_batch_time(images: list[ImageReport], batch_size: int) -> None:
+    """A batch's images arrive together, the first carrying the batch's time: share it."""
+    by_batch = collections.defaultdict(list)
+    for image in images:
+        by_batch[image.position // batch_size].append(image)
+    for members in by_batch.values():
+        shared = sum(image.milliseconds for image in members) / len(members)
+        for image in members:
+            image.milliseconds = shared
 
 
 class _SourceTracker:
@@ -169,14 +202,19 @@ class _SourceTracker:
         self.images = images
         self.unreported_skips: collections.deque = collections.deque()
         self.cursor = 0
+        self.last_skip = -1
 
     def __iter__(self):
         return iter(self.images)
 
     def skip(self, callback):
         def on_unreadable(source, error) -> None:
+            start = max(self.cursor, self.last_skip + 1)
+            position = next(i for i in range(start, len(self.images))
+                            if self.images[i] is source)
+            self.last_skip = position
             self.unreported_skips.append(source)
-            callback(source, error)
+            callback(source, error, position)
         return on_unreadable
 
     def next_done(self) -> int:
