@@ -22,6 +22,8 @@ from .common import (DEFAULT_MODEL, load_model, no_overwrite_option, parse_input
 @click.option('--pre-top-k', type=click.IntRange(min=1),
               help='Override the preset: (anchor, class) pairs kept per pyramid level.')
 @click.option('--max-det', type=click.IntRange(min=1), help='Override the preset.')
+@click.option('--agnostic-nms', is_flag=True, help='Class-agnostic NMS: boxes of different '
+              'classes suppress each other too, so one object keeps one box (one label).')
 @click.option('--batch', type=click.IntRange(min=1), default=1, show_default=True,
               help='Static batch size.')
 @click.option('--dynamic-batch', is_flag=True, help='Symbolic batch axis (overrides --batch).')
@@ -35,7 +37,7 @@ from .common import (DEFAULT_MODEL, load_model, no_overwrite_option, parse_input
               "trt.plugins for ONNX Runtime's TensorRT provider.")
 @no_overwrite_option
 def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mode, nms_preset,
-           score_thr, iou_thr, pre_top_k, max_det, batch, dynamic_batch, dynamic_shape, input_size,
+           score_thr, iou_thr, pre_top_k, max_det, agnostic_nms, batch, dynamic_batch, dynamic_shape, input_size,
            opset, no_simplify, trt_plugin_domain, no_overwrite) -> None:
     """Export a detector to ONNX with NMS inside the graph."""
     import dataclasses
@@ -51,7 +53,7 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
     detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
                           'is exported with random weights')
     overrides = {'score_thr': score_thr, 'iou_thr': iou_thr, 'pre_top_k': pre_top_k,
-                 'max_det': max_det}
+                 'max_det': max_det, 'class_agnostic': agnostic_nms or None}
     nms = dataclasses.replace(detector.spec.nms(nms_preset),
                               **{k: v for k, v in overrides.items() if v is not None}).check()
     options = ExportOptions(nms_mode=nms_mode, nms=nms, batch=batch, dynamic_batch=dynamic_batch,

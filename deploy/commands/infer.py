@@ -1,6 +1,8 @@
 """`detdeploy infer`: detect objects in images with a PyTorch model or an exported file."""
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from detdeploy.core.errors import DetdeployError
@@ -34,6 +36,8 @@ from .common import (apply_max_pixels, foreign_model_options, load_model, max_pi
 @click.option('--nms-preset', type=click.Choice(['deploy', 'eval']), default='deploy',
               show_default=True, help="Registry models: the model's NMS settings, as `export "
               "--nms-preset` (a file carries its own, fixed at export).")
+@click.option('--agnostic-nms', is_flag=True, help='Registry models: class-agnostic NMS (one '
+              'box per object); a file has it when exported with `export --agnostic-nms`.')
 @click.option('--score-thr', type=click.FloatRange(0, 1),
               help='Keep detections scoring strictly above this, as the NMS score threshold '
               "does (default: all the model returns).")
@@ -53,7 +57,7 @@ from .common import (apply_max_pixels, foreign_model_options, load_model, max_pi
 @no_overwrite_option
 def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend, device,
           device_id, strict_device, threads, trt_fp16, trt_cache_dir, out_dir, nms_preset,
-          score_thr, ann_file, show_thr, batch_size, input_size, mean, std, channel_order, pad_value, max_pixels,
+          agnostic_nms, score_thr, ann_file, show_thr, batch_size, input_size, mean, std, channel_order, pad_value, max_pixels,
           no_overwrite) -> None:
     """Detect objects in images with a registry model (PyTorch), an exported .onnx file (ONNX
     Runtime) or a TensorRT .engine from `detdeploy build-engine`.
@@ -93,8 +97,8 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
         detector = load_model(model, checkpoint, class_names, trust_checkpoint,
                               'uses random weights (detections are meaningless)')
         config = detector.spec.preprocessing.with_input_size(input_hw)
-        runner = TorchBackend(detector, nms=detector.spec.nms(nms_preset), device=device,
-                              preprocess_config=config)
+        nms = dataclasses.replace(detector.spec.nms(nms_preset), class_agnostic=agnostic_nms)
+        runner = TorchBackend(detector, nms=nms, device=device, preprocess_config=config)
     else:
         if not is_file:
             raise DetdeployError(f"--backend {backend} needs an .onnx or .engine file, got "
@@ -109,6 +113,10 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
                                                            channel_order, pad_value))
         if runner.fallback:
             click.echo(f'warning: {runner.fallback}', err=True)
+        file_nms = runner.metadata.nms
+        if agnostic_nms and not (file_nms and file_nms.class_agnostic):
+            raise DetdeployError(f'--agnostic-nms: {model} has per-class NMS in its graph; '
+                                 'export it with `detdeploy export --agnostic-nms`')
     click.echo(nms_line(runner.metadata))
     ids = None
     if ann_file is not None:
