@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,11 +105,13 @@ class OnnxRuntimeBackend(Backend):
                                                             providers=requested)
         except Exception as exc:  # ONNX Runtime raises its own exception types
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ''
+            # shortened at a word boundary, never mid-word
+            first_line = textwrap.shorten(first_line, 300, placeholder=' ...')
             if options.strict_device:
                 raise DetdeployError(f'--strict-device: {wanted} is not usable here '
-                                     f'(ONNX Runtime: {first_line[:160]})') from None
+                                     f'(ONNX Runtime: {first_line})') from None
             raise DetdeployError(f'ONNX Runtime cannot load {self.path}: '
-                                 f'{first_line[:200]}') from None
+                                 f'{first_line}') from None
         self.options = options
         self.providers = self.session.get_providers()
         self.fallback = None if wanted in self.providers else (

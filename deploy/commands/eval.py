@@ -39,6 +39,25 @@ def _registry_backends(model, backends, options, temp_dir: Path) -> list:
     return runners
 
 
+def _not_eval_preset(model: str, metadata) -> str | None:
+    """Why a file's AP may sit below the published one: its NMS is not its model's eval preset
+    (a file keeps the settings it was exported with, by default the deploy preset)."""
+    from detdeploy.core.errors import UnknownModelError
+    if metadata.nms is None:
+        return None
+    try:
+        from detdeploy.models.registry import get_spec
+        eval_nms = get_spec(metadata.arch).nms('eval')
+    except (UnknownModelError, KeyError):
+        return None
+    if metadata.nms == eval_nms:
+        return None
+    return (f"{model} has the NMS settings it was exported with ({metadata.nms.describe()}), "
+            f"not {metadata.arch}'s eval preset ({eval_nms.describe()}) that COCO mAP is "
+            'usually measured with, so its AP can be lower; for comparable numbers export '
+            'with --nms-preset eval')
+
+
 def format_table(results) -> str:
     from detdeploy.evaluation.coco_eval import METRIC_NAMES
     header = f"{'backend':<24}" + ''.join(f'{m:>8}' for m in METRIC_NAMES) + \
@@ -66,7 +85,8 @@ def format_table(results) -> str:
 @click.option('--device', default='cpu', show_default=True,
               help='torch: cpu, cuda, cuda:N; ort: cpu, cuda, tensorrt.')
 @click.option('--threads', type=click.IntRange(min=1), help='ort: intra-op threads.')
-@click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True,
+              help='Images per forward pass (a static-batch file runs at its own batch).')
 @click.option('--nms-preset', type=click.Choice(['eval', 'deploy']), default='eval',
               show_default=True, help='NMS of registry models (files keep their own): eval = '
               'score 0.001, 300 detections, as COCO mAP is measured.')
@@ -122,6 +142,10 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
         for runner in runners:
             if runner.fallback:
                 click.echo(f'warning: {runner.fallback}', err=True)
+            if is_model_file(model):
+                note = _not_eval_preset(model, runner.metadata)
+                if note:
+                    click.echo(f'note: {note}', err=True)
             result = evaluate(runner, ann_file, image_dir, batch_size=batch_size,
                               show_progress=sys.stderr.isatty(), coco=coco, max_pixels=limit)
             for warning in result.warnings:
