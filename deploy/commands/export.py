@@ -10,7 +10,8 @@ from .common import (DEFAULT_MODEL, load_model, no_overwrite_option, parse_input
 @click.command()
 @pytorch_model_options
 @click.option('-o', '--output', type=click.Path(dir_okay=False),
-              help='Output file [default: <model>.onnx].')
+              help='Output file [default: <model>.onnx, the --model name as given: rtmdet.onnx '
+              'for the default model].')
 @click.option('--nms', 'nms_mode', type=click.Choice(['onnx', 'trt', 'none']), default='onnx',
               show_default=True, help='onnx: standard NonMaxSuppression; trt: EfficientNMS_TRT '
               'plugin; none: per-anchor boxes and scores.')
@@ -48,7 +49,8 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
 
     input_hw = parse_input_size(input_size)
     # before minutes of tracing: the name is known, the folder writable, no file refused
-    output = output or f'{get_spec(model_name or DEFAULT_MODEL).name}.onnx'
+    get_spec(model_name or DEFAULT_MODEL)          # an unknown name fails here, in one line
+    output = output or f'{(model_name or DEFAULT_MODEL).lower()}.onnx'
     check_output_file(output, overwrite=not no_overwrite, flag='-o')
     detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
                           'is exported with random weights')
