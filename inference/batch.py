@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import glob
 import json
 import time
 from dataclasses import dataclass, field
@@ -55,25 +56,45 @@ class InferReport:
     ids_note: str = ''                  # how coco_results.json's ids were assigned
 
 
-def collect_images(paths: list[str | Path]) -> list[Path]:
-    """Image files named directly, plus the image files (sorted) inside named directories."""
+GLOB_CHARACTERS = set('*?[')
+
+
+def _folder_files(folder: Path, recursive: bool, suffixes: set[str]) -> list[Path]:
+    try:
+        entries = sorted(folder.rglob('*') if recursive else folder.iterdir())
+    except OSError as exc:
+        raise DetdeployError(f'cannot list image directory {folder}: {exc.strerror}') from None
+    return [p for p in entries if p.suffix.lower() in suffixes and p.is_file()]
+
+
+def collect_images(paths: list[str | Path], recursive: bool = False,
+                   video: bool = False) -> list[Path]:
+    """Image files named directly, the image files (sorted) inside named directories (and
+    their subdirectories with `recursive`), and the matches of glob patterns (`'imgs/*.png'`,
+    `'data/**/*.jpg'`, quoted so that the shell leaves them to us), in the order given. With
+    `video`, video files (`inference.video.VIDEO_SUFFIXES`) count as inputs too."""
+    from detdeploy.inference.video import VIDEO_SUFFIXES
+    suffixes = IMAGE_SUFFIXES | (VIDEO_SUFFIXES if video else set())
     images: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            try:
-                entries = sorted(path.iterdir())
-            except OSError as exc:
-                raise DetdeployError(f'cannot list image directory {path}: '
-                                     f'{exc.strerror}') from None
-            images.extend(p for p in entries
-                          if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not path.exists() and GLOB_CHARACTERS & set(str(raw)):
+            matches = sorted(Path(match) for match in glob.glob(str(raw), recursive=True))
+            files = [m for m in matches if m.is_file() and m.suffix.lower() in suffixes]
+            for folder in (m for m in matches if m.is_dir()):
+                files.extend(_folder_files(folder, recursive, suffixes))
+            if not files:
+                raise DetdeployError(f'no images match {raw}')
+            images.extend(files)
+        elif path.is_dir():
+            images.extend(_folder_files(path, recursive, suffixes))
         elif path.is_file():
             images.append(path)
         else:
             raise DetdeployError(f'no such image file or directory: {path}')
     if not images:
-        raise DetdeployError(f'no images found in: {", ".join(str(p) for p in paths)}')
+        raise DetdeployError(f'no images found in: {", ".join(str(p) for p in paths)}'
+                             + ('' if recursive else ' (--recursive searches subfolders)'))
     return images
 
 

@@ -47,6 +47,7 @@ def test_coco_results_score_like_eval(shapes, tmp_path, capsys, one_torch_thread
     code, _, stderr = run_main(capsys, 'eval', 'rtmdet', '--ann', ann, '--images', images,
                                '--json', report)
     assert code == 0, stderr
+    assert 'eval torch: done 5/5 img (' in stderr          # progress lines off a terminal
     eval_metrics = json.loads(report.read_text())['results'][0]['metrics']
 
     with contextlib.redirect_stdout(io.StringIO()):

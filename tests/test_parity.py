@@ -167,7 +167,7 @@ def test_broken_metadata_fails_with_its_cause(files, tiny_checkpoint, capsys, br
 
 @pytest.mark.parametrize('args, message', [
     (['missing.onnx', '--random', '1'], 'error: model file not found: missing.onnx'),
-    (['{good}'], 'error: give either --images DIR... or --random N'),
+    (['{good}'], 'error: give either images (--images PATH, repeatable, or paths after MODEL_FILE) or --random N'),
     (['{good}', '--random', '1', '--backend', 'trt'], 'error: '),
     (['{ckpt}', '--model', 'rtmdet-tiny', '--random', '1'], 'model files end in .onnx'),
     (['{bad}', '--random', '1'], 'is not an ONNX model'),

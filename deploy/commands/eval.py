@@ -109,6 +109,7 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     .engine file. With several backends, a table and each one's AP difference to the first.
     """
     from detdeploy.core.fileio import check_output_file
+    from detdeploy.core.progress import Progress
     from detdeploy.evaluation.coco_eval import evaluate, load_coco, write_json
     from detdeploy.runtimes.open import backends_for, is_model_file, open_model_file, parse_backends
 
@@ -146,8 +147,9 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
                 note = _not_eval_preset(model, runner.metadata)
                 if note:
                     click.echo(f'note: {note}', err=True)
-            result = evaluate(runner, ann_file, image_dir, batch_size=batch_size,
-                              show_progress=sys.stderr.isatty(), coco=coco, max_pixels=limit)
+            with Progress(f'eval {runner.name}', total=len(coco.getImgIds())) as progress:
+                result = evaluate(runner, ann_file, image_dir, batch_size=batch_size, coco=coco,
+                                  max_pixels=limit, progress=progress.update)
             for warning in result.warnings:
                 click.echo(f'warning: {result.backend}: {warning}', err=True)
             results.append(result)

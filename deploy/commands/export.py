@@ -61,7 +61,9 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
     options = ExportOptions(nms_mode=nms_mode, nms=nms, batch=batch, dynamic_batch=dynamic_batch,
                             dynamic_shape=dynamic_shape, input_hw=input_hw, opset=opset,
                             simplify=not no_simplify, trt_plugin_domain=trt_plugin_domain)
-    report = export_onnx(detector, output, options)
+    from detdeploy.core.progress import Progress
+    with Progress(f'export {output}') as progress:
+        report = export_onnx(detector, output, options, stage=progress.stage)
     for warning in report.warnings:
         click.echo(f'warning: {warning}', err=True)
     click.echo(f'wrote {report.path} ({report.size_bytes / 1e6:.1f} MB, opset {report.opset}) '

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import click
 
@@ -14,7 +15,7 @@ from .common import (apply_max_pixels, foreign_model_options, load_model, max_pi
 
 
 @click.command()
-@click.argument('inputs', nargs=-1, required=True, metavar='[MODEL] IMAGES_OR_DIRS...')
+@click.argument('inputs', nargs=-1, required=True, metavar='[MODEL] IMAGES_DIRS_GLOBS_VIDEOS...')
 @pytorch_model_options
 @click.option('--backend', type=click.Choice(['auto', 'torch', 'ort', 'trt']), default='auto',
               show_default=True, help='auto: ort for .onnx files, trt for .engine files, torch '
@@ -41,6 +42,8 @@ from .common import (apply_max_pixels, foreign_model_options, load_model, max_pi
 @click.option('--score-thr', type=click.FloatRange(0, 1),
               help='Keep detections scoring strictly above this, as the NMS score threshold '
               "does (default: all the model returns).")
+@click.option('--recursive', '-r', is_flag=True,
+              help='Search folders and their subfolders for images (and videos).')
 @click.option('--ann', 'ann_file', type=click.Path(dir_okay=False),
               help="COCO annotation file listing the images: coco_results.json then uses its "
               'image_id and category_id, so pycocotools scores it against that dataset '
@@ -57,8 +60,8 @@ from .common import (apply_max_pixels, foreign_model_options, load_model, max_pi
 @no_overwrite_option
 def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend, device,
           device_id, strict_device, threads, trt_fp16, trt_cache_dir, out_dir, nms_preset,
-          agnostic_nms, score_thr, ann_file, show_thr, batch_size, input_size, mean, std, channel_order, pad_value, max_pixels,
-          no_overwrite) -> None:
+          agnostic_nms, score_thr, recursive, ann_file, show_thr, batch_size, input_size, mean,
+          std, channel_order, pad_value, max_pixels, no_overwrite) -> None:
     """Detect objects in images with a registry model (PyTorch), an exported .onnx file (ONNX
     Runtime) or a TensorRT .engine from `detdeploy build-engine`.
 
@@ -68,17 +71,36 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
     An .onnx file from another tool runs if its outputs are num_dets, boxes, scores, labels;
     give its classes and preprocessing (--class-names, --mean, --std, --channel-order).
     An image that cannot be read is skipped with a warning; the run then exits with code 2.
+
+    Inputs: image files, folders (with --recursive, their subfolders too), quoted globs
+    ('imgs/*.png', 'data/**/*.jpg') and video files (.mp4, .avi, .mov, .mkv, .webm: decoded with
+    PyAV; with --out, written back as <name>.mp4 with the boxes drawn and <name>.json per frame).
     """
     from detdeploy.core.fileio import check_output_dir, refuse_existing
     from detdeploy.inference.batch import SkippedImage, collect_images, output_paths, run_infer
     from detdeploy.runtimes.open import backend_for_file, is_model_file, open_model_file
 
+    from detdeploy.inference.video import is_video, run_video
+
     model, images = split_model_and_images(inputs, model_name)
-    image_paths = collect_images(images)
+    all_inputs = collect_images(images, recursive=recursive, video=True)
+    video_paths = [path for path in all_inputs if is_video(path)]
+    image_paths = [path for path in all_inputs if not is_video(path)]
+    if ann_file is not None and video_paths:
+        raise DetdeployError('--ann matches image files to a COCO annotation file; it does not '
+                             f'take videos ({video_paths[0]})')
+    video_stems = _video_stems(video_paths, image_paths)
     if out_dir is not None:
         check_output_dir(out_dir)
+        planned = (output_paths(out_dir, image_paths) if image_paths else []) + [
+            Path(out_dir) / f'{stem}.{suffix}' for stem in video_stems for suffix in ('mp4', 'json')]
+        inputs_resolved = {path.resolve() for path in all_inputs}
+        clash = next((path for path in planned if path.resolve() in inputs_resolved), None)
+        if clash is not None:
+            raise DetdeployError(f'--out {out_dir} would overwrite the input {clash}; choose '
+                                 'another folder')
         if no_overwrite:            # before a model is loaded
-            refuse_existing(output_paths(out_dir, image_paths))
+            refuse_existing(planned)
     limit = apply_max_pixels(max_pixels)
     is_file = is_model_file(model)
     if backend == 'torch' or (backend == 'auto' and not is_file):
@@ -124,6 +146,18 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
         ids = dataset_ids(ann_file, image_paths, runner.class_names)
         for warning in ids.warnings:
             click.echo(f'warning: {warning}', err=True)
+    for video, stem in zip(video_paths, video_stems):
+        from detdeploy.core.progress import Progress
+        with Progress(f'infer {video}', unit='frames') as progress:
+            result = run_video(runner, video, Path(out_dir) if out_dir else None, stem,
+                               score_thr, show_thr, batch_size, overwrite=not no_overwrite,
+                               progress=progress.update)
+        written = f' -> {result.video_path}, {result.json_path}' if result.video_path else ''
+        click.echo(f'{video}: {result.frames} frames, {result.detections} detections, '
+                   f'{result.shown} at score > {show_thr:g}, {result.milliseconds:.0f} ms'
+                   f'{written}')
+    if not image_paths:
+        return
     report = run_infer(runner, image_paths, out_dir, score_thr, show_thr, batch_size,
                        max_pixels=limit, overwrite=not no_overwrite, ids=ids)
     for event in sorted(report.images + report.skipped, key=lambda event: event.position):
@@ -137,6 +171,19 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
     if report.skipped:
         raise DetdeployError(f'{len(report.skipped)} of {len(image_paths)} images could not be '
                              'read (warnings above); the others were processed')
+
+
+def _video_stems(videos: list[Path], images: list[Path]) -> list[str]:
+    """Output names of videos: their stems, numbered where an image or video has it."""
+    taken = {image.stem for image in images} | {'coco_results'}
+    stems = []
+    for video in videos:
+        stem, count = video.stem, 1
+        while stem in taken:
+            stem, count = f'{video.stem}_{count}', count + 1
+        taken.add(stem)
+        stems.append(stem)
+    return stems
 
 
 def image_line(image, show_thr: float) -> str:
