@@ -46,18 +46,20 @@ class Progress:
         else:
             self._line()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """The bar goes; without a terminal, a last line, unless the step failed (its error
+        is then the last word)."""
         if self.bar is not None:
             self.bar.close()
-        elif self.done or self.current_stage:
+        elif (self.done or self.current_stage) and not failed:
             self.current_stage = 'done'
             self._line()
 
     def __enter__(self) -> 'Progress':
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(failed=exc_type is not None)
 
     def _line(self) -> None:
         now = time.monotonic()

@@ -87,3 +87,12 @@ def test_bench_defaults_threads_warns_on_load_and_reports_spread(monkeypatch, ca
     low, high = (float(v) for v in spread.strip('[]').split('-'))
     assert low <= float(median) <= high
     assert f'torch_intra_op {cores}' in out
+
+
+def test_a_failed_step_ends_without_a_done_line():
+    stream = io.StringIO()
+    with pytest.raises(RuntimeError):
+        with Progress('eval ort', total=2, stream=stream, interval_s=3600) as progress:
+            progress.update(1)
+            raise RuntimeError('bad image')
+    assert stream.getvalue() == ''

@@ -143,15 +143,15 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
         for runner in runners:
             if runner.fallback:
                 click.echo(f'warning: {runner.fallback}', err=True)
-            if is_model_file(model):
-                note = _not_eval_preset(model, runner.metadata)
-                if note:
-                    click.echo(f'note: {note}', err=True)
             with Progress(f'eval {runner.name}', total=len(coco.getImgIds())) as progress:
                 result = evaluate(runner, ann_file, image_dir, batch_size=batch_size, coco=coco,
                                   max_pixels=limit, progress=progress.update)
             for warning in result.warnings:
                 click.echo(f'warning: {result.backend}: {warning}', err=True)
+            # after the evaluation, so that bad input stays a one-line error
+            note = _not_eval_preset(model, runner.metadata) if is_model_file(model) else None
+            if note:
+                click.echo(f'note: {note}', err=True)
             results.append(result)
     click.echo(format_table(results))
     for runner, result in zip(runners, results):
