@@ -39,7 +39,8 @@ class NamedCheckpoint:
 _MMDET = 'https://download.openmmlab.com/mmdetection/v3.0/rtmdet'
 _METAFILE = 'MMDetection 3.3.0 configs/rtmdet/metafile.yml'
 NAMED_CHECKPOINTS = {entry.name: entry for entry in (
-    NamedCheckpoint('mmdet:rtmdet-tiny-coco', 'rtmdet-tiny', f'{_MMDET}/rtmdet_tiny_8xb32-300e_coco/'
+    NamedCheckpoint('mmdet:rtmdet-tiny-coco', 'rtmdet-tiny',
+                    f'{_MMDET}/rtmdet_tiny_8xb32-300e_coco/'
                     'rtmdet_tiny_8xb32-300e_coco_20220902_112414-78e30dcc.pth', '78e30dcc',
                     _METAFILE),
     NamedCheckpoint('mmdet:rtmdet-s-coco', 'rtmdet-s', f'{_MMDET}/rtmdet_s_8xb32-300e_coco/'

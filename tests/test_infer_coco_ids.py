@@ -93,3 +93,20 @@ def test_image_missing_from_ann_is_one_line(shapes, tmp_path, capsys):
     assert code == 2
     assert stderr.strip().splitlines()[-1].startswith('error: --ann ')
     assert '1 of 1 images are not listed in it (file_name), e.g.' in stderr
+
+
+def test_a_bad_image_warning_comes_in_its_place(shapes, tmp_path, one_torch_thread):
+    """stdout and stderr interleaved as a terminal shows them: the warning between the lines of
+    the images before and after it."""
+    from click.testing import CliRunner
+    from detdeploy.cli import cli
+    images = sorted((shapes / 'val').iterdir())[:2]
+    bad = tmp_path / 'broken.png'
+    bad.write_bytes(b'not an image')
+    result = CliRunner().invoke(cli, ['infer', 'rtmdet', str(images[0]), str(bad),
+                                      str(images[1]), '--input-size', '64'])
+    lines = [line for line in result.output.splitlines()
+             if line.startswith((str(images[0]), str(images[1]), 'warning: '))]
+    assert [line.split(':')[0] for line in lines] == [str(images[0]), 'warning',
+                                                      str(images[1])]
+    assert 'broken.png' in lines[1]

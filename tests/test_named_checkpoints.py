@@ -69,7 +69,8 @@ def entry_for(server, sha256=None, name='mmdet:test-weights') -> NamedCheckpoint
 
 def test_good_download_is_checked_cached_and_not_fetched_again(server, tmp_path):
     seen = []
-    path = fetch(entry_for(server), tmp_path, progress=lambda done, total: seen.append((done, total)))
+    path = fetch(entry_for(server), tmp_path,
+                 progress=lambda done, total: seen.append((done, total)))
     assert path.read_bytes() == server.payload and path.parent == tmp_path
     assert seen[-1] == (len(server.payload), len(server.payload))
     assert fetch(entry_for(server), tmp_path) == path

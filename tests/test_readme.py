@@ -188,7 +188,7 @@ def test_paths_are_written_by_the_demo_or_an_earlier_example():
             if word.startswith('-') or not PATH_LIKE.search(word) or '...' in word:
                 continue
             path = Path(word)
-            if set('*?[') & set(word):          # a glob: where it looks, and (after the demo) a match
+            if set('*?[') & set(word):      # a glob: where it looks; after the demo, a match
                 if (ROOT / demo.DEMO_DIR).is_dir() and word.startswith(str(demo.DEMO_DIR)):
                     if not list(ROOT.glob(word)):
                         problems.append(f'{example}: {word} matches nothing')

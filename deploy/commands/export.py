@@ -38,7 +38,8 @@ from .common import (DEFAULT_MODEL, load_model, no_overwrite_option, parse_input
               "trt.plugins for ONNX Runtime's TensorRT provider.")
 @no_overwrite_option
 def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mode, nms_preset,
-           score_thr, iou_thr, pre_top_k, max_det, agnostic_nms, batch, dynamic_batch, dynamic_shape, input_size,
+           score_thr, iou_thr, pre_top_k, max_det, agnostic_nms, batch, dynamic_batch,
+           dynamic_shape, input_size,
            opset, no_simplify, trt_plugin_domain, no_overwrite) -> None:
     """Export a detector to ONNX with NMS inside the graph."""
     import dataclasses

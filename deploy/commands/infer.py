@@ -93,7 +93,8 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
     if out_dir is not None:
         check_output_dir(out_dir)
         planned = (output_paths(out_dir, image_paths) if image_paths else []) + [
-            Path(out_dir) / f'{stem}.{suffix}' for stem in video_stems for suffix in ('mp4', 'json')]
+            Path(out_dir) / f'{stem}.{suffix}' for stem in video_stems
+            for suffix in ('mp4', 'json')]
         inputs_resolved = {path.resolve() for path in all_inputs}
         clash = next((path for path in planned if path.resolve() in inputs_resolved), None)
         if clash is not None:

@@ -45,9 +45,9 @@ SHOWN_UNMATCHED = 2
               help='Write the full report here (JSON).')
 @max_pixels_option
 @no_overwrite_option
-def parity(model_file, image_args, recursive, model_name, checkpoint, class_names, trust_checkpoint, image_inputs,
-           random_count, backend_name, device, torch_device_name, atol, rtol, batch_size,
-           per_layer, json_path, max_pixels, no_overwrite) -> None:
+def parity(model_file, image_args, recursive, model_name, checkpoint, class_names,
+           trust_checkpoint, image_inputs, random_count, backend_name, device, torch_device_name,
+           atol, rtol, batch_size, per_layer, json_path, max_pixels, no_overwrite) -> None:
     """Check that MODEL_FILE gives the PyTorch model's answers: metadata, detections, raw
     outputs (and with --per-layer, the first layer that differs). Exit 0 pass, 1 mismatch."""
     from detdeploy.core.fileio import check_output_file
