@@ -5,7 +5,6 @@ Only the standard library (urllib, hashlib): no torch here; loading is `models.c
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import urllib.error
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from detdeploy.core.errors import CheckpointError
+from detdeploy.core.fileio import file_sha256
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 30
@@ -77,14 +77,6 @@ def cache_dir() -> Path:
     return Path(base) / 'detdeploy' / 'checkpoints'
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for block in iter(lambda: handle.read(CHUNK_BYTES), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(entry: NamedCheckpoint, folder: Path | None = None,
           progress: Callable[[int, int | None], None] | None = None) -> Path:
     """The checkpoint's file in the cache, downloaded first if needed.
@@ -134,7 +126,7 @@ def fetch(entry: NamedCheckpoint, folder: Path | None = None,
         raise CheckpointError(
             f'cannot download {entry.name} from {entry.url} ({reason}): offline? download it '
             f'by hand and pass --checkpoint PATH.pth{kept}') from None
-    digest = _sha256(partial)
+    digest = file_sha256(partial)
     if not digest.startswith(entry.sha256.lower()):
         partial.unlink()
         raise CheckpointError(

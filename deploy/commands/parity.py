@@ -70,6 +70,11 @@ def parity(model_file, image_args, recursive, model_name, checkpoint, class_name
     images = (random_images(random_count) if random_count
               else file_images(collect_images(list(image_inputs), recursive=recursive),
                                apply_max_pixels(max_pixels)))
+    if model_name is None and checkpoint is None and class_names is None:
+        checkpoint = _recorded_checkpoint(backend.metadata)
+        if checkpoint:
+            click.echo(f'note: no --checkpoint given, using the one {model_file} was exported '
+                       f'from: {checkpoint} (sha256 checked)', err=True)
     detector = load_model(model_name or backend.metadata.arch, checkpoint, class_names,
                           trust_checkpoint, 'uses random weights: the file must have been '
                           'exported from the same random weights to agree')
@@ -94,6 +99,16 @@ def parity(model_file, image_args, recursive, model_name, checkpoint, class_name
     click.echo(lines[-1])
     if not report.passed:
         click.get_current_context().exit(EXIT_MISMATCH)
+
+
+def _recorded_checkpoint(metadata) -> str | None:
+    """The checkpoint a file was exported from, if it is still there with the recorded sha256
+    (the bundled model's, after `make demo`); otherwise None and the arch gets random weights."""
+    from detdeploy.core.fileio import file_sha256
+    path = Path(metadata.checkpoint)
+    if not metadata.checkpoint_sha256 or not path.is_file():
+        return None
+    return str(path) if file_sha256(path) == metadata.checkpoint_sha256 else None
 
 
 def format_report(report) -> list[str]:
