@@ -62,6 +62,12 @@ def provider_list(options: OrtOptions) -> list:
     return providers
 
 
+def error_line(exc: BaseException, limit: int = 300) -> str:
+    """ONNX Runtime's message on one line, shortened at a word boundary, never mid-word."""
+    text = str(exc).strip()
+    return textwrap.shorten(text.splitlines()[0], limit, placeholder=' ...') if text else ''
+
+
 class OnnxRuntimeBackend(Backend):
     """Run a detdeploy ONNX file; one instance may be called from several threads at once
     (ONNX Runtime's `InferenceSession.run` is thread-safe and this class keeps no run state)."""
@@ -104,9 +110,7 @@ class OnnxRuntimeBackend(Backend):
                 self.session = onnxruntime.InferenceSession(str(self.path), session_options,
                                                             providers=requested)
         except Exception as exc:  # ONNX Runtime raises its own exception types
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ''
-            # shortened at a word boundary, never mid-word
-            first_line = textwrap.shorten(first_line, 300, placeholder=' ...')
+            first_line = error_line(exc)
             if options.strict_device:
                 raise DetdeployError(f'--strict-device: {wanted} is not usable here '
                                      f'(ONNX Runtime: {first_line})') from None
