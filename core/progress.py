@@ -17,10 +17,11 @@ class Progress:
 
     def __init__(self, description: str, total: int | None = None, unit: str = 'img',
                  stream: TextIO | None = None, interval_s: float = DEFAULT_INTERVAL_S,
-                 terminal: bool | None = None):
+                 terminal: bool | None = None, final_line: bool = True):
         self.description, self.total, self.unit = description, total, unit
         self.stream = stream or sys.stderr
         self.interval_s = interval_s
+        self.final_line = final_line          # off a terminal: a `done` line at the end
         self.terminal = self.stream.isatty() if terminal is None else terminal
         self.done = 0
         self.current_stage = ''
@@ -51,7 +52,7 @@ class Progress:
         is then the last word)."""
         if self.bar is not None:
             self.bar.close()
-        elif (self.done or self.current_stage) and not failed:
+        elif (self.done or self.current_stage) and self.final_line and not failed:
             self.current_stage = 'done'
             self._line()
 

@@ -11,8 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import Callable
 
 from detdeploy.core.detections import ImageDetections
 from detdeploy.core.errors import DetdeployError
@@ -25,7 +24,6 @@ from detdeploy.runtimes.preprocess import DEFAULT_MAX_PIXELS
 
 RESULTS_NAME = 'coco_results'       # <out>/coco_results.json: all images, COCO results format
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff'}
-PROGRESS_MIN_IMAGES = 8
 
 
 @dataclass
@@ -134,7 +132,8 @@ def coco_rows(image_id: int, detections: ImageDetections, ids: CocoIds | None = 
 def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,
               score_thr: float | None = None, show_thr: float = 0.3, batch_size: int = 1,
               max_pixels: int | None = DEFAULT_MAX_PIXELS, overwrite: bool = True,
-              ids: CocoIds | None = None) -> InferReport:
+              ids: CocoIds | None = None, progress: Callable[[int], None] | None = None
+              ) -> InferReport:
     """Detect on every image (from `collect_images`). With `out_dir`, write `<stem>.json` and
     `<stem>.png` per image and `coco_results.json` for all of them, each file atomically.
 
@@ -143,7 +142,7 @@ def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,
     (not an image, truncated, above `max_pixels`) is skipped and listed in `report.skipped`;
     `coco_results.json` takes its ids from `ids` (`coco_ids.dataset_ids`: a dataset's), by
     default the images' positions in `images` and the class indices. Without `overwrite`,
-    existing output files are refused before anything runs.
+    existing output files are refused before anything runs. `progress(1)` after each image.
     """
     out = make_output_dir(out_dir) if out_dir is not None else None
     if out is not None and not overwrite:
@@ -166,11 +165,9 @@ def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,
         readable = _SourceTracker(images)
         results = detect(backend, readable, batch_size, keep_images=out is not None,
                          max_pixels=max_pixels, on_unreadable=readable.skip(skip))
-        progress = tqdm(results, total=len(images), unit='img',
-                        disable=len(images) < PROGRESS_MIN_IMAGES)
         first_row = True
         step_started = time.perf_counter()
-        for detections, image_rgb in progress:
+        for detections, image_rgb in results:
             position = readable.next_done()
             stem = stems[position]
             if score_thr is not None:
@@ -191,6 +188,8 @@ def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,
                 detections.source, len(detections), len(shown), json_path, png_path, position,
                 count_per_class(shown), 1000 * (now - step_started)))
             step_started = now
+            if progress is not None:
+                progress(1)
         if results_file is not None:
             results_file.write('\n]\n')
     _share_batch_time(report.images, batch_size)

@@ -96,3 +96,11 @@ def test_a_failed_step_ends_without_a_done_line():
             progress.update(1)
             raise RuntimeError('bad image')
     assert stream.getvalue() == ''
+
+
+def test_without_a_final_line_only_periodic_lines_are_printed():
+    stream = io.StringIO()
+    with Progress('infer', total=3, stream=stream, interval_s=float('inf'),
+                  final_line=False) as progress:
+        progress.update(3)
+    assert stream.getvalue() == ''

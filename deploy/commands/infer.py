@@ -147,8 +147,8 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
         ids = dataset_ids(ann_file, image_paths, runner.class_names)
         for warning in ids.warnings:
             click.echo(f'warning: {warning}', err=True)
+    from detdeploy.core.progress import Progress
     for video, stem in zip(video_paths, video_stems):
-        from detdeploy.core.progress import Progress
         with Progress(f'infer {video}', unit='frames') as progress:
             result = run_video(runner, video, Path(out_dir) if out_dir else None, stem,
                                score_thr, show_thr, batch_size, overwrite=not no_overwrite,
@@ -159,8 +159,12 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
                    f'{written}')
     if not image_paths:
         return
-    report = run_infer(runner, image_paths, out_dir, score_thr, show_thr, batch_size,
-                       max_pixels=limit, overwrite=not no_overwrite, ids=ids)
+    # lines every 10 s off a terminal, for long runs only: the image lines follow anyway
+    with Progress('infer', total=len(image_paths), final_line=False,
+                  interval_s=10 if len(image_paths) >= 8 else float('inf')) as progress:
+        report = run_infer(runner, image_paths, out_dir, score_thr, show_thr, batch_size,
+                           max_pixels=limit, overwrite=not no_overwrite, ids=ids,
+                           progress=progress.update)
     for event in sorted(report.images + report.skipped, key=lambda event: event.position):
         if isinstance(event, SkippedImage):
             click.echo(f'warning: {event.reason}; skipped', err=True)
