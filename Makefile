@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install shell clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# An interactive shell with .venv/bin first on PATH, so `detdeploy` works; `exit` leaves it.
+shell: $(STAMP)
+	@echo "detdeploy is on PATH in this shell ($(abspath $(BIN))); type exit to leave"
+	@PATH="$(abspath $(BIN)):$$PATH" VIRTUAL_ENV="$(abspath $(VENV))" $${SHELL:-/bin/sh} -i
 
 clean:
 	rm -rf $(VENV) build *.egg-info

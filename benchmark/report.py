@@ -106,12 +106,18 @@ def _latency_table(result: BenchResult, key: str) -> list[str]:
     rows = []
     for index, config in enumerate(result.configs):
         stats = _stats(config, key)
-        ratio = '1 (baseline)' if index == 0 else f'{np.median(result.ratios(index, key)):.3f}'
+        ratio = '1 (baseline)' if index == 0 else _ratio_with_spread(result.ratios(index, key))
         rows.append([config.label, f'{stats.mean:.1f}', f'{stats.min:.1f}', f'{stats.p50:.1f}',
                      f'{stats.p90:.1f}', f'{stats.p99:.1f}', f'{stats.max:.1f}',
                      f'{_throughput(config, key):.2f}', ratio])
     return _table(['configuration', 'mean', 'min', 'p50', 'p90', 'p99', 'max', 'img/s',
                    'ratio'], rows)
+
+
+def _ratio_with_spread(per_round: np.ndarray) -> str:
+    """The median of the per-round ratios and, in brackets, their middle half (p25-p75)."""
+    low, median, high = np.percentile(per_round, [25, 50, 75])
+    return f'{median:.3f} [{low:.3f}-{high:.3f}]'
 
 
 def _stage_table(result: BenchResult) -> list[str]:
@@ -135,7 +141,8 @@ def format_report(result: BenchResult) -> str:
               'ms per batch:', *_latency_table(result, 'inference_only'),
               '', 'stages, median ms per batch (share of their sum):', *_stage_table(result),
               '', f'ratio: time per image / the first row\'s, paired round by round, median of '
-              f'{rounds} rounds (below 1 = faster). img/s: batch x samples / total time.']
+              f'{rounds} rounds (below 1 = faster), [p25-p75 of the rounds]: a wide spread '
+              'means the machine was busy. img/s: batch x samples / total time.']
     return '\n'.join(lines)
 
 
@@ -148,6 +155,8 @@ def result_to_json(result: BenchResult) -> dict:
         for key in ('end_to_end', 'inference_only'):
             per_round = result.ratios(index, key)
             ratios[key] = {'median': float(np.median(per_round)),
+                           'p25': float(np.percentile(per_round, 25)),
+                           'p75': float(np.percentile(per_round, 75)),
                            'per_round': [float(value) for value in per_round]}
         configs.append({
             'label': config.label, 'model': entry.model, 'backend': entry.backend.name,

@@ -28,6 +28,37 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def physical_cores() -> int:
+    """Physical cores this process may use: distinct (package, core) pairs in /proc/cpuinfo
+    among the CPUs in its affinity mask; the usable logical count where that is unreadable."""
+    usable = (os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity')
+              else set(range(os.cpu_count() or 1)))
+    cores, processor, package = set(), None, '0'
+    try:
+        with open('/proc/cpuinfo') as handle:
+            for line in handle:
+                key, _, value = (part.strip() for part in line.partition(':'))
+                if key == 'processor':
+                    processor, package = int(value), '0'
+                elif key == 'physical id':
+                    package = value
+                elif key == 'core id' and processor in usable:
+                    cores.add((package, value))
+    except (OSError, ValueError):
+        cores = set()
+    return max(1, min(len(cores), len(usable)) if cores else len(usable))
+
+
+def load_warning(load_1min: float | None, cores: int) -> str | None:
+    """One line when other processes compete for the cores: a load average above the count."""
+    if load_1min is None or load_1min <= cores:
+        return None
+    return (f'load average {load_1min:.1f} is above the {cores} cores: other processes compete '
+            'with the benchmark, so absolute times are inflated and PyTorch (OpenMP threads '
+            'waiting on a descheduled peer) suffers more than ONNX Runtime; trust the paired '
+            'ratios and their spread, and compare runs at --threads 1')
+
+
 def library_versions() -> dict[str, str]:
     versions = {}
     for name in LIBRARIES:
@@ -77,6 +108,7 @@ def system_info() -> dict:
         'logical_cores': os.cpu_count(),
         'usable_cores': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
         else os.cpu_count(),
+        'physical_cores': physical_cores(),
         'load_average_1_5_15min': load_average(),
         'gpu': gpu_name(),
         'torch_threads': torch_threads(),

@@ -23,22 +23,33 @@ class NMSConfig:
     """Post-processing settings.
 
     `pre_top_k` keeps the best (anchor, class) pairs per pyramid level, `score_thr` those
-    scoring strictly above it; per-class NMS at `iou_thr`; at most `max_det` per image.
+    scoring strictly above it; per-class NMS at `iou_thr` (with `class_agnostic`, boxes of
+    different classes suppress each other too: one box per object); at most `max_det` per image.
     """
     score_thr: float = 0.05
     pre_top_k: int = 1000
     iou_thr: float = 0.65
     max_det: int = 100
+    class_agnostic: bool = False
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Without `class_agnostic` when off, so per-class files read the same as before."""
+        values = asdict(self)
+        if not self.class_agnostic:
+            del values['class_agnostic']
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> 'NMSConfig':
+        """Settings written without `class_agnostic` (older files) are per-class."""
         if not isinstance(values, dict):
             raise TypeError(f'must be a JSON object, got {type(values).__name__}')
+        agnostic = values.get('class_agnostic', False)
+        if not isinstance(agnostic, bool):
+            raise ValueError(f'class_agnostic must be true or false, got {agnostic!r}')
         return cls(score_thr=float(values['score_thr']), pre_top_k=int(values['pre_top_k']),
-                   iou_thr=float(values['iou_thr']), max_det=int(values['max_det']))
+                   iou_thr=float(values['iou_thr']), max_det=int(values['max_det']),
+                   class_agnostic=agnostic)
 
     def problem(self) -> str | None:
         """What makes these values unusable, or None."""
@@ -60,7 +71,8 @@ class NMSConfig:
     def describe(self) -> str:
         """One line for commands to print: which settings produced the detections."""
         return (f'score > {self.score_thr:g}, pre-top-k {self.pre_top_k} per level, '
-                f'IoU {self.iou_thr:g}, max {self.max_det} per image')
+                f'IoU {self.iou_thr:g}{" class-agnostic" if self.class_agnostic else ""}, '
+                f'max {self.max_det} per image')
 
 
 def keep_above(scores, score_thr: float | None):

@@ -67,6 +67,7 @@ def cli(debug: bool) -> None:
 
 
 cli.add_command(infer.infer)
+cli.add_command(infer.infer, 'predict')          # the name Ultralytics users type
 cli.add_command(export.export)
 cli.add_command(parity_command.parity)
 cli.add_command(build_engine_command.build_engine)

@@ -15,6 +15,13 @@ from detdeploy.cli import main as cli_main
 
 DEMO_DIR = Path('demo_out')
 VAL_IMAGES = 100            # the first 100 of the bundled model's held-out val set (seed 0)
+SAMPLE_IMAGES = 6
+SHAPES, SAMPLES = DEMO_DIR / 'shapes', DEMO_DIR / 'samples'
+ONNX_FILE, INFER_DIR = DEMO_DIR / 'rtmdet.onnx', DEMO_DIR / 'infer'
+PARITY_JSON, EVAL_JSON = DEMO_DIR / 'parity.json', DEMO_DIR / 'eval.json'
+BENCH_JSON, BENCH_PNG = DEMO_DIR / 'bench.json', DEMO_DIR / 'bench.png'
+WRITTEN = (SHAPES, SAMPLES, ONNX_FILE, INFER_DIR, PARITY_JSON, BENCH_JSON, BENCH_PNG, EVAL_JSON)
+"""Everything the demo writes (folders with their contents); the README's examples use these."""
 
 
 def run_step(args: list[str]) -> None:
@@ -30,16 +37,13 @@ def run_step(args: list[str]) -> None:
 
 def main() -> None:
     start = time.perf_counter()
-    shapes, samples = DEMO_DIR / 'shapes', DEMO_DIR / 'samples'
-    onnx_file, results = DEMO_DIR / 'rtmdet.onnx', DEMO_DIR / 'infer'
-    parity_json, bench_json, bench_png = (DEMO_DIR / 'parity.json', DEMO_DIR / 'bench.json',
-                                          DEMO_DIR / 'bench.png')
-    eval_json = DEMO_DIR / 'eval.json'
+    shapes, samples, onnx_file, results = SHAPES, SAMPLES, ONNX_FILE, INFER_DIR
+    parity_json, bench_json, bench_png, eval_json = PARITY_JSON, BENCH_JSON, BENCH_PNG, EVAL_JSON
     ann = shapes / 'annotations' / 'instances_val.json'
     run_step(['make-dataset', 'shapes', '--out', str(shapes), '--train', '0', '--val',
               str(VAL_IMAGES), '--size', '256', '--seed', '0'])
-    run_step(['make-dataset', 'shapes', '--out', str(samples), '--train', '0', '--val', '6',
-              '--size', '256', '--seed', '1'])
+    run_step(['make-dataset', 'shapes', '--out', str(samples), '--train', '0', '--val',
+              str(SAMPLE_IMAGES), '--size', '256', '--seed', '1'])
     run_step(['export', '--model', 'rtmdet', '-o', str(onnx_file)])
     run_step(['infer', str(onnx_file), str(samples / 'val'), '--out', str(results)])
     run_step(['parity', str(onnx_file), '--model', 'rtmdet', '--images', str(samples / 'val'),

@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from detdeploy.core.errors import DetdeployError
 
@@ -60,11 +61,12 @@ def coco_metrics(coco, results: list[dict]) -> dict[str, float]:
 
 
 def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: int = 1,
-             show_progress: bool = False, coco=None, max_pixels: int | None = None
-             ) -> EvalResult:
+             show_progress: bool = False, coco=None, max_pixels: int | None = None,
+             progress: Callable[[int], None] | None = None) -> EvalResult:
     """Run `backend` over every image of the annotation file and score its detections. An
     unreadable image stops the evaluation (`ImageError`): an mAP over fewer images than the
-    annotation file lists would not be comparable."""
+    annotation file lists would not be comparable. `progress(1)` is called after each image
+    (`show_progress`: a tqdm bar instead)."""
     from tqdm import tqdm
 
     from detdeploy.core.coco import image_path
@@ -96,6 +98,8 @@ def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: i
     stream = detect(backend, files, batch_size=batch_size, max_pixels=max_pixels)
     for image_id, (detections, _) in tqdm(zip(image_ids, stream), total=len(files),
                                           disable=not show_progress, unit='img'):
+        if progress is not None:
+            progress(1)
         for box, score, label in zip(detections.boxes_xyxy_px, detections.scores, detections.labels):
             x1, y1, x2, y2 = (float(v) for v in box)
             results.append({'image_id': image_id, 'category_id': category_ids[int(label)],

@@ -13,6 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import torch
@@ -154,8 +155,11 @@ def export_postprocess(graph: PostprocessGraph, num_classes: int, batch: int = 1
 
 
 def export_onnx(detector: LoadedDetector, output_path: str | Path,
-                options: ExportOptions = ExportOptions()) -> ExportReport:
-    """Export `detector` to `output_path` and return what was written."""
+                options: ExportOptions = ExportOptions(),
+                stage: Callable[[str], None] | None = None) -> ExportReport:
+    """Export `detector` to `output_path` and return what was written; `stage(name)` is called
+    as each long step starts (tracing, simplifying, checking, writing)."""
+    stage = stage or (lambda name: None)
     started = time.perf_counter()
     output_path = Path(output_path)
     if not output_path.parent.is_dir():
@@ -178,6 +182,7 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
     # The raw outputs are graph outputs while tracing and simplifying, so that the tensors keep
     # their names (`cls_scores.0`, ...) for parity; then they are inner tensors again.
     raw_names = model_module.raw_output_names
+    stage('tracing the model (torch.onnx dynamo export)')
     model = trace_to_onnx(graph, example, options, raw_names)
     nodes_exported = len(model.graph.node)
 
@@ -185,6 +190,7 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
     if options.simplify:
         # ONNX Runtime cannot run the TensorRT plugin, so a `trt` graph is simplified unchecked.
         sample = None if options.nms_mode == 'trt' else example.numpy()
+        stage('simplifying (onnxsim, then checked against the exported graph)')
         result = simplify(model, sample)
         model, simplified = result.model, result.simplified
         if result.warning:
@@ -204,8 +210,10 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, metadata.to_props())
     model.doc_string = f'{detector.spec.name} exported by detdeploy {detdeploy.__version__}'
+    stage('checking (onnx.checker, full)')
     onnx.checker.check_model(model, full_check=True)
 
+    stage('writing')
     payload = model.SerializeToString()
     with atomic_write(output_path) as handle:
         handle.write(payload)

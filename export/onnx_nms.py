@@ -19,8 +19,9 @@ MINUS_ONE_INT32 = onnx.helper.make_tensor('minus_one', onnx.TensorProto.INT32, [
 
 
 def batched_nms_to_onnx(boxes: FLOAT, scores: FLOAT, labels: INT64, score_thr: float,
-                        iou_thr: float, max_det: int):
-    """Per-class NMS over candidates [B, M], then the best `max_det` per image, padded.
+                        iou_thr: float, max_det: int, class_agnostic: bool = False):
+    """Per-class NMS over candidates [B, M], then the best `max_det` per image, padded
+    (`class_agnostic`: the same without the class offsets).
 
     Classes are separated as the eager op does it (mmcv's trick): boxes are offset by
     `label * (max_coordinate + 1)`, with the maximum over each image's valid candidates, and one
@@ -30,12 +31,16 @@ def batched_nms_to_onnx(boxes: FLOAT, scores: FLOAT, labels: INT64, score_thr: f
     best `max_det` per row taken; ties go to the lower candidate index, as in the eager op.
     """
     score_threshold = op.Constant(value_floats=[score_thr])
-    valid = op.Greater(scores, score_threshold)
-    masked_boxes = op.Where(op.Unsqueeze(valid, [2]), boxes, op.Constant(value_float=0.0))
-    max_coordinate = op.ReduceMax(masked_boxes, op.Constant(value_ints=[1, 2]), keepdims=1)
-    offsets = op.Mul(op.Unsqueeze(op.Cast(labels, to=onnx.TensorProto.FLOAT), [2]),
-                     op.Add(max_coordinate, op.Constant(value_float=1.0)))
-    selected = op.NonMaxSuppression(op.Add(boxes, offsets), op.Unsqueeze(scores, [1]),
+    if class_agnostic:
+        nms_boxes = boxes
+    else:
+        valid = op.Greater(scores, score_threshold)
+        masked_boxes = op.Where(op.Unsqueeze(valid, [2]), boxes, op.Constant(value_float=0.0))
+        max_coordinate = op.ReduceMax(masked_boxes, op.Constant(value_ints=[1, 2]), keepdims=1)
+        offsets = op.Mul(op.Unsqueeze(op.Cast(labels, to=onnx.TensorProto.FLOAT), [2]),
+                         op.Add(max_coordinate, op.Constant(value_float=1.0)))
+        nms_boxes = op.Add(boxes, offsets)
+    selected = op.NonMaxSuppression(nms_boxes, op.Unsqueeze(scores, [1]),
                                     op.Constant(value_ints=[max_det]),
                                     op.Constant(value_floats=[iou_thr]), score_threshold)
     batch_and_box = op.Gather(selected, op.Constant(value_ints=[0, 2]), axis=1)   # [S, 2]
@@ -82,6 +87,7 @@ def _efficient_nms_op(domain: str) -> Op:
             onnx.defs.OpSchema.Attribute('background_class', onnx.defs.OpSchema.AttrType.INT),
             onnx.defs.OpSchema.Attribute('score_activation', onnx.defs.OpSchema.AttrType.INT),
             onnx.defs.OpSchema.Attribute('box_coding', onnx.defs.OpSchema.AttrType.INT),
+            onnx.defs.OpSchema.Attribute('class_agnostic', onnx.defs.OpSchema.AttrType.INT),
             onnx.defs.OpSchema.Attribute('plugin_version', onnx.defs.OpSchema.AttrType.STRING),
         ])
     return Op(Opset(domain, 1), 'EfficientNMS_TRT', schema)
@@ -95,11 +101,13 @@ def efficient_nms_translation(domain: str = 'TRT'):
     efficient_nms = _efficient_nms_op(domain)
 
     def efficient_nms_to_trt(boxes: FLOAT, scores: FLOAT, score_thr: float, iou_thr: float,
-                             max_det: int):
+                             max_det: int, class_agnostic: bool = False):
+        # the attribute only when set: graphs without it are those TensorRT has always parsed
+        agnostic = {'class_agnostic': 1} if class_agnostic else {}
         num_dets, out_boxes, out_scores, out_labels = efficient_nms(
             boxes, scores, score_threshold=score_thr, iou_threshold=iou_thr,
             max_output_boxes=max_det, background_class=-1, score_activation=0, box_coding=0,
-            plugin_version='1', _num_outputs=4)
+            plugin_version='1', _num_outputs=4, **agnostic)
         rows = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Constant(value_int=max_det),
                                      op.Constant(value_int=1)), [0])
         is_detection = op.Less(rows, op.Cast(num_dets, to=onnx.TensorProto.INT64))

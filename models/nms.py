@@ -91,8 +91,9 @@ def select_candidates(decoded: DecodedOutputs, score_thr: float, pre_top_k: int)
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-                iou_thr: float) -> torch.Tensor:
-    """Per-class NMS over one image's boxes; indices kept, by descending score.
+                iou_thr: float, class_agnostic: bool = False) -> torch.Tensor:
+    """Per-class NMS over one image's boxes (with `class_agnostic`, over all of them at once);
+    indices kept, by descending score.
 
     Separates classes by offsetting boxes by `label * (max_coordinate + 1)`, as mmcv's
     `batched_nms` does at any box count, so results match MMDetection bit for bit. A box is
@@ -102,18 +103,20 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    offsets = labels.to(boxes) * (boxes.max() + 1)
     iou_thr_float32 = torch.tensor(iou_thr, dtype=torch.float32).item()
+    if class_agnostic:
+        return torchvision.ops.nms(boxes, scores, iou_thr_float32)
+    offsets = labels.to(boxes) * (boxes.max() + 1)
     return torchvision.ops.nms(boxes + offsets[:, None], scores, iou_thr_float32)
 
 
 @torch.library.custom_op('detdeploy::batched_nms', mutates_args=())
 def batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-                   score_thr: float, iou_thr: float, max_det: int
+                   score_thr: float, iou_thr: float, max_det: int, class_agnostic: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidates [B, M, 4], [B, M], [B, M] -> (num_dets, boxes, scores, labels) padded to
-    `max_det`: per image, candidates scoring above `score_thr`, per-class NMS, the best
-    `max_det` by score."""
+    `max_det`: per image, candidates scoring above `score_thr`, per-class (or class-agnostic)
+    NMS, the best `max_det` by score."""
     batch = boxes.shape[0]
     out_boxes = boxes.new_zeros(batch, max_det, 4)
     out_scores = scores.new_zeros(batch, max_det)
@@ -123,7 +126,8 @@ def batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tens
         valid = scores[image] > score_thr
         image_boxes, image_scores = boxes[image][valid], scores[image][valid]
         image_labels = labels[image][valid]
-        keep = batched_nms(image_boxes, image_scores, image_labels, iou_thr)[:max_det]
+        keep = batched_nms(image_boxes, image_scores, image_labels, iou_thr,
+                           class_agnostic)[:max_det]
         count = len(keep)
         num_dets[image, 0] = count
         out_boxes[image, :count] = image_boxes[keep]
@@ -133,7 +137,8 @@ def batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tens
 
 
 @batched_nms_op.register_fake
-def _batched_nms_shapes(boxes, scores, labels, score_thr, iou_thr, max_det):
+def _batched_nms_shapes(boxes, scores, labels, score_thr, iou_thr, max_det,
+                        class_agnostic=False):
     batch = boxes.shape[0]
     return (boxes.new_empty(batch, 1, dtype=torch.int32), boxes.new_empty(batch, max_det, 4),
             scores.new_empty(batch, max_det), boxes.new_empty(batch, max_det, dtype=torch.int32))
@@ -145,20 +150,21 @@ TRT_MAX_CANDIDATES = 4096
 
 @torch.library.custom_op('detdeploy::efficient_nms', mutates_args=())
 def efficient_nms_op(boxes: torch.Tensor, scores: torch.Tensor, score_thr: float, iou_thr: float,
-                     max_det: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     max_det: int, class_agnostic: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """TensorRT EfficientNMS_TRT's semantics in PyTorch: boxes [B, N, 4], scores [B, N, C] ->
     the four padded outputs. The (anchor, class) pairs scoring above `score_thr`, the best
-    `TRT_MAX_CANDIDATES` of them, per-class NMS, the best `max_det`."""
+    `TRT_MAX_CANDIDATES` of them, per-class (or class-agnostic) NMS, the best `max_det`."""
     batch, num_anchors, num_classes = scores.shape
     pair_scores, pair_index = _top_k_lower_index_first(
         scores.reshape(batch, -1), min(TRT_MAX_CANDIDATES, num_anchors * num_classes))
     pair_boxes = torch.gather(boxes, 1, (pair_index // num_classes)[..., None].expand(-1, -1, 4))
     return batched_nms_op(pair_boxes, pair_scores, pair_index % num_classes, score_thr, iou_thr,
-                          max_det)
+                          max_det, class_agnostic)
 
 
 @efficient_nms_op.register_fake
-def _efficient_nms_shapes(boxes, scores, score_thr, iou_thr, max_det):
+def _efficient_nms_shapes(boxes, scores, score_thr, iou_thr, max_det, class_agnostic=False):
     batch = boxes.shape[0]
     return (boxes.new_empty(batch, 1, dtype=torch.int32), boxes.new_empty(batch, max_det, 4),
             scores.new_empty(batch, max_det), boxes.new_empty(batch, max_det, dtype=torch.int32))
@@ -178,7 +184,7 @@ def nms_outputs(decoded: DecodedOutputs, cfg: NMSConfig) -> DetectionOutputs:
     candidates = select_candidates(decoded, cfg.score_thr, cfg.pre_top_k)
     return DetectionOutputs(*batched_nms_op(candidates.boxes, candidates.scores,
                                             candidates.labels, cfg.score_thr, cfg.iou_thr,
-                                            cfg.max_det))
+                                            cfg.max_det, cfg.class_agnostic))
 
 
 def dense_outputs(decoded: DecodedOutputs, nms: NMSConfig, nms_mode: str
@@ -196,7 +202,7 @@ def dense_outputs(decoded: DecodedOutputs, nms: NMSConfig, nms_mode: str
     dense_scores = dense_candidate_scores(candidates, decoded.boxes.shape[1],
                                           decoded.scores.shape[2])
     return tuple(efficient_nms_op(decoded.boxes, dense_scores, nms.score_thr, nms.iou_thr,
-                                  nms.max_det))
+                                  nms.max_det, nms.class_agnostic))
 
 
 def split_detections(outputs: DetectionOutputs) -> list[Detections]:

@@ -220,6 +220,10 @@ def test_cli_export_summary_and_atomic_replace(tmp_path):
     assert lines[-1] == ('  nms: onnx, score > 0.05, pre-top-k 1000 per level, IoU 0.65, '
                          'max 20 per image')
     assert result.stderr.startswith('note: no --checkpoint given')
+    # stderr is not a terminal: one progress line per export stage (issue 20)
+    stages = [line.split(': ', 1)[1].split(' (')[0] for line in result.stderr.splitlines()
+              if line.startswith(f'export {target}: ')]
+    assert stages == ['tracing the model', 'simplifying', 'checking', 'writing', 'done']
     metadata = read_onnx_metadata(target)
     assert metadata.preprocess.input_size == (64, 96)
     assert metadata.class_names == ('circle', 'square')

@@ -167,7 +167,7 @@ def test_broken_metadata_fails_with_its_cause(files, tiny_checkpoint, capsys, br
 
 @pytest.mark.parametrize('args, message', [
     (['missing.onnx', '--random', '1'], 'error: model file not found: missing.onnx'),
-    (['{good}'], 'error: give either --images DIR... or --random N'),
+    (['{good}'], 'error: give either images (--images PATH, repeatable, or paths after MODEL_FILE) or --random N'),
     (['{good}', '--random', '1', '--backend', 'trt'], 'error: '),
     (['{ckpt}', '--model', 'rtmdet-tiny', '--random', '1'], 'model files end in .onnx'),
     (['{bad}', '--random', '1'], 'is not an ONNX model'),
@@ -262,3 +262,11 @@ def test_tolerance_presets_by_precision():
     assert tolerances_for(None) == tolerances_for('fp32') == TOL
     assert tolerances_for('fp16').atol > TOL.atol
     assert tolerances_for('int8+fp16') == TOLERANCE_PRESETS['int8']
+
+
+def test_without_model_or_checkpoint_the_recorded_checkpoint_is_used(files, capsys):
+    """A file records the checkpoint it was exported from (path and sha256): parity uses it
+    when it is still there, instead of random weights for the arch (issue 20)."""
+    code, out, err = run_cli(capsys, files['good'], '--random', '1')
+    assert code == 0, out + err
+    assert 'using the one' in err and 'was exported from' in err and 'random weights' not in err

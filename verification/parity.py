@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -43,6 +43,7 @@ class ParityOptions:
     tolerances: Tolerances | None = None  # None: the preset for the file's precision
     per_layer: bool = False
     batch_size: int | None = None         # None: the file's static batch, else 4
+    progress: Callable[[int], None] | None = None     # called with the images each batch did
 
 
 @dataclass
@@ -390,6 +391,9 @@ def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetecto
                     report.raw[name] = merge_comparisons(report.raw.get(name), comparison,
                                                          image_index=start + index)
                 report.raw_by_image.append(per_image)
+
+        if options.progress is not None:
+            options.progress(len(chunk))
 
     if options.per_layer and raw_names:
         failing = [(i, name) for i, per in enumerate(report.raw_by_image)

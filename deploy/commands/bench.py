@@ -5,8 +5,6 @@ the report (which names each configuration's NMS settings) and files are `benchm
 """
 from __future__ import annotations
 
-import contextlib
-import sys
 import tempfile
 from pathlib import Path
 
@@ -41,8 +39,7 @@ def _registry_entries(name: str, backends: list[str], device: str, options: dict
             import torch
 
             from detdeploy.runtimes.torch_backend import TorchBackend
-            if options['threads']:
-                torch.set_num_threads(options['threads'])
+            torch.set_num_threads(options['threads'])
             config = detector.spec.preprocessing.with_input_size(options['input_hw'])
             entries.append(Entry(detector.spec.name, TorchBackend(
                 detector, nms=nms, device=torch_device(device), preprocess_config=config)))
@@ -97,7 +94,8 @@ def _input_sizes(plan, input_hw) -> list[tuple[int, int]]:
               help='Instead of --iters: measure for about this long per configuration '
               '(at most an hour).')
 @click.option('--threads', type=ThreadCount(),
-              help='Intra-op threads for PyTorch and ONNX Runtime [default: theirs].')
+              help='Intra-op threads, the same for PyTorch and ONNX Runtime [default: the '
+              'physical cores this process may use].')
 @click.option('--images', 'images_dir', type=click.Path(),
               help='Folder of images [default: generated ones]; decoded once into memory.')
 @click.option('--input-size', help="Network input for registry models: 640 or HxW "
@@ -123,11 +121,13 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
     the first is the baseline the ratios compare with.
     """
     from detdeploy.benchmark.report import format_report, write_json, write_plot
+    from detdeploy.benchmark.system import load_average, load_warning, physical_cores
     from detdeploy.benchmark.timing import (Entry, check_batch_memory, load_images,
                                             parse_int_list, run_benchmark)
-    from detdeploy.inference.batch import collect_images
     from detdeploy.core.fileio import (check_input_file, check_output_file,
                                        refuse_overwriting_inputs)
+    from detdeploy.core.progress import Progress
+    from detdeploy.inference.batch import collect_images
     from detdeploy.runtimes.open import backends_for, model_kind, open_model_file, parse_backends
 
     models = ((model_name,) if model_name else ()) + tuple(models)
@@ -155,6 +155,8 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
         [('model', model) for model, _ in plan] + weight_inputs(checkpoint, class_names)
         + ([('--images', path) for path in collect_images([images_dir])]
            if images_dir and Path(images_dir).is_dir() else []))
+    cores = physical_cores()
+    threads = threads or cores          # one default for every backend, not each library's own
     overrides = model_overrides(class_names, input_size, mean, std, channel_order, pad_value)
     if overrides.preprocessing_flags() and any(model_kind(m) != 'ort' for m, _ in plan):
         raise DetdeployError(f'{", ".join(overrides.preprocessing_flags())}: only for .onnx '
@@ -178,16 +180,18 @@ def bench(models, model_name, checkpoint, class_names, trust_checkpoint, backend
             if entry.backend.fallback:
                 click.echo(f'warning: {entry.model}: {entry.backend.fallback}', err=True)
         configs = len(entries) * len(batches)
+        # said once everything is loaded, just before timing starts
+        load = load_average()
+        click.echo(f'bench: {threads} intra-op threads per backend ({cores} physical cores), '
+                   f'load average {load[0] if load else "unknown"} (1 min)', err=True)
+        warning = load_warning(load[0] if load else None, cores)
+        if warning:
+            click.echo(f'warning: {warning}', err=True)
         rounds = (iters or 100) if seconds is None else None
-        progress_bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-            progress_bar = tqdm(total=rounds, unit='round', leave=False)
-        with progress_bar if progress_bar is not None else contextlib.nullcontext():
+        with Progress('bench', total=rounds, unit='rounds') as progress:
             result = run_benchmark(
                 entries, batches, images, names, description, warmup=warmup,
-                iters=rounds, seconds=seconds,
-                progress=(lambda _: progress_bar.update()) if progress_bar else None)
+                iters=rounds, seconds=seconds, progress=lambda _: progress.update())
     click.echo(format_report(result))
     if json_path:
         write_json(result, json_path, overwrite=not no_overwrite)

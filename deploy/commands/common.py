@@ -51,7 +51,9 @@ def pytorch_model_options(command):
     command = click.option('--trust-checkpoint', is_flag=True, help=(
         'Allow checkpoints that need arbitrary unpickling (only for trusted files).'))(command)
     command = click.option('--checkpoint', type=click.Path(dir_okay=False), help=(
-        'MMDetection-format or plain state-dict checkpoint (.pth).'))(command)
+        'MMDetection-format or plain state-dict checkpoint (.pth), or a published one by name, '
+        'downloaded once into ~/.cache/detdeploy (sha256 checked): mmdet:rtmdet-tiny-coco, '
+        'mmdet:rtmdet-s-coco, -m-, -l-, -x-coco.'))(command)
     return click.option('--model', 'model_name', help=(
         'Registry name: rtmdet (= rtmdet-tiny, the default), rtmdet-s, -m, -l, -x.'))(command)
 
@@ -88,6 +90,9 @@ def load_model(model_name: str, checkpoint: str | None, class_names: str | None,
     the sized names have random weights; either way one line says which."""
     from detdeploy.models import load_detector
     from detdeploy.models.bundled import DESCRIPTION, bundled_checkpoint
+    from detdeploy.models.named_checkpoints import is_checkpoint_name
+    if is_checkpoint_name(checkpoint):
+        model_name, checkpoint = _named_checkpoint(model_name, checkpoint)
     bundled = bundled_checkpoint(model_name) if checkpoint is None and not class_names else None
     detector = load_detector(model_name or DEFAULT_MODEL, checkpoint or bundled,
                              parse_class_names(class_names), trust=trust_checkpoint)
@@ -96,6 +101,27 @@ def load_model(model_name: str, checkpoint: str | None, class_names: str | None,
     elif checkpoint is None:
         click.echo(f'note: no --checkpoint given, {detector.spec.name} {purpose}', err=True)
     return detector
+
+
+def _named_checkpoint(model_name: str | None, name: str) -> tuple[str, str]:
+    """(the model to build, the local file) for a checkpoint name: downloaded into the cache
+    with a progress bar (or lines), or found there."""
+    from detdeploy.core.progress import Progress
+    from detdeploy.models.named_checkpoints import cache_dir, fetch, lookup
+    from detdeploy.models.registry import get_spec
+    entry = lookup(name)
+    if model_name not in (None, DEFAULT_MODEL) and get_spec(model_name).name != entry.arch:
+        raise DetdeployError(f'--checkpoint {name} is for {entry.arch}, not --model {model_name}')
+    if not (cache_dir() / entry.file_name).is_file():
+        click.echo(f'downloading {name} from {entry.url} into {cache_dir()}', err=True)
+    with Progress(f'download {name}', unit='bytes', interval_s=5) as progress:
+        def report(done: int, total: int | None) -> None:
+            progress.total = total
+            progress.update(done - progress.done)
+            if progress.bar is not None:
+                progress.bar.total = total
+        path = fetch(entry, progress=report)
+    return entry.arch, str(path)
 
 
 def split_model_and_images(inputs: tuple[str, ...], model_name: str | None

@@ -40,6 +40,25 @@ def _registry_backends(model, backends, options, temp_dir: Path) -> list:
     return runners
 
 
+def _not_eval_preset(model: str, metadata) -> str | None:
+    """Why a file's AP may sit below the published one: its NMS is not its model's eval preset
+    (a file keeps the settings it was exported with, by default the deploy preset)."""
+    from detdeploy.core.errors import UnknownModelError
+    if metadata.nms is None:
+        return None
+    try:
+        from detdeploy.models.registry import get_spec
+        eval_nms = get_spec(metadata.arch).nms('eval')
+    except (UnknownModelError, KeyError):
+        return None
+    if metadata.nms == eval_nms:
+        return None
+    return (f"{model} has the NMS settings it was exported with ({metadata.nms.describe()}), "
+            f"not {metadata.arch}'s eval preset ({eval_nms.describe()}) that COCO mAP is "
+            'usually measured with, so its AP can be lower; for comparable numbers export '
+            'with --nms-preset eval')
+
+
 def format_table(results) -> str:
     from detdeploy.evaluation.coco_eval import METRIC_NAMES
     header = f"{'backend':<24}" + ''.join(f'{m:>8}' for m in METRIC_NAMES) + \
@@ -67,7 +86,8 @@ def format_table(results) -> str:
 @click.option('--device', default='cpu', show_default=True,
               help='torch: cpu, cuda, cuda:N; ort: cpu, cuda, tensorrt.')
 @click.option('--threads', type=ThreadCount(), help='ort: intra-op threads.')
-@click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--batch', 'batch_size', type=click.IntRange(min=1), default=1, show_default=True,
+              help='Images per forward pass (a static-batch file runs at its own batch).')
 @click.option('--nms-preset', type=click.Choice(['eval', 'deploy']), default='eval',
               show_default=True, help='NMS of registry models (files keep their own): eval = '
               'score 0.001, 300 detections, as COCO mAP is measured.')
@@ -92,6 +112,7 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     from detdeploy.core.coco import image_path
     from detdeploy.core.fileio import (check_input_file, check_output_file,
                                        refuse_overwriting_inputs)
+    from detdeploy.core.progress import Progress
     from detdeploy.evaluation.coco_eval import evaluate, load_coco, write_json
     from detdeploy.runtimes.open import backends_for, is_model_file, open_model_file, parse_backends
 
@@ -131,10 +152,15 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
         for runner in runners:
             if runner.fallback:
                 click.echo(f'warning: {runner.fallback}', err=True)
-            result = evaluate(runner, ann_file, image_dir, batch_size=batch_size,
-                              show_progress=sys.stderr.isatty(), coco=coco, max_pixels=limit)
+            with Progress(f'eval {runner.name}', total=len(coco.getImgIds())) as progress:
+                result = evaluate(runner, ann_file, image_dir, batch_size=batch_size, coco=coco,
+                                  max_pixels=limit, progress=progress.update)
             for warning in result.warnings:
                 click.echo(f'warning: {result.backend}: {warning}', err=True)
+            # after the evaluation, so that bad input stays a one-line error
+            note = _not_eval_preset(model, runner.metadata) if is_model_file(model) else None
+            if note:
+                click.echo(f'note: {note}', err=True)
             results.append(result)
     click.echo(format_table(results))
     for runner, result in zip(runners, results):

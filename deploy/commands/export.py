@@ -12,7 +12,8 @@ from .common import (DEFAULT_MODEL, FiniteFloat, load_model, no_overwrite_option
 @click.command()
 @pytorch_model_options
 @click.option('-o', '--output', type=click.Path(dir_okay=False),
-              help='Output file [default: <model>.onnx].')
+              help='Output file [default: <model>.onnx, the --model name as given: rtmdet.onnx '
+              'for the default model].')
 @click.option('--nms', 'nms_mode', type=click.Choice(['onnx', 'trt', 'none']), default='onnx',
               show_default=True, help='onnx: standard NonMaxSuppression; trt: EfficientNMS_TRT '
               'plugin; none: per-anchor boxes and scores.')
@@ -24,6 +25,8 @@ from .common import (DEFAULT_MODEL, FiniteFloat, load_model, no_overwrite_option
 @click.option('--pre-top-k', type=click.IntRange(min=1),
               help='Override the preset: (anchor, class) pairs kept per pyramid level.')
 @click.option('--max-det', type=click.IntRange(min=1), help='Override the preset.')
+@click.option('--agnostic-nms', is_flag=True, help='Class-agnostic NMS: boxes of different '
+              'classes suppress each other too, so one object keeps one box (one label).')
 @click.option('--batch', type=click.IntRange(min=1), default=1, show_default=True,
               help='Static batch size.')
 @click.option('--dynamic-batch', is_flag=True, help='Symbolic batch axis (overrides --batch).')
@@ -39,8 +42,9 @@ from .common import (DEFAULT_MODEL, FiniteFloat, load_model, no_overwrite_option
               'CUDA/TensorRT); image input, outputs and NMS stay float32.')
 @no_overwrite_option
 def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mode, nms_preset,
-           score_thr, iou_thr, pre_top_k, max_det, batch, dynamic_batch, dynamic_shape, input_size,
-           opset, no_simplify, trt_plugin_domain, fp16, no_overwrite) -> None:
+           score_thr, iou_thr, pre_top_k, max_det, agnostic_nms, batch, dynamic_batch,
+           dynamic_shape, input_size, opset, no_simplify, trt_plugin_domain, fp16,
+           no_overwrite) -> None:
     """Export a detector to ONNX with NMS inside the graph."""
     import dataclasses
 
@@ -50,7 +54,8 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
 
     input_hw = parse_input_size(input_size)
     # before minutes of tracing: the name is known, the folder writable, no file refused
-    output = output or f'{get_spec(model_name or DEFAULT_MODEL).name}.onnx'
+    get_spec(model_name or DEFAULT_MODEL)          # an unknown name fails here, in one line
+    output = output or f'{(model_name or DEFAULT_MODEL).lower()}.onnx'
     check_output_file(output, overwrite=not no_overwrite, flag='-o')
     refuse_overwriting_inputs([('-o', output)], weight_inputs(checkpoint, class_names))
     check_opset(opset)
@@ -58,18 +63,20 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
     detector = load_model(model_name, checkpoint, class_names, trust_checkpoint,
                           'is exported with random weights')
     overrides = {'score_thr': score_thr, 'iou_thr': iou_thr, 'pre_top_k': pre_top_k,
-                 'max_det': max_det}
+                 'max_det': max_det, 'class_agnostic': agnostic_nms or None}
     nms = dataclasses.replace(detector.spec.nms(nms_preset),
                               **{k: v for k, v in overrides.items() if v is not None}).check()
     options = ExportOptions(nms_mode=nms_mode, nms=nms, batch=batch, dynamic_batch=dynamic_batch,
                             dynamic_shape=dynamic_shape, input_hw=input_hw, opset=opset,
                             simplify=not no_simplify, trt_plugin_domain=trt_plugin_domain)
-    if fp16:
-        if nms_mode != 'onnx':
-            raise DetdeployError('--fp16 needs --nms onnx (the float32 NMS graph it keeps)')
-        report = _export_fp16(detector, output, options)
-    else:
-        report = export_onnx(detector, output, options)
+    if fp16 and nms_mode != 'onnx':
+        raise DetdeployError('--fp16 needs --nms onnx (the float32 NMS graph it keeps)')
+    from detdeploy.core.progress import Progress
+    with Progress(f'export {output}') as progress:
+        if fp16:
+            report = _export_fp16(detector, output, options, stage=progress.stage)
+        else:
+            report = export_onnx(detector, output, options, stage=progress.stage)
     for warning in report.warnings:
         click.echo(f'warning: {warning}', err=True)
     click.echo(f'wrote {report.path} ({report.size_bytes / 1e6:.1f} MB, opset {report.opset}) '
@@ -86,7 +93,7 @@ def export(model_name, checkpoint, class_names, trust_checkpoint, output, nms_mo
         click.echo('  precision: fp16 network; input, outputs and NMS float32')
 
 
-def _export_fp16(detector, output, options):
+def _export_fp16(detector, output, options, stage=None):
     """The float32 export next to `output`, then its fp16 copy at `output`."""
     import dataclasses
     import tempfile
@@ -95,6 +102,6 @@ def _export_fp16(detector, output, options):
     from detdeploy.export.exporter import export_onnx
     from detdeploy.quantization.fp16 import convert_to_fp16
     with tempfile.TemporaryDirectory(prefix='.detdeploy_fp32_', dir=Path(output).parent) as temp:
-        report = export_onnx(detector, Path(temp) / 'fp32.onnx', options)
+        report = export_onnx(detector, Path(temp) / 'fp32.onnx', options, stage=stage)
         converted = convert_to_fp16(report.path, output)
     return dataclasses.replace(report, path=converted.path, size_bytes=converted.size_bytes)

@@ -19,9 +19,12 @@ SHOWN_UNMATCHED = 2
 
 @click.command()
 @click.argument('model_file', type=click.Path(dir_okay=False))
+@click.argument('image_args', nargs=-1, metavar='[IMAGES_DIRS_GLOBS...]')
 @pytorch_model_options
 @click.option('--images', 'image_inputs', multiple=True,
-              help='Image files or directories (repeatable).')
+              help='Image files, directories or quoted globs (repeatable; more may follow '
+              'MODEL_FILE as arguments).')
+@click.option('--recursive', '-r', is_flag=True, help='Search directories\' subfolders too.')
 @click.option('--random', 'random_count', type=click.IntRange(min=1),
               help='Use N generated images (seeded) instead of --images.')
 @click.option('--backend', 'backend_name', type=click.Choice(FILE_BACKENDS), default='auto',
@@ -45,9 +48,9 @@ SHOWN_UNMATCHED = 2
               help='Write the full report here (JSON).')
 @max_pixels_option
 @no_overwrite_option
-def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, image_inputs,
-           random_count, backend_name, device, torch_device_name, atol, rtol, batch_size,
-           per_layer, json_path, max_pixels, no_overwrite) -> None:
+def parity(model_file, image_args, recursive, model_name, checkpoint, class_names,
+           trust_checkpoint, image_inputs, random_count, backend_name, device, torch_device_name,
+           atol, rtol, batch_size, per_layer, json_path, max_pixels, no_overwrite) -> None:
     """Check that MODEL_FILE gives the PyTorch model's answers: metadata, detections, raw
     outputs (and with --per-layer, the first layer that differs). Exit 0 pass, 1 mismatch."""
     from detdeploy.core.fileio import (check_input_file, check_output_file,
@@ -58,8 +61,10 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
     from detdeploy.verification.parity import (ParityOptions, file_images, random_images,
                                                recorded_checkpoint, run_parity, write_report)
 
+    image_inputs = tuple(image_inputs) + tuple(image_args)
     if bool(image_inputs) == bool(random_count):
-        raise DetdeployError('give either --images DIR... or --random N')
+        raise DetdeployError('give either images (--images PATH, repeatable, or paths after '
+                             'MODEL_FILE) or --random N')
     check_input_file(model_file, 'model file')
     if json_path:
         check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
@@ -70,10 +75,13 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
     # a graph that does not fit its metadata is opened anyway: parity reports how it differs
     backend = open_model_file(model_file, backend_name, device=device, check_signature=False)
     images = (random_images(random_count) if random_count
-              else file_images(collect_images(list(image_inputs)),
+              else file_images(collect_images(list(image_inputs), recursive=recursive),
                                apply_max_pixels(max_pixels)))
-    if checkpoint is None and model_name is None:   # the weights the file says it came from
-        checkpoint = recorded_checkpoint(backend.metadata, model_file)
+    if checkpoint is None and model_name is None and class_names is None:
+        checkpoint = recorded_checkpoint(backend.metadata, model_file)   # the file's weights
+        if checkpoint:
+            click.echo(f'note: no --checkpoint given, using the one {model_file} was exported '
+                       f'from: {checkpoint} (sha256 checked)', err=True)
     detector = load_model(model_name or backend.metadata.arch, checkpoint, class_names,
                           trust_checkpoint, 'uses random weights: the file must have been '
                           'exported from the same random weights to agree')
@@ -82,9 +90,12 @@ def parity(model_file, model_name, checkpoint, class_names, trust_checkpoint, im
         base = tolerances_for(backend.describe().get('precision') or backend.metadata.precision)
         tolerances = dataclasses.replace(base, atol=base.atol if atol is None else atol,
                                          rtol=base.rtol if rtol is None else rtol)
-    options = ParityOptions(torch_device=torch_device(torch_device_name), tolerances=tolerances,
-                            per_layer=per_layer, batch_size=batch_size)
-    report = run_parity(model_file, backend, detector, images, options)
+    from detdeploy.core.progress import Progress
+    with Progress('parity', total=len(images)) as progress:
+        options = ParityOptions(torch_device=torch_device(torch_device_name),
+                                tolerances=tolerances, per_layer=per_layer,
+                                batch_size=batch_size, progress=progress.update)
+        report = run_parity(model_file, backend, detector, images, options)
     if json_path:
         write_report(report, json_path, overwrite=not no_overwrite)
     lines = [one_line(line) for line in format_report(report)]   # names may hold newlines

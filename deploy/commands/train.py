@@ -69,7 +69,8 @@ def _check_inputs(out_dir: str, train_ann: str, val_ann: str | None,
               help='Folder the training file names are relative to.')
 @click.option('--val-ann', type=click.Path(dir_okay=False), help='COCO JSON of the val set.')
 @click.option('--val-images', type=click.Path(file_okay=False), help='Val image folder.')
-@click.option('--epochs', type=click.IntRange(min=1), default=12, show_default=True)
+@click.option('--epochs', type=click.IntRange(min=1), default=12, show_default=True,
+              help='Passes over the training set.')
 @click.option('--batch', type=click.IntRange(min=1), default=8, show_default=True,
               help='Images per step per process.')
 @click.option('--img-size', type=click.IntRange(min=32), default=320, show_default=True,
@@ -87,7 +88,8 @@ def _check_inputs(out_dir: str, train_ann: str, val_ann: str | None,
               'class count is left initialised.')
 @click.option('--lr', type=FiniteFloat(min=0, min_open=True),
               help='Peak AdamW learning rate [default: 0.004 x total batch / 256, MMDetection].')
-@click.option('--weight-decay', type=FiniteFloat(min=0), default=0.05, show_default=True)
+@click.option('--weight-decay', type=FiniteFloat(min=0), default=0.05, show_default=True,
+              help='AdamW weight decay (none on norms and biases).')
 @click.option('--warmup-iters', type=click.IntRange(min=0), default=1000, show_default=True,
               help='Linear warm-up steps.')
 @click.option('--val-interval', type=click.IntRange(min=1), default=1, show_default=True,
@@ -100,7 +102,8 @@ def _check_inputs(out_dir: str, train_ann: str, val_ann: str | None,
               show_default=True, help='Probability of mixing in a second image.')
 @click.option('--workers', type=click.IntRange(min=0), default=0, show_default=True,
               help='Data-loading processes per training process.')
-@click.option('--seed', type=int, default=0, show_default=True)
+@click.option('--seed', type=int, default=0, show_default=True,
+              help='Seeds weights, data order and augmentation.')
 @click.option('--max-iters-per-epoch', type=click.IntRange(min=1),
               help='Cut every epoch short (quick checks).')
 def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batch, img_size,
