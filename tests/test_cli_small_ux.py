@@ -40,15 +40,3 @@ def test_eval_says_a_deploy_preset_file_is_not_the_eval_preset():
     assert _not_eval_preset('m.onnx', fake_metadata(arch='foreign', nms=NMSConfig())) is None
     agnostic = dataclasses.replace(spec.nms('eval'), class_agnostic=True)
     assert _not_eval_preset('m.onnx', fake_metadata(nms=agnostic)) is not None
-
-
-def test_onnxruntime_errors_are_shortened_between_words():
-    from detdeploy.runtimes.onnxruntime_backend import error_line
-    message = ('[ONNXRuntimeError] : 1 : FAIL : This session contains graph nodes that are '
-               'assigned to the default CPU EP, but fallback to CPU EP has been explicitly '
-               'disabled by the user.\nsecond line')
-    assert error_line(RuntimeError(message)) == message.splitlines()[0]
-    short = error_line(RuntimeError(message), limit=60)
-    assert short.endswith(' ...') and message.startswith(short[:-4])
-    assert message[len(short) - 4] == ' '                   # cut where a word ended
-    assert error_line(RuntimeError('')) == ''
