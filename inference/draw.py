@@ -1,4 +1,5 @@
-"""Draw labelled detection boxes on an image with Pillow; nothing else."""
+"""Draw labelled detection boxes (rotated ones as polygons) on an image with Pillow; nothing
+else."""
 from __future__ import annotations
 
 import colorsys
@@ -6,7 +7,7 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from detdeploy.core.detections import ImageDetections
+from detdeploy.core.detections import ImageDetections, rotated_box_corners
 
 
 def class_colour(label: int) -> tuple[int, int, int]:
@@ -21,10 +22,17 @@ def draw_detections(image_rgb: np.ndarray, detections: ImageDetections) -> Image
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     line_width = max(1, round(max(canvas.size) / 400))
-    for box, score, label in zip(detections.boxes_xyxy_px, detections.scores, detections.labels):
+    rotated = detections.rotated_boxes
+    for index, (box, score, label) in enumerate(zip(detections.boxes_xyxy_px, detections.scores,
+                                                     detections.labels)):
         colour = class_colour(int(label))
         x1, y1, x2, y2 = (float(v) for v in box)
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=line_width)
+        if rotated is None:
+            draw.rectangle((x1, y1, x2, y2), outline=colour, width=line_width)
+        else:
+            corners = [tuple(float(v) for v in point)
+                       for point in rotated_box_corners(rotated[index])[0]]
+            draw.line(corners + corners[:1], fill=colour, width=line_width)
         text = f'{detections.label_name(int(label))} {score:.2f}'
         left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)
         text_top = y1 - (bottom - top) - 2 if y1 - (bottom - top) - 2 >= 0 else y1

@@ -97,9 +97,11 @@ def rotated_iou_pairs(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Ten
     edges_b = _following(corners_b) - corners_b
     for edge in range(4):
         polygon = _clip_by_half_plane(polygon, corners_b[:, edge], edges_b[:, edge])
-    intersection = _polygon_area(polygon).clamp(min=0)
     area_a = boxes_a[:, 2] * boxes_a[:, 3]
     area_b = boxes_b[:, 2] * boxes_b[:, 3]
+    # float32 corners of a thin box carry an error relative to w * h: never above either area
+    intersection = torch.minimum(_polygon_area(polygon).clamp(min=0),
+                                 torch.minimum(area_a, area_b))
     union = area_a + area_b - intersection
     has_area = (area_a >= MIN_BOX_AREA) & (area_b >= MIN_BOX_AREA) & (union > 0)
     return torch.where(has_area, intersection / torch.where(has_area, union,
@@ -165,13 +167,15 @@ def greedy_keep(num_boxes: int, suppressor: torch.Tensor, suppressed: torch.Tens
         new_keep = hits == 0
         return new_keep, (new_keep != keep).any()
 
-    state = (torch.ones(num_boxes, dtype=torch.bool, device=suppressor.device),
+    # one spare box, never suppressed: ONNX Runtime reduces an empty tensor to an empty one, so
+    # `changed` of zero boxes would never turn false
+    state = (torch.ones(num_boxes + 1, dtype=torch.bool, device=suppressor.device),
              torch.ones((), dtype=torch.bool, device=suppressor.device))
     if torch.compiler.is_exporting():
-        return while_loop(not_done, round_, state)[0]
+        return while_loop(not_done, round_, state)[0][:num_boxes]
     while bool(state[1]):
         state = round_(*state)
-    return state[0]
+    return state[0][:num_boxes]
 
 
 def rotated_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,

