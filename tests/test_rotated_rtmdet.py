@@ -146,7 +146,7 @@ def test_parity_catches_a_perturbed_weight(exported, reference_detector):
     images = [('a', make_image(128, 128, 21)), ('b', make_image(128, 96, 22))]
     backend = open_model_file(exported, check_signature=False)
     report = run_parity(exported, backend, reference_detector, images)
-    assert report.passed, report.failures()
+    assert report.passed, report.failures
     assert report.images and all(image.matched > 5 for image in report.images)
 
     changed = copy.deepcopy(reference_detector)
@@ -154,7 +154,7 @@ def test_parity_catches_a_perturbed_weight(exported, reference_detector):
         changed.model.bbox_head.rtm_ang[0].weight[0, 3] += 0.5
     report = run_parity(exported, backend, changed, images)
     assert not report.passed
-    assert any('angle_preds.0' in failure for failure in report.failures())
+    assert any("angle_preds.0" in failure for failure in report.failures)
 
 
 def test_rotated_iou_matching_pairs_rotated_detections():
