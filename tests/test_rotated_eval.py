@@ -66,3 +66,16 @@ def test_average_precision_modes():
     assert average_precision(recalls, precisions) == pytest.approx((5 * 1 + 4 * 0.8) / 11)
     with pytest.raises(ValueError):
         average_precision(recalls, precisions, 'coco')
+
+
+def test_coco_eval_refuses_rotated_models(tmp_path):
+    from conftest import fake_metadata
+    from detdeploy.core.errors import DetdeployError
+    from detdeploy.evaluation.coco_eval import evaluate
+    from detdeploy.runtimes.backend import Backend
+
+    class RotatedFile(Backend):
+        name = 'fake'
+        metadata = fake_metadata(task='rotated')
+    with pytest.raises(DetdeployError, match="task is 'rotated'.*rotated_map"):
+        evaluate(RotatedFile(), tmp_path / 'ann.json', tmp_path)
