@@ -5,6 +5,7 @@ corners, drawing) and parity catching a perturbed weight."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -166,3 +167,18 @@ def test_rotated_iou_matching_pairs_rotated_detections():
     match = match_detections(want, got, TOLERANCE_PRESETS['fp32'], 0.05, None)
     assert match.matched == 2 and match.failed_pairs == 1 and match.status == 'FAIL'
     assert rotated_iou_matrix(torch.tensor(boxes), torch.tensor(turned))[0, 0] < 0.6
+
+
+def test_nms_modes_of_a_rotated_model(reference_detector):
+    from detdeploy.core.errors import DetdeployError
+    from detdeploy.export.exporter import ExportOptions, validate_options
+    model = reference_detector.model
+    with torch.no_grad():
+        raw = model(torch.zeros(1, 3, 64, 64))
+        boxes, scores = model.postprocess(raw, (64, 64), EVAL_NMS, 'none')
+    assert boxes.shape == (1, 64 + 16 + 4, 5) and scores.shape == (1, 84, 15)
+    assert (boxes[..., 4] >= -math.pi / 2).all() and (boxes[..., 4] < math.pi / 2).all()
+    with pytest.raises(ValueError, match="'onnx' and 'none'"):
+        model.postprocess(raw, (64, 64), EVAL_NMS, 'trt')
+    with pytest.raises(DetdeployError, match='--nms trt is not available for rotated models'):
+        validate_options(ExportOptions(nms_mode='trt', nms=EVAL_NMS), (64, 64), 'rotated', 32)
