@@ -9,7 +9,8 @@ Run by hand:  .venv/bin/python bench/rotated_nms_bench.py [--counts 250,500,1000
    head's candidates do), 15 labels, scores uniform in (0, 1) (all above the threshold: the worst
    case for the pair screen). Prints the median ms, the screened pairs and the greedy rounds.
 2. With --end-to-end, exports rotated-rtmdet-tiny (synthetic weights) at 1024x1024 with
-   `--nms onnx` (eval preset: score 0.05, pre-top-k 2000 per level, IoU 0.1, max 2000) and
+   `--nms onnx` (--preset eval: score 0.05, pre-top-k 2000 per level, IoU 0.1, max 2000;
+   deploy: score 0.1, pre-top-k 1000, max 300) and
    `--nms none`, times both in ONNX Runtime in alternating rounds, and prints the difference (the
    NMS and candidate selection) and its share of the `onnx` run.
 """
@@ -92,10 +93,9 @@ def nms_alone(counts: list[int], rounds: int) -> None:
         print(f'{count:>6} {len(pairs):>18} {ort_ms:>8.1f} {torch_ms:>9.1f}')
 
 
-def end_to_end(rounds: int) -> None:
+def end_to_end(rounds: int, preset: str) -> None:
     from detdeploy.export.exporter import ExportOptions, export_onnx
     from detdeploy.models import load_detector
-    from detdeploy.models.rotated_rtmdet import EVAL_NMS
     from detdeploy.models.synthetic_weights import make_image, randomize_detector
     from detdeploy.runtimes.open import open_model_file
     from detdeploy.runtimes.pipeline import prepare_batch
@@ -107,7 +107,7 @@ def end_to_end(rounds: int) -> None:
     backends = {}
     for mode in ('onnx', 'none'):
         path = folder / f'{mode}.onnx'
-        export_onnx(detector, path, ExportOptions(nms_mode=mode, nms=EVAL_NMS))
+        export_onnx(detector, path, ExportOptions(nms_mode=mode, nms=detector.spec.nms(preset)))
         backends[mode] = open_model_file(path)
     batch, _ = prepare_batch([make_image(1024, 1024, 3)], backends['onnx'].preprocess_config)
     times = {'onnx': [], 'none': []}
@@ -117,7 +117,8 @@ def end_to_end(rounds: int) -> None:
             backend.run(batch)
             times[mode].append((time.perf_counter() - started) * 1000)
     with_nms, without = statistics.median(times['onnx']), statistics.median(times['none'])
-    print(f'rotated-rtmdet-tiny 1024x1024, ONNX Runtime, median of {rounds} alternating rounds: '
+    print(f'rotated-rtmdet-tiny 1024x1024, {preset} preset, ONNX Runtime, median of {rounds} '
+          'alternating rounds: '
           f'--nms onnx {with_nms:.0f} ms, --nms none {without:.0f} ms; NMS and candidate '
           f'selection {with_nms - without:.0f} ms = {(with_nms - without) / with_nms:.0%} of end '
           f'to end')
@@ -128,10 +129,13 @@ def main() -> None:
     parser.add_argument('--counts', default='250,500,1000,2000')
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--end-to-end', action='store_true')
+    parser.add_argument('--preset', default='eval', choices=('eval', 'deploy'))
+    parser.add_argument('--skip-alone', action='store_true')
     args = parser.parse_args()
-    nms_alone([int(c) for c in args.counts.split(',')], args.rounds)
+    if not args.skip_alone:
+        nms_alone([int(c) for c in args.counts.split(',')], args.rounds)
     if args.end_to_end:
-        end_to_end(args.rounds)
+        end_to_end(args.rounds, args.preset)
 
 
 if __name__ == '__main__':
