@@ -134,12 +134,16 @@ def candidate_pairs(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tens
     """
     count = boxes.shape[1]
     half = _enclosing_half_extents(boxes) * (1 + SCREEN_MARGIN)
-    centre = boxes[..., :2]
-    overlap = (half[:, :, None] + half[:, None, :]
-               - (centre[:, :, None] - centre[:, None, :]).abs()).clamp(min=0)
+
+    def overlap(axis: int) -> torch.Tensor:
+        # per axis on [B, N, N]: broadcasting [B, N, N, 2] tensors is several times slower in
+        # ONNX Runtime (a 2-element innermost axis)
+        centre, extent = boxes[..., axis], half[..., axis]
+        return (extent[:, :, None] + extent[:, None, :]
+                - (centre[:, :, None] - centre[:, None, :]).abs()).clamp(min=0)
     area = boxes[..., 2] * boxes[..., 3]
     smaller = torch.minimum(area[:, :, None], area[:, None, :])
-    bound = torch.minimum(overlap[..., 0] * overlap[..., 1], smaller)
+    bound = torch.minimum(overlap(0) * overlap(1), smaller)
     union = area[:, :, None] + area[:, None, :] - bound
     may_suppress = bound > union * (iou_thr * (1 - SCREEN_MARGIN))
     later = torch.ones(count, count, dtype=torch.bool, device=boxes.device).triu(1)
