@@ -14,6 +14,24 @@ from .nms import keep_above
 from .tasks import has_nms, output_schema
 
 
+def rotated_box_corners(boxes: np.ndarray) -> np.ndarray:
+    """[K, 5] (cx, cy, w, h, angle rad) -> [K, 4, 2] corner points (x, y), in mmcv's order."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
+    cx, cy, width, height, angle = boxes.T
+    cos_half, sin_half = np.cos(angle) * 0.5, np.sin(angle) * 0.5
+    x0, y0 = cx - sin_half * height - cos_half * width, cy + cos_half * height - sin_half * width
+    x1, y1 = cx + sin_half * height - cos_half * width, cy - cos_half * height - sin_half * width
+    return np.stack([np.stack([x0, y0], -1), np.stack([x1, y1], -1),
+                     np.stack([2 * cx - x0, 2 * cy - y0], -1),
+                     np.stack([2 * cx - x1, 2 * cy - y1], -1)], 1)
+
+
+def enclosing_boxes(rotated_boxes: np.ndarray) -> np.ndarray:
+    """[K, 5] rotated boxes -> [K, 4] xyxy boxes enclosing them."""
+    corners = rotated_box_corners(rotated_boxes)
+    return np.concatenate([corners.min(1), corners.max(1)], 1).astype(np.float32)
+
+
 @dataclass
 class ImageDetections:
     """Detections of one image, best first; boxes are xyxy in original-image pixels."""
@@ -45,7 +63,8 @@ class ImageDetections:
         return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
 
     def to_dict(self) -> dict:
-        """JSON form; rotated models add `rotated_box` (cx, cy, w, h, angle rad) per row."""
+        """JSON form; rotated models add `rotated_box` (cx, cy, w, h px, angle rad, le90) and
+        its 4 `corners` (x, y) per row."""
         rows = [{'bbox_xyxy': [round(float(v), 3) for v in box], 'score': round(float(score), 6),
                  'label': int(label), 'label_name': self.label_name(int(label))}
                 for box, score, label in zip(self.boxes_xyxy_px, self.scores, self.labels)]
@@ -53,6 +72,8 @@ class ImageDetections:
             for row, rotated in zip(rows, self.rotated_boxes):
                 row['rotated_box'] = [round(float(v), 6 if i == 4 else 3)
                                       for i, v in enumerate(rotated)]
+                row['corners'] = [[round(float(x), 3), round(float(y), 3)]
+                                  for x, y in rotated_box_corners(rotated)[0]]
         return {'image': self.source, 'height': int(self.image_hw[0]),
                 'width': int(self.image_hw[1]), 'detections': rows}
 

@@ -1,4 +1,5 @@
-"""Draw labelled detection boxes on an image with Pillow; nothing else."""
+"""Draw labelled detection boxes (rotated ones as polygons) on an image with Pillow; nothing
+else."""
 from __future__ import annotations
 
 import colorsys
@@ -6,7 +7,7 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from detdeploy.core.detections import ImageDetections
+from detdeploy.core.detections import ImageDetections, rotated_box_corners
 
 LABEL_PADDING_PX = 2
 
@@ -39,13 +40,19 @@ def draw_detections(image_rgb: np.ndarray, detections: ImageDetections) -> Image
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     line_width = max(1, round(max(canvas.size) / 400))
+    rotated = detections.rotated_boxes
     # best first with ties in the given order, reversed: the best is drawn last
     for index in np.argsort(-detections.scores, kind='stable')[::-1]:
         box, score, label = (detections.boxes_xyxy_px[index], detections.scores[index],
                              int(detections.labels[index]))
         colour = class_colour(label)
         x1, y1, x2, y2 = (float(v) for v in box)
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=line_width)
+        if rotated is None:
+            draw.rectangle((x1, y1, x2, y2), outline=colour, width=line_width)
+        else:
+            corners = [tuple(float(v) for v in point)
+                       for point in rotated_box_corners(rotated[index])[0]]
+            draw.line(corners + corners[:1], fill=colour, width=line_width)
         text = f'{detections.label_name(label)} {score:.2f}'
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         placed = label_box((x1, y1, x2, y2), (right - left, bottom - top), canvas.size)

@@ -58,7 +58,7 @@ class Detector(nn.Module):
 
     def synthetic_head(self) -> tuple[list[nn.Conv2d], list[tuple[nn.Conv2d, str]], float]:
         """For `synthetic_weights`: the head's tower convs, its predictor convs each with its
-        kind ('logits' or 'box'), and the bias that gives the box predictors a positive
+        kind ('logits', 'box' or 'angle'), and the bias that gives the box predictors a positive
         extent."""
         raise NotImplementedError
 

@@ -19,7 +19,8 @@ from detdeploy.core.tasks import NMS_MODES
 
 
 class DecodedOutputs(NamedTuple):
-    """Per-anchor outputs of all levels: boxes [B, N, 4] xyxy px, sigmoid scores [B, N, C]."""
+    """Per-anchor outputs of all levels: boxes [B, N, 4] xyxy px (rotated heads: [B, N, 5]),
+    sigmoid scores [B, N, C]."""
     boxes: torch.Tensor
     scores: torch.Tensor
     level_sizes: list[int]
@@ -55,15 +56,22 @@ def _top_k_lower_index_first(values: torch.Tensor, k) -> tuple[torch.Tensor, tor
 
 class Candidates(NamedTuple):
     """(anchor, class) pairs entering NMS, [B, M] each; invalid ones have score -1."""
-    boxes: torch.Tensor        # [B, M, 4]
+    boxes: torch.Tensor        # [B, M, 4] (rotated: [B, M, 5])
     scores: torch.Tensor       # [B, M]
     labels: torch.Tensor       # [B, M] int64
     pair_index: torch.Tensor   # [B, M] index into the flattened [N * C] scores
 
 
-def select_candidates(decoded: DecodedOutputs, score_thr: float, pre_top_k: int) -> Candidates:
+def xyxy_has_area(boxes: torch.Tensor) -> torch.Tensor:
+    """xyxy boxes with positive width and height."""
+    return (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+
+
+def select_candidates(decoded: DecodedOutputs, score_thr: float, pre_top_k: int,
+                      has_area=xyxy_has_area) -> Candidates:
     """Per level, the best `pre_top_k` (anchor, class) pairs; one anchor can carry several
-    labels. Pairs scoring at most `score_thr`, or whose box has no area, get score -1.
+    labels. Pairs scoring at most `score_thr`, or whose box has no area (`has_area`: boxes
+    [..., D] -> mask; D is 4 for xyxy, 5 for rotated boxes), get score -1.
 
     A NaN score is -1 before ranking: it is never selected and takes a level's pre-top-k slot
     only when fewer real scores are left (sorting would rank NaN first in PyTorch, but ONNX
@@ -83,9 +91,8 @@ def select_candidates(decoded: DecodedOutputs, score_thr: float, pre_top_k: int)
         start = start + size
     cand_scores, pair_index = torch.cat(picked_scores, 1), torch.cat(picked_pairs, 1)
     anchors, labels = pair_index // num_classes, pair_index % num_classes
-    cand_boxes = torch.gather(boxes, 1, anchors[..., None].expand(-1, -1, 4))
-    has_area = (cand_boxes[..., 2] > cand_boxes[..., 0]) & (cand_boxes[..., 3] > cand_boxes[..., 1])
-    valid = (cand_scores > score_thr) & has_area
+    cand_boxes = torch.gather(boxes, 1, anchors[..., None].expand(-1, -1, boxes.shape[-1]))
+    valid = (cand_scores > score_thr) & has_area(cand_boxes)
     cand_scores = torch.where(valid, cand_scores, torch.full_like(cand_scores, -1.0))
     return Candidates(cand_boxes, cand_scores, labels, pair_index)
 

@@ -10,9 +10,11 @@ import difflib
 from detdeploy.core.errors import UnknownModelError
 
 from .base import Detector, ModelSpec
+from .rotated_rtmdet import SPECS as ROTATED_RTMDET_SPECS
 from .rtmdet import SPECS as RTMDET_SPECS
 
-MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (*RTMDET_SPECS,)}
+MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (*RTMDET_SPECS,
+                                                                  *ROTATED_RTMDET_SPECS)}
 ALIASES = {'rtmdet': 'rtmdet-tiny'}
 
 

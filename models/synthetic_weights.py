@@ -68,9 +68,9 @@ def randomize_detector(model: Detector, seed: int = 0) -> Detector:
             predictor.weight.normal_(0, 1, generator=generator)
             spread = torch.nn.functional.conv2d(features[predictor], predictor.weight).std()
             is_logits = kind == 'logits'
-            predictor.weight.mul_((1.0 if is_logits else 0.2) / spread)
+            predictor.weight.mul_((1.0 if kind in ('logits', 'angle') else 0.2) / spread)
             if is_logits:
                 predictor.bias.copy_(-3 + torch.randn(predictor.out_channels, generator=generator))
-            else:
-                predictor.bias.fill_(box_bias)
+            else:    # 'box', or 'angle' (radians around 0)
+                predictor.bias.fill_(box_bias if kind == 'box' else 0.0)
     return model.eval()

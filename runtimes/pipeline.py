@@ -9,15 +9,15 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from detdeploy.core.detections import ImageDetections, check_outputs
+from detdeploy.core.detections import ImageDetections, check_outputs, enclosing_boxes
 from detdeploy.core.errors import DetdeployError, ImageError
 from detdeploy.core.memory import check_memory, image_batch_bytes
 from detdeploy.core.preprocessing import PreprocessConfig
-from detdeploy.core.tasks import DETECT
+from detdeploy.core.tasks import DETECT, ROTATED
 
 from .backend import Backend
 from .preprocess import (DEFAULT_MAX_PIXELS, ImageMeta, batch_canvas_size, preprocess, read_image,
-                         rescale_boxes)
+                         rescale_boxes, rescale_rotated_boxes)
 
 
 def require_detections(backend: Backend) -> None:
@@ -27,9 +27,9 @@ def require_detections(backend: Backend) -> None:
         raise DetdeployError(f'{backend.source} was exported with '
                              '--nms none (raw outputs); detection needs a file exported with '
                              '--nms onnx')
-    if metadata.task != DETECT:
+    if metadata.task not in (DETECT, ROTATED):
         raise DetdeployError(f"{metadata.arch}: turning '{metadata.task}' outputs into "
-                             'detections is not implemented yet (boxes only)')
+                             'detections is not implemented yet (boxes and rotated boxes only)')
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -50,14 +50,22 @@ def to_detections(outputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
                   source: str = 'the model') -> list[ImageDetections]:
     """Stage 3: a backend's four NMS outputs -> detections in original-image pixels. The
     outputs are checked first (`core.detections.check_outputs`: counts, label range, finite
-    values); `source` names the model in that error."""
-    check_outputs(outputs, DETECT, 'onnx', len(class_names), source)
+    values); `source` names the model in that error. Rotated boxes ([B, K, 5]) are rescaled
+    as such, with their enclosing boxes as `boxes_xyxy_px`."""
+    task = ROTATED if outputs[1].shape[-1] == 5 else DETECT
+    check_outputs(outputs, task, 'onnx', len(class_names), source)
     num_dets, batch_boxes, batch_scores, batch_labels = outputs
     results = []
     for index, (name, meta) in enumerate(zip(names, metas)):
         count = int(num_dets[index, 0])
         boxes, scores, labels = (batch_boxes[index, :count], batch_scores[index, :count],
                                  batch_labels[index, :count])
+        if boxes.shape[-1] == 5:
+            rotated = rescale_rotated_boxes(boxes, meta)
+            results.append(ImageDetections(name, meta.original_hw, enclosing_boxes(rotated),
+                                           scores.astype(np.float32), labels.astype(np.int64),
+                                           class_names, rotated_boxes=rotated))
+            continue
         boxes = rescale_boxes(boxes, meta)
         # The network clamps to its padded input; a box lying wholly in the padding is
         # empty once clamped to the image, and is dropped.

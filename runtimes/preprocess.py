@@ -222,3 +222,19 @@ def rescale_boxes(boxes_xyxy: np.ndarray, meta: ImageMeta) -> np.ndarray:
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
     return boxes
+
+
+def rescale_rotated_boxes(boxes: np.ndarray, meta: ImageMeta) -> np.ndarray:
+    """Rotated boxes [K, 5] (cx, cy, w, h, angle) in network-input pixels -> original-image
+    pixels, as MMRotate's `RotatedBoxes.rescale_` with the inverse scale factor (exact for
+    equal x and y scales; otherwise the rotated box closest to the stretched one). Not clamped:
+    MMRotate keeps rotated boxes that reach past the image."""
+    boxes = boxes.astype(np.float64)
+    scale_x, scale_y = 1 / meta.scale_wh[0], 1 / meta.scale_wh[1]
+    cos, sin = np.cos(boxes[:, 4]), np.sin(boxes[:, 4])
+    out = np.empty_like(boxes)
+    out[:, 0], out[:, 1] = boxes[:, 0] * scale_x, boxes[:, 1] * scale_y
+    out[:, 2] = boxes[:, 2] * np.sqrt((scale_x * cos) ** 2 + (scale_y * sin) ** 2)
+    out[:, 3] = boxes[:, 3] * np.sqrt((scale_x * sin) ** 2 + (scale_y * cos) ** 2)
+    out[:, 4] = np.arctan2(scale_x * sin, scale_y * cos)
+    return out.astype(np.float32)

@@ -22,7 +22,7 @@ from detdeploy.core.memory import check_memory
 from detdeploy.core.metadata import ModelMetadata
 from detdeploy.core.nms import NMSConfig
 from detdeploy.core.preprocessing import PreprocessConfig
-from detdeploy.core.tasks import DETECT, output_schema
+from detdeploy.core.tasks import DETECT, ROTATED, output_schema
 from detdeploy.runtimes.backend import INTERMEDIATE_TENSORS, Backend
 from detdeploy.runtimes.pipeline import prepare_batch
 from detdeploy.runtimes.preprocess import read_image
@@ -323,12 +323,12 @@ def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetecto
                                  input_size=tuple(metadata.preprocess.input_size))
     reference = TorchBackend(detector, nms=nms, device=options.torch_device,
                              preprocess_config=config)
-    compare_detections = metadata.has_nms and metadata.task == DETECT and not any(
+    compare_detections = metadata.has_nms and metadata.task in (DETECT, ROTATED) and not any(
         i.field == 'outputs' for i in issues)
     if not metadata.has_nms:
         report.notes.append('the file has no NMS (--nms none): only raw outputs are compared')
-    elif metadata.task != DETECT:
-        report.notes.append(f"detections not compared: parity matches the detect task's boxes, "
+    elif metadata.task not in (DETECT, ROTATED):
+        report.notes.append(f"detections not compared: parity matches boxes (detect, rotated), "
                             f"the file's task is {metadata.task}")
     elif not compare_detections:
         report.notes.append('detections not compared: the outputs do not follow the layout')
