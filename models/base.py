@@ -26,7 +26,15 @@ class Detector(nn.Module):
 
     family: ClassVar[str]             # 'rtmdet', ...
     task: ClassVar[str] = 'detect'    # one of core.tasks.TASKS
-    num_classes_key: ClassVar[str]    # state-dict key whose first dimension is the class count
+    num_classes_key: ClassVar[str]    # state-dict key that tells the class count (`num_classes_in`)
+
+    @classmethod
+    def num_classes_in(cls, state_dict: Mapping[str, torch.Tensor]) -> int | None:
+        """The class count a checkpoint's weights were trained for, or None if they don't say.
+        Families whose classifier has more rows than classes (a background row, anchors per
+        cell) override this."""
+        key = cls.num_classes_key
+        return state_dict[key].shape[0] if key in state_dict else None
 
     @property
     def num_classes(self) -> int:
