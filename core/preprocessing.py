@@ -48,6 +48,8 @@ class PreprocessConfig:
     pad: str = 'fixed'                               # one of PAD_MODES
     size_divisor: int = 32                           # input sides are multiples of this
     pixel_scale: float = 1.0                         # raw pixels are multiplied by it first
+    pad_normalized: bool = False                     # pad_value is added after mean/std
+    # (MMDetection's DetDataPreprocessor pads the normalised batch with 0: RetinaNet, Faster R-CNN)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +64,8 @@ class PreprocessConfig:
                    resize=values.get('resize', defaults.resize),
                    pad=values.get('pad', defaults.pad),
                    size_divisor=int(values.get('size_divisor', defaults.size_divisor)),
-                   pixel_scale=float(values.get('pixel_scale', defaults.pixel_scale)))
+                   pixel_scale=float(values.get('pixel_scale', defaults.pixel_scale)),
+                   pad_normalized=bool(values.get('pad_normalized', defaults.pad_normalized)))
 
     def problem(self) -> str | None:
         """What makes these values unusable (hand-edited metadata, bad flags), or None."""

@@ -194,6 +194,11 @@ def check_metadata(metadata: ModelMetadata, detector: LoadedDetector,
         issues.append(MetadataIssue('preprocess.pad_value', file_pre.pad_value,
                                     spec_pre.pad_value, (
             f'pad value {file_pre.pad_value:g} in the file, {spec_pre.pad_value:g} for {name}')))
+    if file_pre.pad_normalized != spec_pre.pad_normalized:
+        issues.append(MetadataIssue('preprocess.pad_normalized', file_pre.pad_normalized,
+                                    spec_pre.pad_normalized, (
+            f'padding is added {"after" if file_pre.pad_normalized else "before"} mean/std in '
+            f'the file, {"after" if spec_pre.pad_normalized else "before"} for {name}')))
     if input_hw and all(isinstance(s, int) for s in input_hw) and \
             tuple(input_hw) != tuple(file_pre.input_size):
         issues.append(MetadataIssue('preprocess.input_size', list(file_pre.input_size),
