@@ -10,9 +10,15 @@ import difflib
 from detdeploy.core.errors import UnknownModelError
 
 from .base import Detector, ModelSpec
+from .faster_rcnn import SPECS as FASTER_RCNN_SPECS
+from .retinanet import SPECS as RETINANET_SPECS
 from .rtmdet import SPECS as RTMDET_SPECS
 
-MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (*RTMDET_SPECS,)}
+MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    *RTMDET_SPECS,
+    *FASTER_RCNN_SPECS,
+    *RETINANET_SPECS,
+)}
 ALIASES = {'rtmdet': 'rtmdet-tiny'}
 
 

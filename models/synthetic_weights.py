@@ -66,11 +66,14 @@ def randomize_detector(model: Detector, seed: int = 0) -> Detector:
             hook.remove()
         for predictor, kind in predictor_kinds:
             predictor.weight.normal_(0, 1, generator=generator)
-            spread = torch.nn.functional.conv2d(features[predictor], predictor.weight).std()
+            project = (torch.nn.functional.linear if predictor.weight.dim() == 2
+                       else torch.nn.functional.conv2d)      # fully connected or conv heads
+            spread = project(features[predictor], predictor.weight).std()
             is_logits = kind == 'logits'
             predictor.weight.mul_((1.0 if is_logits else 0.2) / spread)
             if is_logits:
-                predictor.bias.copy_(-3 + torch.randn(predictor.out_channels, generator=generator))
+                predictor.bias.copy_(-3 + torch.randn(predictor.weight.shape[0],
+                                                      generator=generator))
             else:
                 predictor.bias.fill_(box_bias)
     return model.eval()
