@@ -56,10 +56,12 @@ def randomize_detector(model: Detector, seed: int = 0) -> Detector:
         model(calibration_images(seed))
         for hook in hooks:
             hook.remove()
-        # Scale the predictors on the features they see, so logits and box terms stay moderate.
+        # Scale the predictors on the features they see, so logits and box terms stay moderate;
+        # a predictor shared by the pyramid levels (RetinaNet) is scaled on its widest level.
         predictors = [conv for conv, _ in predictor_kinds]
         features = {}
-        hooks = [p.register_forward_hook(lambda mod, args, out: features.__setitem__(mod, args[0]))
+        hooks = [p.register_forward_hook(
+                     lambda mod, args, out: features.setdefault(mod, []).append(args[0]))
                  for p in predictors]
         model(calibration_images(seed + 1))
         for hook in hooks:
@@ -68,7 +70,7 @@ def randomize_detector(model: Detector, seed: int = 0) -> Detector:
             predictor.weight.normal_(0, 1, generator=generator)
             project = (torch.nn.functional.linear if predictor.weight.dim() == 2
                        else torch.nn.functional.conv2d)      # fully connected or conv heads
-            spread = project(features[predictor], predictor.weight).std()
+            spread = max(project(level, predictor.weight).std() for level in features[predictor])
             is_logits = kind == 'logits'
             predictor.weight.mul_((1.0 if is_logits else 0.2) / spread)
             if is_logits:
