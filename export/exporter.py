@@ -149,8 +149,20 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
     input_hw = options.input_hw or detector.spec.preprocessing.input_size
     if options.nms is None:
         options = dataclasses.replace(options, nms=detector.spec.nms('deploy'))
-    validate_options(options, input_hw, model_module.task, model_module.size_divisor)
     notes = []
+    processing = detector.spec.preprocessing
+    scale_hw = tuple(input_hw)
+    if processing.pad == 'divisor':
+        # The host pads each batch to its own multiple of the divisor (MMDetection's
+        # pad_size_divisor), so the graph must take any such size; `input_hw` is the resize
+        # scale, and the trace runs at the canvas it gives.
+        if not options.dynamic_shape:
+            notes.append(f'{detector.spec.name} pads each image to a multiple of '
+                         f'{processing.size_divisor}: exported with dynamic height and width')
+            options = dataclasses.replace(options, dynamic_shape=True)
+        input_hw = processing.canvas_size(scale_hw)
+    validate_options(options, input_hw, model_module.task, model_module.size_divisor)
+    processing = processing.with_input_size(scale_hw)
     if options.nms_mode == 'trt' and options.nms.score_thr < TRT_SLOW_SCORE_THR:
         notes.append(f'score threshold {options.nms.score_thr} is below {TRT_SLOW_SCORE_THR}: '
                      'EfficientNMS_TRT gets much slower there')
@@ -176,7 +188,6 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
             notes.append(f'not simplified: {result.warning}; kept the exported graph')
 
     _drop_outputs(model, raw_names)
-    processing = detector.spec.preprocessing.with_input_size(tuple(input_hw))
     opset = next(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx'))
     metadata = detector.metadata(
         options.nms, options.nms_mode, processing, precision='fp32', raw_outputs=raw_names,
