@@ -33,6 +33,7 @@ INPUT_NAME = 'images'
 MAX_DYNAMIC_BATCH = 1024
 MAX_DYNAMIC_SIDE = 4096
 TRT_SLOW_SCORE_THR = 0.01   # EfficientNMS_TRT gets much slower below this
+MIN_DIVISOR_TRACE_BLOCKS = 8  # trace side of divisor-padded models, in size divisors (P7 >= 2)
 
 
 @dataclass(frozen=True)
@@ -155,12 +156,14 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
     if processing.pad == 'divisor':
         # The host pads each batch to its own multiple of the divisor (MMDetection's
         # pad_size_divisor), so the graph must take any such size; `input_hw` is the resize
-        # scale, and the trace runs at the canvas it gives.
+        # scale, and the trace runs at the canvas it gives, but never so small that a pyramid
+        # level has one row or column: the tracer would fix such a size to 1 for every input.
         if not options.dynamic_shape:
             notes.append(f'{detector.spec.name} pads each image to a multiple of '
                          f'{processing.size_divisor}: exported with dynamic height and width')
             options = dataclasses.replace(options, dynamic_shape=True)
-        input_hw = processing.canvas_size(scale_hw)
+        input_hw = tuple(max(side, MIN_DIVISOR_TRACE_BLOCKS * model_module.size_divisor)
+                         for side in processing.canvas_size(scale_hw))
     validate_options(options, input_hw, model_module.task, model_module.size_divisor)
     processing = processing.with_input_size(scale_hw)
     if options.nms_mode == 'trt' and options.nms.score_thr < TRT_SLOW_SCORE_THR:
