@@ -58,6 +58,13 @@ class Detector(nn.Module):
     def named_raw_outputs(self, raw) -> dict[str, torch.Tensor]:
         return dict(zip(self.raw_output_names, self.raw_tensors(raw), strict=True))
 
+    def paired_raw_outputs(self, got: dict, want: dict) -> tuple[dict, dict, str | None]:
+        """One image's raw outputs from a runtime (`got`) and from PyTorch (`want`), numpy
+        arrays by name, arranged for element-wise comparison, and a note on what was left out.
+        As they are by default; a family whose raw outputs follow an NMS (a two-stage RoI head)
+        pairs their rows here."""
+        return got, want, None
+
     def postprocess(self, raw, input_hw: tuple[int, int], nms: NMSConfig, nms_mode: str
                     ) -> tuple[torch.Tensor, ...]:
         """Raw outputs -> the task's outputs for `nms_mode` (`core.tasks.output_schema`), in

@@ -365,9 +365,13 @@ def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetecto
                 raw_names = [name for name in raw_names if name in want_raw]
             for index in range(len(chunk)):
                 per_image = {}
+                got_image, want_image, pairing = detector.model.paired_raw_outputs(
+                    {name: got_raw[name][index] for name in raw_names},
+                    {name: want_raw[name][index].cpu().numpy() for name in raw_names})
+                if pairing:
+                    report.notes.append(f'{chunk[index][0]}: {pairing}')
                 for name in raw_names:
-                    comparison = compare_arrays(got_raw[name][index],
-                                                want_raw[name][index].cpu().numpy(),
+                    comparison = compare_arrays(got_image[name], want_image[name],
                                                 tol.atol, tol.rtol, name)
                     per_image[name] = comparison
                     report.raw[name] = merge_comparisons(report.raw.get(name), comparison,

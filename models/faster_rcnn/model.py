@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +30,10 @@ RPN_STRIDES = (4, 8, 16, 32, 64)
 ROI_STRIDES = (4, 8, 16, 32)
 BOX_STDS = (0.1, 0.1, 0.2, 0.2)
 """The R-CNN box coder's target stds (the RPN's are 1)."""
+PROPOSAL_PAIRING_PX = 0.1
+MIN_PAIRED_PROPOSALS = 0.95
+"""`paired_raw_outputs`: proposals pair when their coordinates agree within 0.1 px; below 95 %
+of PyTorch's proposals paired, the rows are compared unpaired (and fail)."""
 
 
 class RawOutputs(NamedTuple):
@@ -120,16 +125,38 @@ class FasterRCNN(Detector):
 
     @property
     def raw_output_names(self) -> tuple[str, ...]:
-        """The RPN maps. The RoI head's outputs follow the proposals' NMS, where float
-        differences of ~1e-4 between runtimes reorder or swap near-tied proposals (0.4 % of the
-        rows on synthetic weights), so row-by-row comparison would fail a correct export; they
-        are checked through the detections (matched by label and box) instead."""
         levels = range(len(RPN_STRIDES))
         return (*(f'rpn_cls_scores.{level}' for level in levels),
-                *(f'rpn_bbox_preds.{level}' for level in levels))
+                *(f'rpn_bbox_preds.{level}' for level in levels),
+                'proposals', 'cls_scores', 'bbox_preds')
 
     def raw_tensors(self, raw: RawOutputs) -> tuple[torch.Tensor, ...]:
-        return (*raw.rpn_cls_scores, *raw.rpn_bbox_preds)
+        return (*raw.rpn_cls_scores, *raw.rpn_bbox_preds, raw.proposals, raw.cls_scores,
+                raw.bbox_preds)
+
+    def paired_raw_outputs(self, got: dict, want: dict) -> tuple[dict, dict, str | None]:
+        """The RoI head's rows paired by proposal box. Proposals come out of an NMS, where float
+        differences of ~1e-4 between runtimes reorder near-tied proposals or swap one for its
+        neighbour (0.4 % of the rows on synthetic weights): rows are compared for the
+        proposals both sides kept (boxes within `PROPOSAL_PAIRING_PX`), unless fewer than
+        `MIN_PAIRED_PROPOSALS` of PyTorch's pair, which is left to fail element-wise."""
+        if 'proposals' not in want or 'proposals' not in got:
+            return got, want, None
+        want_boxes, got_boxes = want['proposals'], got['proposals']
+        distance = np.abs(want_boxes[:, None, :] - got_boxes[None, :, :]).max(-1)
+        nearest = distance.argmin(1)
+        is_paired = distance[np.arange(len(want_boxes)), nearest] <= PROPOSAL_PAIRING_PX
+        want_rows = np.nonzero(is_paired)[0]
+        got_rows, first = np.unique(nearest[want_rows], return_index=True)
+        want_rows = want_rows[first]
+        if len(want_rows) < MIN_PAIRED_PROPOSALS * len(want_boxes):
+            return got, want, None
+        rows = {'proposals', 'cls_scores', 'bbox_preds'}
+        got = {name: value[got_rows] if name in rows else value for name, value in got.items()}
+        want = {name: value[want_rows] if name in rows else value
+                for name, value in want.items()}
+        return got, want, (f'RoI head rows compared for the {len(want_rows)} of '
+                           f'{len(want_boxes)} proposals both sides kept')
 
     def postprocess(self, raw: RawOutputs, input_hw: tuple[int, int], nms: NMSConfig,
                     nms_mode: str) -> tuple[torch.Tensor, ...]:
