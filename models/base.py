@@ -28,6 +28,14 @@ class Detector(nn.Module):
     task: ClassVar[str] = 'detect'    # one of core.tasks.TASKS
     num_classes_key: ClassVar[str]    # state-dict key whose first dimension is the class count
 
+    @classmethod
+    def num_classes_in(cls, state_dict: dict) -> int | None:
+        """The class count of a checkpoint's state dict (None if it does not say): by default
+        the first dimension of `num_classes_key`; a family whose classifier has other rows
+        (objectness, background) overrides this."""
+        weight = state_dict.get(cls.num_classes_key)
+        return None if weight is None else weight.shape[0]
+
     @property
     def num_classes(self) -> int:
         raise NotImplementedError
@@ -61,6 +69,10 @@ class Detector(nn.Module):
         kind ('logits' or 'box'), and the bias that gives the box predictors a positive
         extent."""
         raise NotImplementedError
+
+    def adjust_synthetic_weights(self, generator: torch.Generator) -> None:
+        """For `synthetic_weights`, last: family-specific changes (e.g. a predictor whose
+        channels mix logits and box terms); nothing by default."""
 
     @torch.no_grad()
     def predict_outputs(self, images: torch.Tensor, nms: NMSConfig, nms_mode: str = 'onnx'

@@ -11,8 +11,9 @@ from detdeploy.core.errors import UnknownModelError
 
 from .base import Detector, ModelSpec
 from .rtmdet import SPECS as RTMDET_SPECS
+from .yolov3 import SPECS as YOLOV3_SPECS
 
-MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (*RTMDET_SPECS,)}
+MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (*RTMDET_SPECS, *YOLOV3_SPECS)}
 ALIASES = {'rtmdet': 'rtmdet-tiny'}
 
 

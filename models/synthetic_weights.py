@@ -73,4 +73,5 @@ def randomize_detector(model: Detector, seed: int = 0) -> Detector:
                 predictor.bias.copy_(-3 + torch.randn(predictor.out_channels, generator=generator))
             else:
                 predictor.bias.fill_(box_bias)
+        model.adjust_synthetic_weights(generator)
     return model.eval()

@@ -177,6 +177,9 @@ def preprocess(image_rgb: np.ndarray, config: PreprocessConfig,
         canvas *= np.float32(config.pixel_scale)
     canvas -= np.asarray(config.mean, dtype=np.float32)
     canvas /= np.asarray(config.std, dtype=np.float32)
+    if config.pad_fill == 'mean':
+        canvas[resized_hw[0]:] = 0
+        canvas[:, resized_hw[1]:] = 0
     scale_wh = (resized_hw[1] / original_hw[1], resized_hw[0] / original_hw[0])
     return np.ascontiguousarray(canvas.transpose(2, 0, 1)), ImageMeta(
         tuple(original_hw), resized_hw, scale_wh)
