@@ -177,6 +177,9 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
 
     _drop_outputs(model, raw_names)
     processing = detector.spec.preprocessing.with_input_size(tuple(input_hw))
+    if not options.dynamic_shape and processing.pad == 'divisor':
+        # a fixed-shape graph takes one size: images are padded to it, not to the divisor
+        processing = dataclasses.replace(processing, pad='fixed')
     opset = next(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx'))
     metadata = detector.metadata(
         options.nms, options.nms_mode, processing, precision='fp32', raw_outputs=raw_names,
@@ -201,9 +204,11 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
 
 def export_for_runtime(detector: LoadedDetector, folder: str | Path, nms: NMSConfig,
                        input_hw: tuple[int, int] | None = None) -> Path:
-    """A registry model exported into `folder` (NMS in the graph, dynamic batch), so that
-    `bench`, `eval` and `infer` can run the same weights on ONNX Runtime."""
+    """A registry model exported into `folder` (NMS in the graph, dynamic batch; dynamic shape
+    too for a model padded to its size divisor, so ONNX Runtime gets the same inputs as PyTorch),
+    so that `bench`, `eval` and `infer` can run the same weights on ONNX Runtime."""
     path = Path(folder) / f'{detector.spec.name}.onnx'
-    export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=nms, dynamic_batch=True,
-                                              input_hw=input_hw))
+    export_onnx(detector, path, ExportOptions(
+        nms_mode='onnx', nms=nms, dynamic_batch=True, input_hw=input_hw,
+        dynamic_shape=detector.spec.preprocessing.pad == 'divisor'))
     return path

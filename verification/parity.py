@@ -294,10 +294,12 @@ def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetecto
         detector.spec.name, detector.source, precision, metadata.nms_mode, nms,
         list(metadata.preprocess.input_size), tol, issues)
 
-    # Both sides get the PyTorch model's preprocessing at the file's input size: this compares
-    # the networks; a preprocessing difference in the metadata is reported above.
+    # Both sides get the PyTorch model's preprocessing at the file's input size and padding
+    # (a fixed-shape file takes only its size): this compares the networks; a preprocessing
+    # difference in the metadata is reported above.
     config = dataclasses.replace(detector.spec.preprocessing,
-                                 input_size=tuple(metadata.preprocess.input_size))
+                                 input_size=tuple(metadata.preprocess.input_size),
+                                 pad=metadata.preprocess.pad)
     reference = TorchBackend(detector, nms=nms, device=options.torch_device,
                              preprocess_config=config)
     compare_detections = metadata.has_nms and metadata.task == DETECT and not any(

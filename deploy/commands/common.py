@@ -176,8 +176,9 @@ def export_for_ort(detector, nms, preset: str, temp_dir: Path,
                    input_hw: tuple[int, int] | None = None) -> Path:
     """`export.exporter.export_for_runtime`, saying so in one line."""
     from detdeploy.export.exporter import export_for_runtime
+    shape = ', dynamic shape' if detector.spec.preprocessing.pad == 'divisor' else ''
     click.echo(f'exporting {detector.spec.name} to ONNX for the ort backend '
-               f'(--nms onnx, {preset} preset, dynamic batch)', err=True)
+               f'(--nms onnx, {preset} preset, dynamic batch{shape})', err=True)
     return export_for_runtime(detector, temp_dir, nms, input_hw)
 
 
