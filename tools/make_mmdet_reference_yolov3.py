@@ -31,10 +31,11 @@ from detdeploy.models.yolov3 import EVAL_NMS  # noqa: E402
 
 CONFIG = 'yolo/yolov3_mobilenetv2_8xb24-320-300e_coco.py'
 NAME = 'yolov3-mobilenetv2-320'
+CONFIG_416 = 'yolo/yolov3_mobilenetv2_8xb24-ms-416-300e_coco.py'
 
 
-def build_mmdet():
-    config = Config.fromfile(mmcv_lite_shim.config_path(CONFIG))
+def build_mmdet(config_file=CONFIG):
+    config = Config.fromfile(mmcv_lite_shim.config_path(config_file))
     config.model.backbone.init_cfg = None
     mmcv_lite_shim.syncbn_to_bn(config.model)
     return MODELS.build(config.model).eval()
@@ -59,6 +60,8 @@ def main() -> None:
     images = calibration_images(seed=7, count=1)[..., :height, :]
     with torch.no_grad():
         (pred_maps,) = mm_model.bbox_head(mm_model.extract_feat(images))
+        raw_err = max((a - b).abs().max().item() for a, b in zip(ours(images).pred_maps, pred_maps))
+    print(f'320: max prediction-map diff {raw_err:.2e}')
     pred = mmdet_predict(mm_model, images, height, width)
     levels = []
     for pred_map in pred_maps:
@@ -91,6 +94,20 @@ def main() -> None:
         print('mmengine load_checkpoint(strict=True) of our checkpoint: ok')
         compare('ours vs MMDetection loading our checkpoint', ours_det,
                 mmdet_predict(fresh, images, height, width))
+
+    # The 416 config (other anchors), printed only: same weights recipe, a 416x320 input.
+    mm_416 = build_mmdet(CONFIG_416)
+    torch.manual_seed(0)
+    ours_416 = randomize_detector(build_model('yolov3-mobilenetv2-416'), seed=0)
+    mm_416.load_state_dict(ours_416.state_dict(), strict=True)
+    images = calibration_images(seed=7, count=1, size=416)[..., :320, :]
+    with torch.no_grad():
+        (theirs_maps,) = mm_416.bbox_head(mm_416.extract_feat(images))
+        raw_err = max((a - b).abs().max().item()
+                      for a, b in zip(ours_416(images).pred_maps, theirs_maps))
+    print(f'416: max prediction-map diff {raw_err:.2e}')
+    compare('416: ours vs MMDetection', ours_416.predict(images, EVAL_NMS)[0],
+            mmdet_predict(mm_416, images, 320, 416))
 
 
 def compare(title, ours, theirs):

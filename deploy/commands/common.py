@@ -21,7 +21,8 @@ def pytorch_model_options(command):
     command = click.option('--checkpoint', type=click.Path(dir_okay=False), help=(
         'MMDetection-format or plain state-dict checkpoint (.pth).'))(command)
     return click.option('--model', 'model_name', help=(
-        'Registry name: rtmdet (= rtmdet-tiny, the default), rtmdet-s, -m, -l, -x.'))(command)
+        'Registry name: rtmdet (= rtmdet-tiny, the default), rtmdet-s, -m, -l, -x, '
+        'yolov3-mobilenetv2-320, -416.'))(command)
 
 
 def parse_class_names(text: str | None) -> tuple[str, ...] | None:
