@@ -33,7 +33,12 @@ class NMSConfig:
     objectness_thr: float = 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as a dict; `objectness_thr` only when set, so that the metadata of
+        families without objectness is as before."""
+        values = asdict(self)
+        if not self.objectness_thr:
+            del values['objectness_thr']
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> 'NMSConfig':

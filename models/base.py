@@ -78,8 +78,9 @@ class Detector(nn.Module):
     def predict_outputs(self, images: torch.Tensor, nms: NMSConfig, nms_mode: str = 'onnx'
                         ) -> tuple[torch.Tensor, ...]:
         """The task's outputs for a preprocessed batch; boxes are clamped to the network input's
-        extent, as MMDetection does (its `Pad` sets `img_shape` to the padded size) and as an
-        exported graph must."""
+        extent where the family's MMDetection head clamps them (RTMDet: its `Pad` sets
+        `img_shape` to the padded size; YOLOv3 does not clamp), and the host clamps them to
+        the image after rescaling."""
         return self.postprocess(self(images), tuple(images.shape[-2:]), nms, nms_mode)
 
     def predict(self, images: torch.Tensor, nms: NMSConfig) -> list[Detections]:

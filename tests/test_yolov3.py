@@ -129,6 +129,7 @@ def test_objectness_threshold_filters_and_old_settings_still_read(mmdet_referenc
     assert NMSConfig.from_dict({'score_thr': 0.05, 'pre_top_k': 1000, 'iou_thr': 0.45,
                                 'max_det': 100}) == NMSConfig(0.05, 1000, 0.45, 100)
     assert NMSConfig.from_dict(EVAL_NMS.to_dict()) == EVAL_NMS
+    assert 'objectness_thr' not in NMSConfig().to_dict()           # as before, without it
     assert EVAL_NMS.describe().startswith('objectness >= 0.005, score > 0.05')
     assert NMSConfig(objectness_thr=1.5).problem() == 'objectness_thr must be a number in [0, 1], got 1.5'
     model, images = mmdet_reference[3:]
@@ -144,6 +145,19 @@ def test_objectness_threshold_filters_and_old_settings_still_read(mmdet_referenc
         assert score == pytest.approx(float(decoded.cls_scores[0, anchor, label]
                                             * decoded.objectness[0, anchor]), rel=1e-6)
     assert model.predict(images, NMSConfig(objectness_thr=1.0))[0].scores.numel() == 0
+
+
+def test_trt_mode_detects_as_the_onnx_mode_in_pytorch(mmdet_reference):
+    """EfficientNMS_TRT's eager semantics on the same candidates (class score x objectness,
+    -1 elsewhere, plugin threshold 0) give the `onnx` mode's detections."""
+    model, images = mmdet_reference[3:]
+    with torch.no_grad():
+        raw = model(images)
+    hw = tuple(images.shape[-2:])
+    onnx_mode = model.postprocess(raw, hw, EVAL_NMS, 'onnx')
+    trt_mode = model.postprocess(raw, hw, EVAL_NMS, 'trt')
+    for ours, theirs in zip(trt_mode, onnx_mode):
+        assert torch.equal(ours, theirs)
 
 
 def test_preprocessing_pads_to_32_with_zeros_after_normalisation():
