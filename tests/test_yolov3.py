@@ -131,7 +131,8 @@ def test_objectness_threshold_filters_and_old_settings_still_read(mmdet_referenc
     assert NMSConfig.from_dict(EVAL_NMS.to_dict()) == EVAL_NMS
     assert 'objectness_thr' not in NMSConfig().to_dict()           # as before, without it
     assert EVAL_NMS.describe().startswith('objectness >= 0.005, score > 0.05')
-    assert NMSConfig(objectness_thr=1.5).problem() == 'objectness_thr must be a number in [0, 1], got 1.5'
+    assert NMSConfig(objectness_thr=1.5).problem() == (
+        'objectness_thr must be a number in [0, 1], got 1.5')
     model, images = mmdet_reference[3:]
     with torch.no_grad():
         decoded = model.decode(model(images))
