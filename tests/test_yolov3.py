@@ -235,6 +235,15 @@ def test_parity_passes_and_catches_a_perturbed_weight(exports, checkpoint, tmp_p
     code, out = _run_cli(capsys, 'parity', perturbed, '--checkpoint', checkpoint, '--random', '1')
     assert code == 1 and 'raw outputs differ' in out, out
 
+    model = onnx.load(str(exports['onnx']))
+    props = {p.key: p for p in model.metadata_props}
+    preprocess = json.loads(props['preprocess'].value)
+    preprocess['pad_fill'] = 'value'                      # pad with raw pad_value instead
+    props['preprocess'].value = json.dumps(preprocess)
+    onnx.save(model, str(perturbed))
+    code, out = _run_cli(capsys, 'parity', perturbed, '--checkpoint', checkpoint, '--random', '1')
+    assert code == 1 and "padding filled by 'value' in the file, 'mean'" in out, out
+
 
 def test_eval_runs_on_the_shapes_val_set(checkpoint, tmp_path, capsys):
     make_shapes_dataset(tmp_path, train=0, val=3, size=64, seed=11)

@@ -194,6 +194,11 @@ def check_metadata(metadata: ModelMetadata, detector: LoadedDetector,
         issues.append(MetadataIssue('preprocess.pad_value', file_pre.pad_value,
                                     spec_pre.pad_value, (
             f'pad value {file_pre.pad_value:g} in the file, {spec_pre.pad_value:g} for {name}')))
+    if file_pre.pad_fill != spec_pre.pad_fill:
+        issues.append(MetadataIssue('preprocess.pad_fill', file_pre.pad_fill,
+                                    spec_pre.pad_fill, (
+            f"padding filled by '{file_pre.pad_fill}' in the file, '{spec_pre.pad_fill}' for "
+            f'{name}: runtimes would pad images differently from PyTorch')))
     if input_hw and all(isinstance(s, int) for s in input_hw) and \
             tuple(input_hw) != tuple(file_pre.input_size):
         issues.append(MetadataIssue('preprocess.input_size', list(file_pre.input_size),
