@@ -3,6 +3,18 @@
 Exports with PyTorch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`), translating the
 NMS custom ops with onnxscript; simplifies with onnxsim (checked, with fallback); stores the
 metadata runtimes need; checks the result with `onnx.checker`; writes atomically.
+
+Input shape, one rule for every family:
+- A model padded to a fixed size (RTMDet: a square `input_size`) exports at that size; height
+  and width are dynamic only with `dynamic_shape`.
+- A model padded to a multiple of its size divisor (RetinaNet, Faster R-CNN, YOLOv3: as
+  MMDetection's DetDataPreprocessor pads each batch to its own multiple) always exports with
+  dynamic height and width, whatever `dynamic_shape` says (a note tells when it was off): a
+  fixed-shape graph would need the host to pad to one size, which changes the outputs near the
+  padded border. The metadata's `input_size` is the resize scale (`--input-size`, default the
+  model's), not a canvas; the trace runs at the canvas that scale gives, but at least
+  `MIN_DIVISOR_TRACE_BLOCKS` divisors per side, so that no pyramid level has one row or column
+  (the tracer would fix such a size to 1 for every input).
 """
 from __future__ import annotations
 
@@ -215,8 +227,9 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
 
 def export_for_runtime(detector: LoadedDetector, folder: str | Path, nms: NMSConfig,
                        input_hw: tuple[int, int] | None = None) -> Path:
-    """A registry model exported into `folder` (NMS in the graph, dynamic batch), so that
-    `bench`, `eval` and `infer` can run the same weights on ONNX Runtime."""
+    """A registry model exported into `folder` (NMS in the graph, dynamic batch; dynamic shape
+    for a model padded to its size divisor, by `export_onnx`'s rule), so that `bench`, `eval`
+    and `infer` can run the same weights on ONNX Runtime."""
     path = Path(folder) / f'{detector.spec.name}.onnx'
     export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=nms, dynamic_batch=True,
                                               input_hw=input_hw))

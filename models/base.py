@@ -77,12 +77,17 @@ class Detector(nn.Module):
         extent."""
         raise NotImplementedError
 
+    def adjust_synthetic_weights(self, generator: torch.Generator) -> None:
+        """For `synthetic_weights`, last: family-specific changes (e.g. a predictor whose
+        channels mix logits and box terms); nothing by default."""
+
     @torch.no_grad()
     def predict_outputs(self, images: torch.Tensor, nms: NMSConfig, nms_mode: str = 'onnx'
                         ) -> tuple[torch.Tensor, ...]:
         """The task's outputs for a preprocessed batch; boxes are clamped to the network input's
-        extent, as MMDetection does (its `Pad` sets `img_shape` to the padded size) and as an
-        exported graph must."""
+        extent where the family's MMDetection head clamps them (RTMDet: its `Pad` sets
+        `img_shape` to the padded size; YOLOv3 does not clamp), and the host clamps them to
+        the image after rescaling."""
         return self.postprocess(self(images), tuple(images.shape[-2:]), nms, nms_mode)
 
     def predict(self, images: torch.Tensor, nms: NMSConfig) -> list[Detections]:

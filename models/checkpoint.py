@@ -148,7 +148,9 @@ def load_detector(name: str, checkpoint: str | Path | None = None,
         return LoadedDetector(spec.build(len(names)), spec, tuple(names), 'random weights')
 
     state_dict, meta = read_checkpoint(checkpoint, trust=trust)
-    num_classes = spec.model_class.num_classes_in(state_dict) or len(spec.class_names)
+    num_classes = spec.model_class.num_classes_in(state_dict)
+    if num_classes is None:
+        num_classes = len(spec.class_names)
     model = spec.build(num_classes)
     mismatch = describe_mismatch(model, state_dict)
     if mismatch:

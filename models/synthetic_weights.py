@@ -78,4 +78,5 @@ def randomize_detector(model: Detector, seed: int = 0) -> Detector:
                                                       generator=generator))
             else:
                 predictor.bias.fill_(box_bias)
+        model.adjust_synthetic_weights(generator)
     return model.eval()

@@ -180,10 +180,11 @@ def preprocess(image_rgb: np.ndarray, config: PreprocessConfig,
     resized = resize_bilinear(image_rgb, resized_hw)
     if config.channel_order == 'bgr':
         resized = resized[:, :, ::-1]
-    canvas = np.full((*canvas_hw, 3), config.pad_value, dtype=np.float32)
-    if config.pad_normalized:       # MMDetection's DetDataPreprocessor: pad after normalising
+    if config.pad_fill == 'mean':   # MMDetection's DetDataPreprocessor: 0 after normalising
+        canvas = np.zeros((*canvas_hw, 3), dtype=np.float32)
         canvas[:resized_hw[0], :resized_hw[1]] = _normalize(resized.astype(np.float32), config)
-    else:
+    else:                           # the raw pixel value pad_value (MMDetection's Pad)
+        canvas = np.full((*canvas_hw, 3), config.pad_value, dtype=np.float32)
         canvas[:resized_hw[0], :resized_hw[1]] = resized
         _normalize(canvas, config)
     scale_wh = (resized_hw[1] / original_hw[1], resized_hw[0] / original_hw[0])

@@ -74,7 +74,7 @@ def test_scale_resize_divisor_pad_after_normalising():
     DetDataPreprocessor, padding the normalised image with 0 (RetinaNet, Faster R-CNN)."""
     config = PreprocessConfig(input_size=(800, 1333), channel_order='rgb',
                               mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
-                              pad_value=0.0, resize='scale', pad='divisor', pad_normalized=True)
+                              pad_value=0.0, resize='scale', pad='divisor', pad_fill='mean')
     image = np.zeros((48, 64, 3), dtype=np.uint8)
     image[:] = (10, 20, 30)
     tensor, meta = preprocess(image, config)

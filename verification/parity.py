@@ -194,11 +194,11 @@ def check_metadata(metadata: ModelMetadata, detector: LoadedDetector,
         issues.append(MetadataIssue('preprocess.pad_value', file_pre.pad_value,
                                     spec_pre.pad_value, (
             f'pad value {file_pre.pad_value:g} in the file, {spec_pre.pad_value:g} for {name}')))
-    if file_pre.pad_normalized != spec_pre.pad_normalized:
-        issues.append(MetadataIssue('preprocess.pad_normalized', file_pre.pad_normalized,
-                                    spec_pre.pad_normalized, (
-            f'padding is added {"after" if file_pre.pad_normalized else "before"} mean/std in '
-            f'the file, {"after" if spec_pre.pad_normalized else "before"} for {name}')))
+    if file_pre.pad_fill != spec_pre.pad_fill:
+        issues.append(MetadataIssue('preprocess.pad_fill', file_pre.pad_fill,
+                                    spec_pre.pad_fill, (
+            f"padding filled by '{file_pre.pad_fill}' in the file, '{spec_pre.pad_fill}' for "
+            f'{name}: runtimes would pad images differently from PyTorch')))
     if input_hw and all(isinstance(s, int) for s in input_hw) and \
             tuple(input_hw) != tuple(file_pre.input_size):
         issues.append(MetadataIssue('preprocess.input_size', list(file_pre.input_size),
@@ -299,10 +299,12 @@ def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetecto
         detector.spec.name, detector.source, precision, metadata.nms_mode, nms,
         list(metadata.preprocess.input_size), tol, issues)
 
-    # Both sides get the PyTorch model's preprocessing at the file's input size: this compares
-    # the networks; a preprocessing difference in the metadata is reported above.
+    # Both sides get the PyTorch model's preprocessing at the file's input size and padding
+    # (a fixed-shape file takes only its size): this compares the networks; a preprocessing
+    # difference in the metadata is reported above.
     config = dataclasses.replace(detector.spec.preprocessing,
-                                 input_size=tuple(metadata.preprocess.input_size))
+                                 input_size=tuple(metadata.preprocess.input_size),
+                                 pad=metadata.preprocess.pad)
     reference = TorchBackend(detector, nms=nms, device=options.torch_device,
                              preprocess_config=config)
     compare_detections = metadata.has_nms and metadata.task == DETECT and not any(

@@ -24,7 +24,7 @@ NMS (a trained model rarely has more; it bounds the NMS's work)."""
 
 PREPROCESSING = PreprocessConfig(input_size=(800, 1333), channel_order='rgb',
                                  mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
-                                 pad_value=0.0, pad_normalized=True, resize='scale',
+                                 pad_value=0.0, pad_fill='mean', resize='scale',
                                  pad='divisor', size_divisor=32)
 """Keep-ratio Resize to scale (1333, 800), BGR->RGB, ImageNet mean/std, padding to a multiple
 of 32 with 0 after normalising (MMDetection's DetDataPreprocessor)."""
