@@ -25,23 +25,31 @@ class NMSConfig:
     `pre_top_k` keeps the best (anchor, class) pairs per pyramid level, `score_thr` those
     scoring strictly above it; per-class NMS at `iou_thr` (with `class_agnostic`, boxes of
     different classes suppress each other too: one box per object); at most `max_det` per image.
+    `objectness_thr` is for families with an objectness output (YOLOv3's `conf_thr`): anchors
+    whose objectness is below it are dropped first; 0 drops none, and families without
+    objectness ignore it.
     """
     score_thr: float = 0.05
     pre_top_k: int = 1000
     iou_thr: float = 0.65
     max_det: int = 100
     class_agnostic: bool = False
+    objectness_thr: float = 0.0
 
     def to_dict(self) -> dict:
-        """Without `class_agnostic` when off, so per-class files read the same as before."""
+        """The settings as a dict; `class_agnostic` and `objectness_thr` only when set, so that
+        the metadata of per-class families without objectness reads as before."""
         values = asdict(self)
         if not self.class_agnostic:
             del values['class_agnostic']
+        if not self.objectness_thr:
+            del values['objectness_thr']
         return values
 
     @classmethod
     def from_dict(cls, values: dict) -> 'NMSConfig':
-        """Settings written without `class_agnostic` (older files) are per-class."""
+        """From `to_dict`'s form; settings written without `class_agnostic` (older files) are
+        per-class, without `objectness_thr` (added later) 0."""
         if not isinstance(values, dict):
             raise TypeError(f'must be a JSON object, got {type(values).__name__}')
         agnostic = values.get('class_agnostic', False)
@@ -49,11 +57,13 @@ class NMSConfig:
             raise ValueError(f'class_agnostic must be true or false, got {agnostic!r}')
         return cls(score_thr=float(values['score_thr']), pre_top_k=int(values['pre_top_k']),
                    iou_thr=float(values['iou_thr']), max_det=int(values['max_det']),
-                   class_agnostic=agnostic)
+                   class_agnostic=agnostic,
+                   objectness_thr=float(values.get('objectness_thr', 0.0)))
 
     def problem(self) -> str | None:
         """What makes these values unusable, or None."""
-        for name, value in (('score_thr', self.score_thr), ('iou_thr', self.iou_thr)):
+        for name, value in (('score_thr', self.score_thr), ('iou_thr', self.iou_thr),
+                            ('objectness_thr', self.objectness_thr)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
                 return f'{name} must be a number in [0, 1], got {value}'
         for name, value, most in (('pre_top_k', self.pre_top_k, MAX_PRE_TOP_K),
@@ -70,7 +80,9 @@ class NMSConfig:
 
     def describe(self) -> str:
         """One line for commands to print: which settings produced the detections."""
-        return (f'score > {self.score_thr:g}, pre-top-k {self.pre_top_k} per level, '
+        objectness = (f'objectness >= {self.objectness_thr:g}, ' if self.objectness_thr > 0
+                      else '')
+        return (f'{objectness}score > {self.score_thr:g}, pre-top-k {self.pre_top_k} per level, '
                 f'IoU {self.iou_thr:g}{" class-agnostic" if self.class_agnostic else ""}, '
                 f'max {self.max_det} per image')
 

@@ -21,6 +21,10 @@ PAD_MODES = ('fixed', 'divisor')
 """fixed: pad bottom/right to input_size; divisor: pad bottom/right to the next multiple of
 size_divisor (a batch is padded to its largest image)."""
 CHANNEL_ORDERS = ('rgb', 'bgr')
+PAD_FILLS = ('value', 'mean')
+"""value: padding holds the raw pixel value pad_value (MMDetection's `Pad` transform, RTMDet);
+mean: padding is 0 after normalisation, i.e. the channel means (MMDetection's
+`DetDataPreprocessor` padding to pad_size_divisor, which pads the normalised batch with 0)."""
 
 
 def check_input_size(input_hw: tuple[int, int], size_divisor: int,
@@ -62,6 +66,7 @@ class PreprocessConfig:
     pad: str = 'fixed'                               # one of PAD_MODES
     size_divisor: int = 32                           # input sides are multiples of this
     pixel_scale: float = 1.0                         # raw pixels are multiplied by it first
+    pad_fill: str = 'value'                          # one of PAD_FILLS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +83,8 @@ class PreprocessConfig:
                    resize=values.get('resize', defaults.resize),
                    pad=values.get('pad', defaults.pad),
                    size_divisor=int(values.get('size_divisor', defaults.size_divisor)),
-                   pixel_scale=float(values.get('pixel_scale', defaults.pixel_scale)))
+                   pixel_scale=float(values.get('pixel_scale', defaults.pixel_scale)),
+                   pad_fill=values.get('pad_fill', defaults.pad_fill))
 
     def problem(self) -> str | None:
         """What makes these values unusable (hand-edited metadata, bad flags), or None."""
@@ -86,6 +92,8 @@ class PreprocessConfig:
             return f"resize '{self.resize}' is not one of {', '.join(RESIZE_MODES)}"
         if self.pad not in PAD_MODES:
             return f"pad '{self.pad}' is not one of {', '.join(PAD_MODES)}"
+        if self.pad_fill not in PAD_FILLS:
+            return f"pad_fill '{self.pad_fill}' is not one of {', '.join(PAD_FILLS)}"
         if not isinstance(self.size_divisor, int) or self.size_divisor < 1:
             return f'size_divisor {self.size_divisor} is not a positive integer'
         if len(self.input_size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)

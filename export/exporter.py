@@ -3,6 +3,18 @@
 Exports with PyTorch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`), translating the
 NMS custom ops with onnxscript; simplifies with onnxsim (checked, with fallback); stores the
 metadata runtimes need; checks the result with `onnx.checker`; writes atomically.
+
+Input shape, one rule for every family:
+- A model padded to a fixed size (RTMDet: a square `input_size`) exports at that size; height
+  and width are dynamic only with `dynamic_shape`.
+- A model padded to a multiple of its size divisor (RetinaNet, Faster R-CNN, YOLOv3: as
+  MMDetection's DetDataPreprocessor pads each batch to its own multiple) always exports with
+  dynamic height and width, whatever `dynamic_shape` says (a note tells when it was off): a
+  fixed-shape graph would need the host to pad to one size, which changes the outputs near the
+  padded border. The metadata's `input_size` is the resize scale (`--input-size`, default the
+  model's), not a canvas; the trace runs at the canvas that scale gives, but at least
+  `MIN_DIVISOR_TRACE_BLOCKS` divisors per side, so that no pyramid level has one row or column
+  (the tracer would fix such a size to 1 for every input).
 """
 from __future__ import annotations
 
@@ -35,6 +47,7 @@ MIN_OPSET = 18                  # the dynamo exporter's first opset
 MAX_DYNAMIC_BATCH = 1024
 MAX_DYNAMIC_SIDE = 4096
 TRT_SLOW_SCORE_THR = 0.01   # EfficientNMS_TRT gets much slower below this
+MIN_DIVISOR_TRACE_BLOCKS = 8  # trace side of divisor-padded models, in size divisors (P7 >= 2)
 
 
 @dataclass(frozen=True)
@@ -168,8 +181,22 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
     input_hw = options.input_hw or detector.spec.preprocessing.input_size
     if options.nms is None:
         options = dataclasses.replace(options, nms=detector.spec.nms('deploy'))
-    validate_options(options, input_hw, model_module.task, model_module.size_divisor)
     notes = []
+    processing = detector.spec.preprocessing
+    scale_hw = tuple(input_hw)
+    if processing.pad == 'divisor':
+        # The host pads each batch to its own multiple of the divisor (MMDetection's
+        # pad_size_divisor), so the graph must take any such size; `input_hw` is the resize
+        # scale, and the trace runs at the canvas it gives, but never so small that a pyramid
+        # level has one row or column: the tracer would fix such a size to 1 for every input.
+        if not options.dynamic_shape:
+            notes.append(f'{detector.spec.name} pads each image to a multiple of '
+                         f'{processing.size_divisor}: exported with dynamic height and width')
+            options = dataclasses.replace(options, dynamic_shape=True)
+        input_hw = tuple(max(side, MIN_DIVISOR_TRACE_BLOCKS * model_module.size_divisor)
+                         for side in processing.canvas_size(scale_hw))
+    validate_options(options, input_hw, model_module.task, model_module.size_divisor)
+    processing = processing.with_input_size(scale_hw)
     if options.nms_mode == 'trt' and options.nms.score_thr < TRT_SLOW_SCORE_THR:
         notes.append(f'score threshold {options.nms.score_thr} is below {TRT_SLOW_SCORE_THR}: '
                      'EfficientNMS_TRT gets much slower there')
@@ -197,7 +224,6 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
             notes.append(f'not simplified: {result.warning}; kept the exported graph')
 
     _drop_outputs(model, raw_names)
-    processing = detector.spec.preprocessing.with_input_size(tuple(input_hw))
     opset = next(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx'))
     if options.opset is not None and opset != options.opset:
         raise DetdeployError(f'--opset {options.opset} was asked for but the exporter wrote '
@@ -227,8 +253,9 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
 
 def export_for_runtime(detector: LoadedDetector, folder: str | Path, nms: NMSConfig,
                        input_hw: tuple[int, int] | None = None) -> Path:
-    """A registry model exported into `folder` (NMS in the graph, dynamic batch), so that
-    `bench`, `eval` and `infer` can run the same weights on ONNX Runtime."""
+    """A registry model exported into `folder` (NMS in the graph, dynamic batch; dynamic shape
+    for a model padded to its size divisor, by `export_onnx`'s rule), so that `bench`, `eval`
+    and `infer` can run the same weights on ONNX Runtime."""
     path = Path(folder) / f'{detector.spec.name}.onnx'
     export_onnx(detector, path, ExportOptions(nms_mode='onnx', nms=nms, dynamic_batch=True,
                                               input_hw=input_hw))

@@ -26,7 +26,15 @@ class Detector(nn.Module):
 
     family: ClassVar[str]             # 'rtmdet', ...
     task: ClassVar[str] = 'detect'    # one of core.tasks.TASKS
-    num_classes_key: ClassVar[str]    # state-dict key whose first dimension is the class count
+    num_classes_key: ClassVar[str]    # state-dict key that tells the class count (`num_classes_in`)
+
+    @classmethod
+    def num_classes_in(cls, state_dict: Mapping[str, torch.Tensor]) -> int | None:
+        """The class count a checkpoint's weights were trained for, or None if they don't say.
+        Families whose classifier has more rows than classes (a background row, anchors per
+        cell) override this."""
+        key = cls.num_classes_key
+        return state_dict[key].shape[0] if key in state_dict else None
 
     @property
     def num_classes(self) -> int:
@@ -50,6 +58,13 @@ class Detector(nn.Module):
     def named_raw_outputs(self, raw) -> dict[str, torch.Tensor]:
         return dict(zip(self.raw_output_names, self.raw_tensors(raw), strict=True))
 
+    def paired_raw_outputs(self, got: dict, want: dict) -> tuple[dict, dict, str | None]:
+        """One image's raw outputs from a runtime (`got`) and from PyTorch (`want`), numpy
+        arrays by name, arranged for element-wise comparison, and a note on what was left out.
+        As they are by default; a family whose raw outputs follow an NMS (a two-stage RoI head)
+        pairs their rows here."""
+        return got, want, None
+
     def postprocess(self, raw, input_hw: tuple[int, int], nms: NMSConfig, nms_mode: str
                     ) -> tuple[torch.Tensor, ...]:
         """Raw outputs -> the task's outputs for `nms_mode` (`core.tasks.output_schema`), in
@@ -62,12 +77,17 @@ class Detector(nn.Module):
         extent."""
         raise NotImplementedError
 
+    def adjust_synthetic_weights(self, generator: torch.Generator) -> None:
+        """For `synthetic_weights`, last: family-specific changes (e.g. a predictor whose
+        channels mix logits and box terms); nothing by default."""
+
     @torch.no_grad()
     def predict_outputs(self, images: torch.Tensor, nms: NMSConfig, nms_mode: str = 'onnx'
                         ) -> tuple[torch.Tensor, ...]:
         """The task's outputs for a preprocessed batch; boxes are clamped to the network input's
-        extent, as MMDetection does (its `Pad` sets `img_shape` to the padded size) and as an
-        exported graph must."""
+        extent where the family's MMDetection head clamps them (RTMDet: its `Pad` sets
+        `img_shape` to the padded size; YOLOv3 does not clamp), and the host clamps them to
+        the image after rescaling."""
         return self.postprocess(self(images), tuple(images.shape[-2:]), nms, nms_mode)
 
     def predict(self, images: torch.Tensor, nms: NMSConfig) -> list[Detections]:

@@ -210,7 +210,13 @@ def load_detector(name: str, checkpoint: str | Path | None = None,
     if classifier is not None and (classifier.dim() == 0 or classifier.shape[0] < 1):
         raise CheckpointError(f'checkpoint {checkpoint}: {class_count_key} has shape '
                               f'{list(classifier.shape)}; a classifier has one row per class')
-    num_classes = classifier.shape[0] if classifier is not None else len(spec.class_names)
+    num_classes = spec.model_class.num_classes_in(state_dict)
+    if num_classes is None:
+        num_classes = len(spec.class_names)
+    if num_classes < 1:
+        raise CheckpointError(f'checkpoint {checkpoint}: {class_count_key} has shape '
+                              f'{list(classifier.shape)}, which leaves no classes for '
+                              f'{spec.name}')
     model = spec.build(num_classes)
     mismatch = describe_mismatch(model, state_dict)
     if mismatch:

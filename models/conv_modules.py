@@ -36,3 +36,15 @@ class DepthwiseSeparableConvModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise_conv(self.depthwise_conv(x))
+
+
+class ConvModuleWithActivation(ConvModule):
+    """mmcv's ConvModule (conv without bias, BatchNorm) with another activation than SiLU, or
+    none (`activation=None`, mmcv's `act_cfg=None`); the same state-dict names."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, groups: int = 1, activation: nn.Module | None = None,
+                 **bn_kwargs):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups,
+                         **bn_kwargs)
+        self.activate = activation if activation is not None else nn.Identity()

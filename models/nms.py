@@ -159,13 +159,19 @@ TRT_MAX_CANDIDATES = 4096
 def efficient_nms_op(boxes: torch.Tensor, scores: torch.Tensor, score_thr: float, iou_thr: float,
                      max_det: int, class_agnostic: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TensorRT EfficientNMS_TRT's semantics in PyTorch: boxes [B, N, 4], scores [B, N, C] ->
-    the four padded outputs. The (anchor, class) pairs scoring above `score_thr`, the best
-    `TRT_MAX_CANDIDATES` of them, per-class (or class-agnostic) NMS, the best `max_det`."""
+    """TensorRT EfficientNMS_TRT's semantics in PyTorch: boxes [B, N, 4] (or class-specific
+    [B, N, C, 4], as two-stage heads give), scores [B, N, C] -> the four padded outputs. The
+    (anchor, class) pairs scoring above `score_thr`, the best `TRT_MAX_CANDIDATES` of them,
+    per-class (or class-agnostic) NMS, the best `max_det`."""
     batch, num_anchors, num_classes = scores.shape
     pair_scores, pair_index = _top_k_lower_index_first(
         scores.reshape(batch, -1), min(TRT_MAX_CANDIDATES, num_anchors * num_classes))
-    pair_boxes = torch.gather(boxes, 1, (pair_index // num_classes)[..., None].expand(-1, -1, 4))
+    if boxes.dim() == 4:
+        pair_boxes = torch.gather(boxes.reshape(batch, -1, 4), 1,
+                                  pair_index[..., None].expand(-1, -1, 4))
+    else:
+        pair_boxes = torch.gather(boxes, 1,
+                                  (pair_index // num_classes)[..., None].expand(-1, -1, 4))
     return batched_nms_op(pair_boxes, pair_scores, pair_index % num_classes, score_thr, iou_thr,
                           max_det, class_agnostic)
 

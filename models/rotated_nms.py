@@ -183,11 +183,13 @@ def greedy_keep(num_boxes: int, suppressor: torch.Tensor, suppressed: torch.Tens
 
 
 def rotated_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-                score_thr: float, iou_thr: float, max_det: int) -> DetectionOutputs:
+                score_thr: float, iou_thr: float, max_det: int, class_agnostic: bool = False
+                ) -> DetectionOutputs:
     """Candidates [B, M, 5], [B, M], [B, M] -> the four NMS outputs padded to `max_det`: per
     image, candidates scoring above `score_thr`, per-class greedy rotated NMS (a box is dropped
-    when its float32 IoU with a kept, better box of its label exceeds `iou_thr`), the best
-    `max_det`. Equal scores rank the lower candidate index first."""
+    when its float32 IoU with a kept, better box of its label exceeds `iou_thr`; with
+    `class_agnostic`, of any label), the best `max_det`. Equal scores rank the lower candidate
+    index first."""
     batch = boxes.shape[0]
     sorted_scores, order = _top_k_lower_index_first(scores, scores.shape[1])
     valid = sorted_scores > score_thr
@@ -205,7 +207,8 @@ def rotated_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
 
     # One extra pair (row 0 with itself, masked out) keeps the pair list non-empty: ONNX
     # Runtime's ReduceSum returns an empty input unreduced, which breaks the clipping's shapes.
-    pairs = torch.cat([candidate_pairs(sorted_boxes[:, :-1], sorted_labels[:, :-1], valid,
+    pair_labels = torch.zeros_like(sorted_labels) if class_agnostic else sorted_labels
+    pairs = torch.cat([candidate_pairs(sorted_boxes[:, :-1], pair_labels[:, :-1], valid,
                                        iou_thr),
                        order.new_zeros(1, 3)])
     image, first, second = pairs.unbind(1)
@@ -246,4 +249,4 @@ def rotated_dense_outputs(decoded: DecodedOutputs, nms: NMSConfig, nms_mode: str
         return decoded.boxes, decoded.scores
     candidates = select_candidates(decoded, nms.score_thr, nms.pre_top_k, rotated_has_area)
     return tuple(rotated_nms(candidates.boxes, candidates.scores, candidates.labels,
-                             nms.score_thr, nms.iou_thr, nms.max_det))
+                             nms.score_thr, nms.iou_thr, nms.max_det, nms.class_agnostic))

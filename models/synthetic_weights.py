@@ -56,21 +56,27 @@ def randomize_detector(model: Detector, seed: int = 0) -> Detector:
         model(calibration_images(seed))
         for hook in hooks:
             hook.remove()
-        # Scale the predictors on the features they see, so logits and box terms stay moderate.
+        # Scale the predictors on the features they see, so logits and box terms stay moderate;
+        # a predictor shared by the pyramid levels (RetinaNet) is scaled on its widest level.
         predictors = [conv for conv, _ in predictor_kinds]
         features = {}
-        hooks = [p.register_forward_hook(lambda mod, args, out: features.__setitem__(mod, args[0]))
+        hooks = [p.register_forward_hook(
+                     lambda mod, args, out: features.setdefault(mod, []).append(args[0]))
                  for p in predictors]
         model(calibration_images(seed + 1))
         for hook in hooks:
             hook.remove()
         for predictor, kind in predictor_kinds:
             predictor.weight.normal_(0, 1, generator=generator)
-            spread = torch.nn.functional.conv2d(features[predictor], predictor.weight).std()
+            project = (torch.nn.functional.linear if predictor.weight.dim() == 2
+                       else torch.nn.functional.conv2d)      # fully connected or conv heads
+            spread = max(project(level, predictor.weight).std() for level in features[predictor])
             is_logits = kind == 'logits'
             predictor.weight.mul_((1.0 if kind in ('logits', 'angle') else 0.2) / spread)
             if is_logits:
-                predictor.bias.copy_(-3 + torch.randn(predictor.out_channels, generator=generator))
+                predictor.bias.copy_(-3 + torch.randn(predictor.weight.shape[0],
+                                                      generator=generator))
             else:    # 'box', or 'angle' (radians around 0)
                 predictor.bias.fill_(box_bias if kind == 'box' else 0.0)
+        model.adjust_synthetic_weights(generator)
     return model.eval()

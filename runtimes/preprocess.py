@@ -183,6 +183,15 @@ def resize_bilinear(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return ((upper + lower + 2) >> 2).clip(0, 255).astype(np.uint8)
 
 
+def _normalize(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Scale, subtract the mean and divide by the std in place (float32 HWC); returns it."""
+    if config.pixel_scale != 1.0:
+        pixels *= np.float32(config.pixel_scale)
+    pixels -= np.asarray(config.mean, dtype=np.float32)
+    pixels /= np.asarray(config.std, dtype=np.float32)
+    return pixels
+
+
 def preprocess(image_rgb: np.ndarray, config: PreprocessConfig,
                canvas_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, ImageMeta]:
     """One RGB uint8 image -> normalised CHW float32 network input and its geometry.
@@ -195,12 +204,13 @@ def preprocess(image_rgb: np.ndarray, config: PreprocessConfig,
     resized = resize_bilinear(image_rgb, resized_hw)
     if config.channel_order == 'bgr':
         resized = resized[:, :, ::-1]
-    canvas = np.full((*canvas_hw, 3), config.pad_value, dtype=np.float32)
-    canvas[:resized_hw[0], :resized_hw[1]] = resized
-    if config.pixel_scale != 1.0:
-        canvas *= np.float32(config.pixel_scale)
-    canvas -= np.asarray(config.mean, dtype=np.float32)
-    canvas /= np.asarray(config.std, dtype=np.float32)
+    if config.pad_fill == 'mean':   # MMDetection's DetDataPreprocessor: 0 after normalising
+        canvas = np.zeros((*canvas_hw, 3), dtype=np.float32)
+        canvas[:resized_hw[0], :resized_hw[1]] = _normalize(resized.astype(np.float32), config)
+    else:                           # the raw pixel value pad_value (MMDetection's Pad)
+        canvas = np.full((*canvas_hw, 3), config.pad_value, dtype=np.float32)
+        canvas[:resized_hw[0], :resized_hw[1]] = resized
+        _normalize(canvas, config)
     scale_wh = (resized_hw[1] / original_hw[1], resized_hw[0] / original_hw[0])
     return np.ascontiguousarray(canvas.transpose(2, 0, 1)), ImageMeta(
         tuple(original_hw), resized_hw, scale_wh)

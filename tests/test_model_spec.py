@@ -62,3 +62,14 @@ def test_raw_output_shapes_and_initial_scores():
     assert named['bbox_preds.1'] is raw.bbox_preds[1]
     # MMDetection's head init: classifier bias gives a prior probability of 0.01
     assert raw.cls_scores[0].sigmoid().mean().item() == pytest.approx(0.01, rel=0.05)
+
+
+def test_model_option_help_names_every_registry_model():
+    """The CLI's --model help is written by hand (generating it would import torch at every CLI
+    start): each registry name appears, in full or as its family's '-suffix'."""
+    from detdeploy.cli import cli
+    infer = cli.commands['infer']
+    [option] = [p for p in infer.params if p.name == 'model_name']
+    for name in MODEL_SPECS:
+        family, _, suffix = name.rpartition('-')
+        assert name in option.help or (family in option.help and f'-{suffix}' in option.help), name

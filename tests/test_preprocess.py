@@ -69,6 +69,23 @@ def test_preprocess_pads_normalises_and_orders_channels():
     np.testing.assert_allclose(tensor[:, 63, 63], expected_pad, rtol=1e-6)
 
 
+def test_scale_resize_divisor_pad_after_normalising():
+    """MMDetection's (1333, 800) keep-ratio rule, padding to a multiple of 32 and, like its
+    DetDataPreprocessor, padding the normalised image with 0 (RetinaNet, Faster R-CNN)."""
+    config = PreprocessConfig(input_size=(800, 1333), channel_order='rgb',
+                              mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
+                              pad_value=0.0, resize='scale', pad='divisor', pad_fill='mean')
+    image = np.zeros((48, 64, 3), dtype=np.uint8)
+    image[:] = (10, 20, 30)
+    tensor, meta = preprocess(image, config)
+    assert meta.resized_hw == (800, 1067) and tensor.shape == (3, 800, 1088)
+    np.testing.assert_allclose(tensor[:, 0, 1066], [(10 - 123.675) / 58.395,
+                                                    (20 - 116.28) / 57.12,
+                                                    (30 - 103.53) / 57.375], rtol=1e-6)
+    assert (tensor[:, :, 1067:] == 0).all()
+    assert PreprocessConfig.from_dict(config.to_dict()) == config
+
+
 def test_rgb_channel_order_keeps_rgb():
     config = PreprocessConfig(input_size=(32, 32), channel_order='rgb', mean=(0, 0, 0),
                               std=(1, 1, 1))

@@ -1,7 +1,8 @@
 """Make MMDetection 3.3.0 importable on mmcv-lite (no compiled ops) for the tools/ reference scripts.
 
 `install()` puts a `mmcv._ext` module in place whose kernels are Python ports of mmcv's CPU
-kernels (NMS now; a family needing another kernel adds its port here). Not part of the package.
+kernels (NMS, and RoIAlign on torchvision's; a family needing another kernel adds its port here).
+Not part of the package.
 """
 import os
 import sys
@@ -27,6 +28,19 @@ def nms_kernel(boxes, scores, iou_threshold, offset):
     return order[keep]
 
 
+def roi_align_kernel(input, rois, output, argmax_y, argmax_x, aligned_height, aligned_width,
+                     spatial_scale, sampling_ratio, pool_mode, aligned):
+    """mmcv 2.1 roi_align_forward, average mode, by `torchvision.ops.roi_align`: both are
+    Detectron's RoIAlign (adaptive sampling grid ceil(roi_size / output_size) when
+    sampling_ratio is 0, half-pixel offset when aligned, bilinear sampling with the same border
+    rules, the average over max(samples, 1))."""
+    import torchvision
+    if pool_mode != 1:       # mmcv's RoIAlign passes 0 for 'max', 1 for 'avg'
+        raise NotImplementedError('roi_align_forward: only pool_mode avg is ported')
+    output.copy_(torchvision.ops.roi_align(input, rois, (aligned_height, aligned_width),
+                                           spatial_scale, sampling_ratio, aligned))
+
+
 def missing_kernel(name):
     if name.startswith('__'):
         raise AttributeError(name)
@@ -40,6 +54,7 @@ def install(**kernels) -> types.ModuleType:
     """Install the stub `mmcv._ext` (before importing mmdet); extra kernels by name."""
     ext = types.ModuleType('mmcv._ext')
     ext.nms = nms_kernel
+    ext.roi_align_forward = roi_align_kernel
     for name, kernel in kernels.items():
         setattr(ext, name, kernel)
     ext.__getattr__ = missing_kernel         # mmcv.ops checks every kernel exists at import

@@ -217,6 +217,11 @@ def check_metadata(metadata: ModelMetadata, detector: LoadedDetector,
         issues.append(MetadataIssue('preprocess.pad_value', file_pre.pad_value,
                                     spec_pre.pad_value, (
             f'pad value {file_pre.pad_value:g} in the file, {spec_pre.pad_value:g} for {name}')))
+    if file_pre.pad_fill != spec_pre.pad_fill:
+        issues.append(MetadataIssue('preprocess.pad_fill', file_pre.pad_fill,
+                                    spec_pre.pad_fill, (
+            f"padding filled by '{file_pre.pad_fill}' in the file, '{spec_pre.pad_fill}' for "
+            f'{name}: runtimes would pad images differently from PyTorch')))
     if input_hw and all(isinstance(s, int) for s in input_hw) and \
             tuple(input_hw) != tuple(file_pre.input_size):
         issues.append(MetadataIssue('preprocess.input_size', list(file_pre.input_size),
@@ -317,10 +322,12 @@ def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetecto
         detector.spec.name, detector.source, precision, metadata.nms_mode, nms,
         list(metadata.preprocess.input_size), tol, issues)
 
-    # Both sides get the PyTorch model's preprocessing at the file's input size: this compares
-    # the networks; a preprocessing difference in the metadata is reported above.
+    # Both sides get the PyTorch model's preprocessing at the file's input size and padding
+    # (a fixed-shape file takes only its size): this compares the networks; a preprocessing
+    # difference in the metadata is reported above.
     config = dataclasses.replace(detector.spec.preprocessing,
-                                 input_size=tuple(metadata.preprocess.input_size))
+                                 input_size=tuple(metadata.preprocess.input_size),
+                                 pad=metadata.preprocess.pad)
     reference = TorchBackend(detector, nms=nms, device=options.torch_device,
                              preprocess_config=config)
     compare_detections = metadata.has_nms and metadata.task in (DETECT, ROTATED) and not any(
@@ -383,9 +390,13 @@ def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetecto
                 raw_names = [name for name in raw_names if name in want_raw]
             for index in range(len(chunk)):
                 per_image = {}
+                got_image, want_image, pairing = detector.model.paired_raw_outputs(
+                    {name: got_raw[name][index] for name in raw_names},
+                    {name: want_raw[name][index].cpu().numpy() for name in raw_names})
+                if pairing:
+                    report.notes.append(f'{chunk[index][0]}: {pairing}')
                 for name in raw_names:
-                    comparison = compare_arrays(got_raw[name][index],
-                                                want_raw[name][index].cpu().numpy(),
+                    comparison = compare_arrays(got_image[name], want_image[name],
                                                 tol.atol, tol.rtol, name)
                     per_image[name] = comparison
                     report.raw[name] = merge_comparisons(report.raw.get(name), comparison,

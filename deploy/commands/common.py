@@ -55,7 +55,9 @@ def pytorch_model_options(command):
         'downloaded once into ~/.cache/detdeploy (sha256 checked): mmdet:rtmdet-tiny-coco, '
         'mmdet:rtmdet-s-coco, -m-, -l-, -x-coco.'))(command)
     return click.option('--model', 'model_name', help=(
-        'Registry name: rtmdet (= rtmdet-tiny, the default), rtmdet-s, -m, -l, -x.'))(command)
+        'Registry name: rtmdet (= rtmdet-tiny, the default), rtmdet-s, -m, -l, -x, '
+        'retinanet-r50, faster-rcnn-r50, faster-rcnn-r101, yolov3-mobilenetv2-320, -416.'
+        ))(command)
 
 
 def weight_inputs(checkpoint: str | None, class_names: str | None) -> list[tuple[str, str]]:
@@ -242,8 +244,9 @@ def export_for_ort(detector, nms, preset: str, temp_dir: Path,
                    input_hw: tuple[int, int] | None = None) -> Path:
     """`export.exporter.export_for_runtime`, saying so in one line."""
     from detdeploy.export.exporter import export_for_runtime
+    shape = ', dynamic shape' if detector.spec.preprocessing.pad == 'divisor' else ''
     click.echo(f'exporting {detector.spec.name} to ONNX for the ort backend '
-               f'(--nms onnx, {preset} preset, dynamic batch)', err=True)
+               f'(--nms onnx, {preset} preset, dynamic batch{shape})', err=True)
     return export_for_runtime(detector, temp_dir, nms, input_hw)
 
 
