@@ -60,7 +60,8 @@ def model_to_open(model, backend, device, device_id, threads, cpus, class_names,
 @click.argument('model', type=click.Path(exists=True, dir_okay=False))
 @click.option('--host', default='127.0.0.1', show_default=True,
               help='Address to listen on; 0.0.0.0 opens the endpoint to the network.')
-@click.option('--port', type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option('--port', type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help='HTTP port of the endpoint.')
 @click.option('--replicas', type=click.IntRange(min=1), default=1, show_default=True,
               help='Copies of the model, each its own Ray actor and session.')
 @click.option('--cpus-per-replica', type=FiniteFloat(min=0, min_open=True), default=1.0,
