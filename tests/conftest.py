@@ -115,6 +115,17 @@ def tiny_onnx(tmp_path_factory, tiny_checkpoint):
     return path, report
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Commands run in-process (`bench`, `infer --threads`) set PyTorch's process-wide thread
+    count; put it back after each test. Random-weight outputs move by up to 4e-4 between one
+    and two threads, so a leaked count breaks the MMDetection/MMRotate reference tests."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='module')
 def one_torch_thread():
     """PyTorch on one thread for a module: on a busy 2-core machine its pool of two is far

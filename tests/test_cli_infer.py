@@ -86,7 +86,8 @@ def test_infer_json_matches_model_predict(infer_run, image_dir, tiny_detector):
     assert inside.sum() > 0
     record = json.loads((out / 'wide.json').read_text())['detections']
     assert [d['label'] for d in record] == dets.labels[inside].tolist()
-    np.testing.assert_allclose([d['score'] for d in record], dets.scores[inside].numpy(), atol=1e-6)
+    # the CLI process runs PyTorch on the physical cores' thread count: sums round differently
+    np.testing.assert_allclose([d['score'] for d in record], dets.scores[inside].numpy(), atol=3e-6)
     np.testing.assert_allclose([d['bbox_xyxy'] for d in record], boxes[inside].numpy(), atol=2e-3)
 
 

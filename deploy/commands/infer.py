@@ -99,7 +99,8 @@ def infer(inputs, model_name, checkpoint, class_names, trust_checkpoint, backend
             for suffix in ('mp4', 'json')]
         refuse_overwriting_inputs(
             [('--out', path) for path in planned],
-            [('input', path) for path in all_inputs] + [('model', model)]
+            [('video' if is_video(path) else 'image', path) for path in all_inputs]
+            + [('model', model)]
             + [('--ann', ann_file)] + weight_inputs(checkpoint, class_names))
         if no_overwrite:            # before a model is loaded
             refuse_existing(planned)
