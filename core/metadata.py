@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .errors import DetdeployError, MetadataError
+from .masks import MaskConfig
 from .memory import format_bytes, image_batch_bytes, memory_limit_bytes
 from .nms import NMSConfig
 from .preprocessing import CHANNEL_ORDERS, PreprocessConfig
@@ -44,6 +45,7 @@ class ModelMetadata:
     raw_outputs: tuple[str, ...] = ()   # graph tensors holding the network's raw outputs
     # int8 files: method, target, calibration size, nodes kept float and why (`quantization`)
     quantization: dict = field(default_factory=dict)
+    mask: MaskConfig | None = None      # instance models: how `masks` is framed (`core.masks`)
     extra: dict = field(default_factory=dict)   # further props, kept as they are
 
     @property
@@ -83,6 +85,8 @@ class ModelMetadata:
             values['raw_outputs'] = json.dumps(list(self.raw_outputs))
         if self.quantization:
             values['quantization'] = json.dumps(self.quantization)
+        if self.mask is not None:
+            values['mask'] = json.dumps(self.mask.to_dict())
         if self.trt_plugin_domain:
             values['trt_plugin_domain'] = self.trt_plugin_domain
         return values
@@ -98,7 +102,7 @@ class ModelMetadata:
         known = {'detdeploy_version', 'family', 'arch', 'task', 'class_names', 'preprocess',
                  'nms_mode', 'nms', 'output_layout', 'batch', 'dynamic_shape', 'precision',
                  'opset', 'torch_version', 'onnx_version', 'checkpoint', 'checkpoint_sha256',
-                 'raw_outputs', 'trt_plugin_domain', 'quantization'}
+                 'raw_outputs', 'trt_plugin_domain', 'quantization', 'mask'}
         field_name = 'class_names'
         try:
             class_names = json.loads(props['class_names'])
@@ -118,6 +122,8 @@ class ModelMetadata:
             quantization = json.loads(props.get('quantization', '{}'))
             if not isinstance(quantization, dict):
                 raise ValueError(f'quantization is a {type(quantization).__name__}, not a dict')
+            field_name = 'mask'
+            mask = MaskConfig.from_dict(json.loads(props['mask'])) if 'mask' in props else None
             field_name = 'batch'
             batch = None if props['batch'] == 'dynamic' else int(props['batch'])
             field_name = 'dynamic_shape'
@@ -133,7 +139,7 @@ class ModelMetadata:
                 trt_plugin_domain=props.get('trt_plugin_domain'),
                 family=props.get('family', 'rtmdet'), task=props.get('task', 'detect'),
                 precision=props.get('precision', 'fp32'), raw_outputs=raw_outputs,
-                quantization=quantization,
+                quantization=quantization, mask=mask,
                 extra={k: v for k, v in props.items() if k not in known})
         except KeyError as exc:
             raise MetadataError(f'{source} has incomplete detdeploy metadata (no '
@@ -160,6 +166,11 @@ class ModelMetadata:
             return f"nms_mode '{self.nms_mode}' is not one of {', '.join(NMS_MODES)}"
         if not has_schema(self.task, self.nms_mode):
             return f"task '{self.task}' has no outputs defined for nms_mode '{self.nms_mode}'"
+        if (self.task == 'instance') != (self.mask is not None):
+            return ('an instance model needs mask settings' if self.mask is None
+                    else f"mask settings are for instance models, not task '{self.task}'")
+        if self.mask is not None and self.mask.problem():
+            return f'mask: {self.mask.problem()}'
         if self.nms is not None and self.nms.problem():
             return f'nms: {self.nms.problem()}'
         if self.precision not in PRECISIONS:

@@ -41,6 +41,12 @@ class Detector(nn.Module):
         raise NotImplementedError
 
     @property
+    def mask_config(self):
+        """Instance models: how their `masks` output is framed (`core.masks.MaskConfig`);
+        None for other tasks."""
+        return None
+
+    @property
     def size_divisor(self) -> int:
         """Input sides must be multiples of this (the largest stride)."""
         raise NotImplementedError

@@ -48,7 +48,7 @@ class LoadedDetector:
             arch=self.spec.name, family=self.model.family, task=self.model.task,
             class_names=self.class_names, preprocess=preprocess or self.spec.preprocessing,
             nms_mode=nms_mode, nms=nms, checkpoint=self.source,
-            checkpoint_sha256=self.checkpoint_sha256, **values)
+            checkpoint_sha256=self.checkpoint_sha256, mask=self.model.mask_config, **values)
 
 
 def load_checkpoint_file(path: str | Path, trust: bool = False) -> dict:

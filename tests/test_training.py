@@ -70,7 +70,11 @@ def test_shapes_dataset_is_valid_coco(shapes):
                 assert w > 0 and h > 0 and x >= 0 and y >= 0
                 assert x + w <= SIZE + 1e-6 and y + h <= SIZE + 1e-6
                 assert ann['category_id'] in coco.cats and ann['iscrowd'] == 0
-                assert ann['area'] == pytest.approx(w * h, abs=0.01)
+                mask = coco.annToMask(ann).astype(bool)      # the visible part, in its box
+                assert ann['area'] == mask.sum() > 0
+                ys, xs = np.nonzero(mask)
+                assert xs.min() >= int(x) and xs.max() < x + w + 1
+                assert ys.min() >= int(y) and ys.max() < y + h + 1
 
 
 # --- training -----------------------------------------------------------------------------------

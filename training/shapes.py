@@ -3,8 +3,10 @@ COCO format (`detdeploy make-dataset shapes`).
 
 Six classes of filled shapes, rotated, in varied sizes and colours, partly overlapping, among
 unlabelled clutter (strokes, small specks) on noisy gradient backgrounds. Boxes are the tight
-boxes of each whole shape (amodal, like COCO's). Every image depends only on (seed, split,
-index), so a dataset is the same for a seed whatever else changes.
+boxes of each whole shape (amodal, like COCO's); instance masks (`segmentation`, COCO RLE) are
+the visible part of each shape (later shapes cover earlier ones, as in COCO), and `area` is the
+mask's. Every image depends only on (seed, split, index), so a dataset is the same for a seed
+whatever else changes.
 """
 from __future__ import annotations
 
@@ -104,9 +106,32 @@ def _overlap_too_much(box: np.ndarray, boxes: list[np.ndarray], limit: float) ->
     return False
 
 
+def _visible_masks(shapes: list[tuple[np.ndarray | None, np.ndarray]], big: int, size: int
+                   ) -> list[np.ndarray]:
+    """[size, size] bool masks of the visible part of each shape, in drawing order: each shape
+    drawn at the supersampled size, minus the shapes drawn after it, then a pixel is the
+    shape's where it covers at least half of the pixel."""
+    masks = []
+    for vertices, box in shapes:
+        layer = Image.new('L', (big, big), 0)
+        if vertices is None:
+            ImageDraw.Draw(layer).ellipse(box.tolist(), fill=255)
+        else:
+            ImageDraw.Draw(layer).polygon([tuple(p) for p in vertices], fill=255)
+        masks.append(np.asarray(layer) > 0)
+    visible = []
+    for index, mask in enumerate(masks):
+        covered = np.logical_or.reduce(masks[index + 1:]) if index + 1 < len(masks) else False
+        small = Image.fromarray(((mask & ~covered) * 255).astype(np.uint8)).resize(
+            (size, size), Image.BOX)
+        visible.append(np.asarray(small) >= 128)
+    return visible
+
+
 def render_image(seed: int, split: str, index: int, config: ShapesConfig = ShapesConfig()
                  ) -> tuple[Image.Image, list[dict]]:
-    """One image and its objects ({'bbox': [x, y, w, h], 'category_id': 1-based})."""
+    """One image and its objects ({'bbox': [x, y, w, h], 'category_id': 1-based, 'mask':
+    [size, size] bool, the visible part})."""
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
     size, big = config.size, config.size * SUPERSAMPLE
     canvas = _background(rng, size).resize((big, big), Image.NEAREST)
@@ -120,7 +145,7 @@ def render_image(seed: int, split: str, index: int, config: ShapesConfig = Shape
             centre, radius = rng.uniform(0, big, 2), rng.uniform(1, 4) * SUPERSAMPLE
             draw.ellipse([*(centre - radius), *(centre + radius)], fill=_colour(rng))
     boxes: list[np.ndarray] = []
-    objects = []
+    objects, shapes = [], []
     wanted = int(rng.integers(config.min_objects, config.max_objects + 1))
     for _ in range(wanted * 4):                                     # tries
         if len(objects) == wanted:
@@ -153,9 +178,12 @@ def render_image(seed: int, split: str, index: int, config: ShapesConfig = Shape
                 draw.polygon([tuple(p) for p in vertices + centre], outline=_colour(rng),
                              width=width)
         boxes.append(box)
+        shapes.append((None if vertices is None else vertices + centre, box))
         x1, y1, x2, y2 = (box / SUPERSAMPLE).tolist()
         objects.append({'bbox': [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                         'category_id': label + 1})
+    for obj, mask in zip(objects, _visible_masks(shapes, big, size)):
+        obj['mask'] = mask
     image = canvas.resize((size, size), Image.BOX)
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
@@ -165,6 +193,7 @@ def render_image(seed: int, split: str, index: int, config: ShapesConfig = Shape
 def write_split(out_dir: Path, split: str, count: int, seed: int, config: ShapesConfig,
                 progress=None) -> Path:
     """Write `count` images to out_dir/split/ and out_dir/annotations/instances_<split>.json."""
+    from pycocotools import mask as mask_utils
     image_dir = out_dir / split
     image_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / 'annotations').mkdir(parents=True, exist_ok=True)
@@ -177,10 +206,12 @@ def write_split(out_dir: Path, split: str, count: int, seed: int, config: Shapes
         images.append({'id': index + 1, 'file_name': file_name, 'height': config.size,
                        'width': config.size})
         for obj in objects:
-            w, h = obj['bbox'][2:]
+            rle = mask_utils.encode(np.asfortranarray(obj['mask'].astype(np.uint8)))
             annotations.append({'id': len(annotations) + 1, 'image_id': index + 1,
                                 'category_id': obj['category_id'], 'bbox': obj['bbox'],
-                                'area': round(w * h, 2), 'iscrowd': 0})
+                                'area': float(mask_utils.area(rle)), 'iscrowd': 0,
+                                'segmentation': {'size': [int(v) for v in rle['size']],
+                                                 'counts': rle['counts'].decode('ascii')}})
         if progress is not None:
             progress.update(1)
     coco = {
