@@ -7,6 +7,10 @@ boxes of each whole shape (amodal, like COCO's); instance masks (`segmentation`,
 the visible part of each shape (later shapes cover earlier ones, as in COCO), and `area` is the
 mask's. Every image depends only on (seed, split, index), so a dataset is the same for a seed
 whatever else changes.
+
+With `rotated`, each annotation also gets `rbox`: the shape's exact oriented box (`oriented_box`),
+[cx, cy, w, h, angle] in pixels and radians, le90 (w >= h, angle in [-pi/2, pi/2)). Computing it
+draws no random numbers, so the images and every other field are the same as without it.
 """
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ from detdeploy.core.fileio import atomic_write
 SHAPE_CLASSES = ('circle', 'square', 'triangle', 'star', 'hexagon', 'cross')
 SUPERSAMPLE = 2                 # drawn at 2x and downsampled: smooth edges
 SPLIT_IDS = {'train': 1, 'val': 2}
+ROTATED_FORMAT = ('[cx, cy, w, h, angle]: centre, width, height in pixels, angle in radians '
+                  '(le90: w >= h, angle in [-pi/2, pi/2), x right, y down)')
+SYMMETRY = {'square': 4, 'triangle': 3, 'star': 5, 'hexagon': 6, 'cross': 4}
+"""Rotations (2 pi / n) that map each polygonal shape onto itself."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,43 @@ def _polygon(kind: str, radius: float, angle: float) -> np.ndarray:
         raise ValueError(kind)
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     return radius * np.asarray(points) @ rotation.T
+
+
+def _le90(width: float, height: float, angle: float) -> tuple[float, float, float]:
+    """(w, h, angle) with w >= h and angle in [-pi/2, pi/2), as MMRotate's le90. Sides equal to
+    float precision (squares) are not swapped, so every frame of a square keeps its own angle."""
+    if height > width * (1 + 1e-9):
+        width, height, angle = height, width, angle + math.pi / 2
+    angle = (angle + math.pi / 2) % math.pi - math.pi / 2
+    return width, height, (angle if angle < math.pi / 2 else -math.pi / 2)
+
+
+def oriented_box(kind: str, vertices: np.ndarray | None, centre: np.ndarray, radius: float,
+                 rotation: float) -> list[float]:
+    """The exact oriented box of a shape as drawn: [cx, cy, w, h, angle], le90.
+
+    A polygon's box is its tight box in the shape's own frame (the frame it was rotated from),
+    so every side touches the shape. Symmetric shapes have several such frames (a triangle's
+    three edges, a hexagon's three vertex axes...): the one whose le90 angle is nearest 0 is
+    taken, so equal-looking shapes get equal boxes. A circle has no orientation: its box is the
+    square of side 2 r at angle 0.
+    """
+    if vertices is None:
+        return [float(centre[0]), float(centre[1]), 2 * radius, 2 * radius, 0.0]
+    best = None
+    for turn in range(SYMMETRY[kind]):
+        frame = rotation + turn * 2 * math.pi / SYMMETRY[kind]
+        cos, sin = math.cos(frame), math.sin(frame)
+        relative = vertices - centre
+        along = relative @ np.array([cos, sin])               # coordinates in the frame
+        across = relative @ np.array([-sin, cos])
+        mid_a, mid_c = (along.max() + along.min()) / 2, (across.max() + across.min()) / 2
+        width, height, angle = _le90(float(np.ptp(along)), float(np.ptp(across)), frame)
+        box = [float(centre[0] + cos * mid_a - sin * mid_c),
+               float(centre[1] + sin * mid_a + cos * mid_c), width, height, angle]
+        if best is None or abs(angle) < abs(best[4]) - 1e-12:
+            best = box
+    return best
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
@@ -131,7 +176,8 @@ def _visible_masks(shapes: list[tuple[np.ndarray | None, np.ndarray]], big: int,
 def render_image(seed: int, split: str, index: int, config: ShapesConfig = ShapesConfig()
                  ) -> tuple[Image.Image, list[dict]]:
     """One image and its objects ({'bbox': [x, y, w, h], 'category_id': 1-based, 'mask':
-    [size, size] bool, the visible part})."""
+    [size, size] bool, the visible part, 'rbox': [cx, cy, w, h, angle] le90, 'polygon':
+    [V, 2] vertices or None for a circle})."""
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
     size, big = config.size, config.size * SUPERSAMPLE
     canvas = _background(rng, size).resize((big, big), Image.NEAREST)
@@ -154,10 +200,11 @@ def render_image(seed: int, split: str, index: int, config: ShapesConfig = Shape
         kind = SHAPE_CLASSES[label]
         radius = rng.uniform(config.min_side, config.max_side) * big / 2
         if kind == 'circle':
-            vertices = None
+            vertices, rotation = None, 0.0
             half = np.array([radius, radius])
         else:
-            vertices = _polygon(kind, radius, rng.uniform(0, 2 * math.pi))
+            rotation = rng.uniform(0, 2 * math.pi)
+            vertices = _polygon(kind, radius, rotation)
             half = None
         low = vertices.min(0) if vertices is not None else -half
         high = vertices.max(0) if vertices is not None else half
@@ -180,8 +227,12 @@ def render_image(seed: int, split: str, index: int, config: ShapesConfig = Shape
         boxes.append(box)
         shapes.append((None if vertices is None else vertices + centre, box))
         x1, y1, x2, y2 = (box / SUPERSAMPLE).tolist()
+        rbox = oriented_box(kind, None if vertices is None else vertices + centre, centre,
+                            radius, rotation)
         objects.append({'bbox': [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                        'category_id': label + 1})
+                        'category_id': label + 1,
+                        'rbox': [v / SUPERSAMPLE for v in rbox[:4]] + [rbox[4]],
+                        'polygon': None if vertices is None else (vertices + centre) / SUPERSAMPLE})
     for obj, mask in zip(objects, _visible_masks(shapes, big, size)):
         obj['mask'] = mask
     image = canvas.resize((size, size), Image.BOX)
@@ -191,8 +242,9 @@ def render_image(seed: int, split: str, index: int, config: ShapesConfig = Shape
 
 
 def write_split(out_dir: Path, split: str, count: int, seed: int, config: ShapesConfig,
-                progress=None) -> Path:
-    """Write `count` images to out_dir/split/ and out_dir/annotations/instances_<split>.json."""
+                progress=None, rotated: bool = False) -> Path:
+    """Write `count` images to out_dir/split/ and out_dir/annotations/instances_<split>.json
+    (`rotated`: with each annotation's `rbox`)."""
     from pycocotools import mask as mask_utils
     image_dir = out_dir / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -212,11 +264,17 @@ def write_split(out_dir: Path, split: str, count: int, seed: int, config: Shapes
                                 'area': float(mask_utils.area(rle)), 'iscrowd': 0,
                                 'segmentation': {'size': [int(v) for v in rle['size']],
                                                  'counts': rle['counts'].decode('ascii')}})
+            if rotated:
+                annotations[-1]['rbox'] = [round(v, 3) for v in obj['rbox'][:4]] + [
+                    round(obj['rbox'][4], 6)]
         if progress is not None:
             progress.update(1)
+    info = {'description': f'detdeploy shapes, split {split}, seed {seed}', 'version': '1',
+            'image_size': config.size}
+    if rotated:
+        info['rbox'] = ROTATED_FORMAT
     coco = {
-        'info': {'description': f'detdeploy shapes, split {split}, seed {seed}',
-                 'version': '1', 'image_size': config.size},
+        'info': info,
         'licenses': [],
         'images': images,
         'annotations': annotations,
@@ -230,8 +288,10 @@ def write_split(out_dir: Path, split: str, count: int, seed: int, config: Shapes
 
 
 def make_shapes_dataset(out_dir: str | Path, train: int, val: int, size: int = 320,
-                        seed: int = 0, show_progress: bool = False) -> dict[str, Path]:
-    """The whole dataset; returns the annotation file of each split."""
+                        seed: int = 0, show_progress: bool = False, rotated: bool = False
+                        ) -> dict[str, Path]:
+    """The whole dataset; returns the annotation file of each split (`rotated`: annotations
+    also carry `rbox`, the oriented box)."""
     if train < 0 or val < 0 or train + val == 0:
         raise DetdeployError('make-dataset needs --train and/or --val image counts above 0')
     if size < 64:
@@ -246,5 +306,6 @@ def make_shapes_dataset(out_dir: str | Path, train: int, val: int, size: int = 3
     with tqdm(total=train + val, disable=not show_progress, unit='img') as progress:
         for split, count in (('train', train), ('val', val)):
             if count:
-                written[split] = write_split(out, split, count, seed, config, progress)
+                written[split] = write_split(out, split, count, seed, config, progress,
+                                             rotated)
     return written

@@ -20,13 +20,18 @@ from .common import no_overwrite_option
               help='Image side in pixels (square images).')
 @click.option('--seed', type=int, default=0, show_default=True,
               help='Same seed, same dataset, byte for byte.')
+@click.option('--rotated', is_flag=True,
+              help="Also write each shape's exact oriented box as the annotation's `rbox`: [cx, "
+              'cy, w, h, angle] px and radians, le90 (for rotated models: train, eval). '
+              'Images and every other field are the same as without it.')
 @no_overwrite_option
-def make_dataset(kind, out_dir, train, val, size, seed, no_overwrite) -> None:
+def make_dataset(kind, out_dir, train, val, size, seed, rotated, no_overwrite) -> None:
     """Write a synthetic detection dataset (KIND: shapes) in COCO format.
 
     Existing files of the same names are replaced, each atomically (--no-overwrite refuses).
     Six classes (circle, square, triangle, star, hexagon, cross) in varied sizes, colours and
-    rotations, partly overlapping, among unlabelled clutter on textured backgrounds.
+    rotations, partly overlapping, among unlabelled clutter on textured backgrounds. With
+    --rotated, annotations also carry oriented boxes (a circle's is its square at angle 0).
     """
     from detdeploy.core.fileio import check_output_dir, refuse_existing
     from detdeploy.training.shapes import make_shapes_dataset
@@ -39,7 +44,7 @@ def make_dataset(kind, out_dir, train, val, size, seed, no_overwrite) -> None:
                         [out / split / f'{index:06d}.png'
                          for split, count in counts.items() for index in range(count)])
     written = make_shapes_dataset(out_dir, train, val, size=size, seed=seed,
-                                  show_progress=sys.stderr.isatty())
+                                  show_progress=sys.stderr.isatty(), rotated=rotated)
     for split, path in written.items():
         count = train if split == 'train' else val
         click.echo(f'{split}: {count} images in {path.parent.parent / split}, annotations {path}')
