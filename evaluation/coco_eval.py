@@ -75,9 +75,8 @@ def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: i
     if backend.metadata.task != 'detect':
         raise DetdeployError(
             f"{backend.source}: eval scores COCO boxes, the model's task is "
-            f"'{backend.metadata.task}' (rotated models: DOTA-style mAP is "
-            'detdeploy.evaluation.rotated_eval.rotated_map; its eval command comes with a '
-            'rotated dataset)')
+            f"'{backend.metadata.task}' (rotated models: "
+            'detdeploy.evaluation.rotated_eval.evaluate_rotated, which `detdeploy eval` uses)')
     coco = coco or load_coco(ann_file)
     image_root = Path(image_dir)
     if not image_root.is_dir():

@@ -1,4 +1,6 @@
-"""The training loop behind `detdeploy train`: RTMDet on a COCO-format dataset.
+"""The training loop behind `detdeploy train`: RTMDet on a COCO-format dataset (rotated RTMDet
+on oriented boxes: its data, loss and evaluation come from `training.rotated_data`,
+`models.rotated_rtmdet.loss` and `evaluation.rotated_eval`).
 
 One process, or several under `torchrun` (DDP: gloo on CPU, NCCL on GPU, DistributedSampler;
 only rank 0 evaluates and writes). Each epoch ends with `last.pth` (EMA weights as the
@@ -118,7 +120,12 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
 
-        self.train_set = read_coco(config.train_ann, config.train_images)
+        self.rotated = get_spec(config.model).model_class.task == 'rotated'
+        if self.rotated:
+            from .rotated_data import read_rotated_coco
+            self.train_set = read_rotated_coco(config.train_ann, config.train_images)
+        else:
+            self.train_set = read_coco(config.train_ann, config.train_images)
         if not self.train_set.files:
             raise DetdeployError(f'{config.train_ann} has no images')
         self.class_names = self.train_set.class_names
@@ -135,13 +142,20 @@ class Trainer:
         # channels-last convolutions are about twice as fast on CPU for this network
         self.model.to(self.dist.device, memory_format=torch.channels_last)
         self.ema = ExpMomentumEMA(self.model, momentum=config.ema_momentum)
-        self.loss = RTMDetLoss(self.model.strides)
+        if self.rotated:
+            from detdeploy.models.rotated_rtmdet.loss import RotatedRTMDetLoss
+            self.loss = RotatedRTMDetLoss(self.model.strides)
+        else:
+            self.loss = RTMDetLoss(self.model.strides)
 
         augment = AugmentConfig(img_size=config.img_size, mosaic_prob=config.mosaic_prob,
                                 mixup_prob=config.mixup_prob,
                                 scale_range=tuple(config.scale_range))
-        self.dataset = CocoDetectionDataset(self.train_set, augment, self.spec.preprocessing,
-                                            seed=config.seed)
+        dataset_class = CocoDetectionDataset
+        if self.rotated:
+            from .rotated_data import RotatedDetectionDataset as dataset_class
+        self.dataset = dataset_class(self.train_set, augment, self.spec.preprocessing,
+                                     seed=config.seed)
         per_step = config.batch * self.dist.world_size
         self.iters_per_epoch = len(self.dataset) // per_step
         if self.iters_per_epoch == 0:
@@ -299,6 +313,8 @@ class Trainer:
         detector = LoadedDetector(self.ema.module.eval(), self.spec, self.class_names, 'EMA')
         backend = TorchBackend(detector, nms=detector.spec.nms('eval'),
                                device=str(self.dist.device))
+        if self.rotated:        # AP50, AP75, AP: DOTA-style rotated mAP
+            from detdeploy.evaluation.rotated_eval import evaluate_rotated as evaluate
         result = evaluate(backend, self.config.val_ann, self.config.val_images, batch_size=8)
         return result.metrics
 

@@ -62,7 +62,8 @@ def _check_inputs(out_dir: str, train_ann: str, val_ann: str | None,
 
 @click.command()
 @click.option('--model', 'model_name', default='rtmdet-tiny', show_default=True,
-              help='Registry name: rtmdet-tiny, -s, -m, -l, -x.')
+              help='Registry name: rtmdet-tiny, -s, -m, -l, -x; rotated-rtmdet-tiny, -s, -m, -l '
+              '(on oriented boxes: make-dataset shapes --rotated).')
 @click.option('--train-ann', required=True, type=click.Path(dir_okay=False),
               help='COCO instances JSON of the training set (class names come from it).')
 @click.option('--train-images', required=True, type=click.Path(file_okay=False),
@@ -111,7 +112,9 @@ def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batc
           scale_range, mosaic_prob, mixup_prob, workers, seed, max_iters_per_epoch) -> None:
     """Train a detector the way MMDetection trains RTMDet: dynamic soft-label assignment,
     quality focal + GIoU losses, AdamW with warm-up and flat-then-cosine decay, EMA weights for
-    evaluation and checkpoints."""
+    evaluation and checkpoints. Rotated models train as MMRotate does (rotated IoU in the
+    assigner, rotated IoU loss, le90 angles) on annotations with oriented boxes (`rbox`), and
+    are evaluated with DOTA-style rotated mAP."""
     from detdeploy.models.registry import get_spec
     from detdeploy.training.trainer import TrainConfig, Trainer
 

@@ -34,7 +34,8 @@ class DynamicSoftLabelAssigner:
     def assign(self, cls_logits: torch.Tensor, pred_boxes: torch.Tensor, priors: torch.Tensor,
                gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> Assignment:
         """One image. cls_logits [N, C], pred_boxes [N, 4] xyxy, priors [N, 4] (x, y, stride_x,
-        stride_y), gt_boxes [G, 4] xyxy, gt_labels [G]."""
+        stride_y), gt_boxes [G, 4] xyxy, gt_labels [G] (boxes as the geometry methods below
+        take them)."""
         num_points, num_gt = priors.shape[0], gt_boxes.shape[0]
         gt_index = priors.new_full((num_points,), -1, dtype=torch.long)
         labels = priors.new_full((num_points,), -1, dtype=torch.long)
@@ -42,21 +43,18 @@ class DynamicSoftLabelAssigner:
         if num_gt == 0 or num_points == 0:
             return Assignment(gt_index, labels, ious)
 
-        centres = priors[:, :2]
-        deltas = torch.cat([centres[:, None] - gt_boxes[None, :, :2],
-                            gt_boxes[None, :, 2:] - centres[:, None]], dim=-1)
-        inside = deltas.min(dim=-1).values > 0                          # [N, G]
+        inside = self.points_inside(priors[:, :2], gt_boxes)            # [N, G]
         valid = inside.any(dim=1)
         if not valid.any():
             return Assignment(gt_index, labels, ious)
 
         valid_logits, valid_boxes, valid_priors = cls_logits[valid], pred_boxes[valid], priors[valid]
         num_valid = valid_logits.shape[0]
-        gt_centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+        gt_centres = self.box_centres(gt_boxes)
         distance = ((valid_priors[:, None, :2] - gt_centres[None]).pow(2).sum(-1).sqrt()
                     / valid_priors[:, 2:3])
         soft_center_prior = torch.pow(10, distance - self.soft_center_radius)
-        pair_ious = box_iou(valid_boxes, gt_boxes)                      # [V, G]
+        pair_ious = self.box_ious(valid_boxes, gt_boxes)                # [V, G]
         iou_cost = -torch.log(pair_ious + EPS) * self.iou_weight
         onehot = F.one_hot(gt_labels.long(), cls_logits.shape[-1]).to(cls_logits.dtype)
         logits = valid_logits[:, None, :].expand(num_valid, num_gt, -1)
@@ -72,6 +70,20 @@ class DynamicSoftLabelAssigner:
         labels[valid_index] = gt_labels[matched_gt].long()
         ious[valid_index] = matched_ious
         return Assignment(gt_index, labels, ious)
+
+    # The box geometry (axis-aligned xyxy here; `models.rotated_rtmdet.loss` overrides these
+    # for rotated boxes, as MMRotate's RotatedBoxes and RBboxOverlaps2D do)
+    def points_inside(self, points: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
+        """[N, G]: points [N, 2] strictly inside boxes [G, 4]."""
+        deltas = torch.cat([points[:, None] - gt_boxes[None, :, :2],
+                            gt_boxes[None, :, 2:] - points[:, None]], dim=-1)
+        return deltas.min(dim=-1).values > 0
+
+    def box_centres(self, gt_boxes: torch.Tensor) -> torch.Tensor:
+        return (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+
+    def box_ious(self, boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
+        return box_iou(boxes, gt_boxes)
 
     def _dynamic_k_matching(self, cost: torch.Tensor, pair_ious: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
