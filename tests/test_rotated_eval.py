@@ -77,5 +77,5 @@ def test_coco_eval_refuses_rotated_models(tmp_path):
     class RotatedFile(Backend):
         name = 'fake'
         metadata = fake_metadata(task='rotated')
-    with pytest.raises(DetdeployError, match="task is 'rotated'.*rotated_map"):
+    with pytest.raises(DetdeployError, match="task is 'rotated'.*evaluate_rotated"):
         evaluate(RotatedFile(), tmp_path / 'ann.json', tmp_path)
