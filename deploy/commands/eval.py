@@ -60,6 +60,15 @@ def _not_eval_preset(model: str, metadata) -> str | None:
             'with --nms-preset eval')
 
 
+def _is_rotated(model: str) -> bool:
+    from detdeploy.core.errors import UnknownModelError
+    from detdeploy.models.registry import get_spec
+    try:
+        return get_spec(model).model_class.task == 'rotated'
+    except UnknownModelError:
+        return False            # load_model says what is wrong with the name
+
+
 def headline(results) -> str:
     """The metric --min-ap and the differences use: COCO's AP, or for rotated models AP50 (the
     DOTA mAP at rotated IoU 0.5 that MMRotate reports)."""
@@ -151,6 +160,9 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
         refuse_weight_flags(model, checkpoint, trust_checkpoint)
     limit = apply_max_pixels(max_pixels)
     coco = load_coco(ann_file)
+    if not is_model_file(model) and _is_rotated(model):
+        from detdeploy.core.rotated_coco import rotated_boxes
+        rotated_boxes(coco.dataset, str(ann_file))       # before any model is built
     if json_path:                   # before any model runs
         refuse_overwriting_inputs(
             [('--json', json_path)],
