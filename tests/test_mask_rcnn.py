@@ -312,3 +312,24 @@ def test_onnx_runtime_matches_pytorch_masks_on_a_mixed_batch(exported):
     count = int(single[0][0, 0])
     assert count == int(got[0][1, 0])
     np.testing.assert_allclose(single[4][0, :count], got[4][1, :count], atol=1e-5, rtol=0)
+
+
+def test_parity_pairs_mask_rows_by_detection_box():
+    """`paired_raw_outputs`: mask rows follow the final NMS, so they pair by `mask_rois` (near
+    ties reorder, other NMS settings keep other detections); padding rows never pair."""
+    model = get_spec(NAME).build(num_classes=2)
+    rng = np.random.default_rng(0)
+    boxes = np.concatenate([rng.uniform(0, 50, (5, 2)), rng.uniform(60, 120, (5, 2))], 1)
+    boxes = boxes.astype(np.float32)
+    logits = rng.normal(size=(5, 28, 28)).astype(np.float32)
+    want = {'mask_rois': np.concatenate([boxes, np.zeros((3, 4), np.float32)]),
+            'mask_logits': np.concatenate([logits, np.zeros((3, 28, 28), np.float32)])}
+    order = [1, 0, 2, 3]        # a near tie swapped, the last detection cut by max_det
+    got = {'mask_rois': np.concatenate([boxes[order] + 0.01, np.zeros((4, 4), np.float32)]),
+           'mask_logits': np.concatenate([logits[order], np.ones((4, 28, 28), np.float32)])}
+    got_rows, want_rows, note = model.paired_raw_outputs(got, want)
+    assert 'mask rows compared for the 4 detections both sides kept (of 5)' in note
+    np.testing.assert_array_equal(got_rows['mask_logits'], want_rows['mask_logits'])
+    got['mask_logits'][0] += 1          # a different mask head: still paired, and differs
+    got_rows, want_rows, _ = model.paired_raw_outputs(got, want)
+    assert np.abs(got_rows['mask_logits'] - want_rows['mask_logits']).max() == pytest.approx(1)
