@@ -38,7 +38,7 @@ class DetectorGraph(nn.Module):
         return [*output_names(self.model.task, self.nms_mode), *raw_names]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raw = self.model(images)
+        raw = self.model.forward_for(images, self.nms, self.nms_mode)
         outputs = self.model.postprocess(raw, (images.shape[2], images.shape[3]), self.nms,
                                          self.nms_mode)
         if self.expose_raw:

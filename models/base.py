@@ -71,6 +71,12 @@ class Detector(nn.Module):
         pairs their rows here."""
         return got, want, None
 
+    def forward_for(self, images: torch.Tensor, nms: NMSConfig, nms_mode: str):
+        """`forward` for a graph that ends in `postprocess(..., nms, nms_mode)`. A family whose
+        raw outputs follow the final NMS (Mask R-CNN: its mask head runs on the final
+        detections) runs that NMS here with these settings; others just run `forward`."""
+        return self(images)
+
     def postprocess(self, raw, input_hw: tuple[int, int], nms: NMSConfig, nms_mode: str
                     ) -> tuple[torch.Tensor, ...]:
         """Raw outputs -> the task's outputs for `nms_mode` (`core.tasks.output_schema`), in
@@ -94,7 +100,8 @@ class Detector(nn.Module):
         extent where the family's MMDetection head clamps them (RTMDet: its `Pad` sets
         `img_shape` to the padded size; YOLOv3 does not clamp), and the host clamps them to
         the image after rescaling."""
-        return self.postprocess(self(images), tuple(images.shape[-2:]), nms, nms_mode)
+        return self.postprocess(self.forward_for(images, nms, nms_mode),
+                                tuple(images.shape[-2:]), nms, nms_mode)
 
     def predict(self, images: torch.Tensor, nms: NMSConfig) -> list[Detections]:
         """Detections per image, best first, in network-input pixels (`detect` models)."""

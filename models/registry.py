@@ -11,6 +11,7 @@ from detdeploy.core.errors import UnknownModelError
 
 from .base import Detector, ModelSpec
 from .faster_rcnn import SPECS as FASTER_RCNN_SPECS
+from .mask_rcnn import SPECS as MASK_RCNN_SPECS
 from .retinanet import SPECS as RETINANET_SPECS
 from .rotated_rtmdet import SPECS as ROTATED_RTMDET_SPECS
 from .rtmdet import SPECS as RTMDET_SPECS
@@ -19,6 +20,7 @@ from .yolov3 import SPECS as YOLOV3_SPECS
 MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     *RTMDET_SPECS,
     *FASTER_RCNN_SPECS,
+    *MASK_RCNN_SPECS,
     *RETINANET_SPECS,
     *YOLOV3_SPECS,
     *ROTATED_RTMDET_SPECS,

@@ -56,7 +56,8 @@ def pytorch_model_options(command):
         'mmdet:rtmdet-s-coco, -m-, -l-, -x-coco.'))(command)
     return click.option('--model', 'model_name', help=(
         'Registry name: rtmdet (= rtmdet-tiny, the default), rtmdet-s, -m, -l, -x, '
-        'retinanet-r50, faster-rcnn-r50, faster-rcnn-r101, yolov3-mobilenetv2-320, -416, '
+        'retinanet-r50, faster-rcnn-r50, faster-rcnn-r101, mask-rcnn-r50 (instance masks), '
+        'yolov3-mobilenetv2-320, -416, '
         'rotated-rtmdet-tiny, -s, -m, -l.'))(command)
 
 

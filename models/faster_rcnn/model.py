@@ -89,6 +89,7 @@ class FasterRCNN(Detector):
     family = 'faster_rcnn'
     task = 'detect'
     num_classes_key = 'roi_head.bbox_head.fc_cls.weight'
+    roi_head_class = StandardRoIHead     # Mask R-CNN's adds a mask branch
 
     def __init__(self, depth: int = 50, num_classes: int = 80, rpn_pre_top_k: int = 1000,
                  rpn_iou_thr: float = 0.7, num_proposals: int = 1000):
@@ -96,7 +97,7 @@ class FasterRCNN(Detector):
         self.backbone = ResNet(depth)
         self.neck = FPN(list(self.backbone.out_channels), 256, len(RPN_STRIDES))
         self.rpn_head = RPNHead(256, 256, num_anchors=3)
-        self.roi_head = StandardRoIHead(num_classes, ROI_STRIDES)
+        self.roi_head = self.roi_head_class(num_classes, ROI_STRIDES)
         self.anchor_generator = AnchorGenerator(RPN_STRIDES, ratios=[0.5, 1.0, 2.0], scales=[8])
         self.rpn_pre_top_k = rpn_pre_top_k
         self.rpn_iou_thr = rpn_iou_thr
@@ -116,10 +117,16 @@ class FasterRCNN(Detector):
         return 32     # MMDetection pads to 32; P6 is a max-pool, which takes any size
 
     def forward(self, images: torch.Tensor) -> RawOutputs:
-        feats = self.neck(self.backbone(images))
+        return self.box_stages(self.neck(self.backbone(images)),
+                               (images.shape[2], images.shape[3]))
+
+    def box_stages(self, feats: tuple[torch.Tensor, ...], input_hw: tuple[int, int]
+                   ) -> RawOutputs:
+        """FPN features -> the RPN's and the box head's raw outputs (a subclass adding a
+        branch on the same features, Mask R-CNN, calls this)."""
         rpn = self.rpn_head(feats)
-        proposals = propose(rpn, self.anchor_generator, (images.shape[2], images.shape[3]),
-                            self.rpn_pre_top_k, self.rpn_iou_thr, self.num_proposals)
+        proposals = propose(rpn, self.anchor_generator, input_hw, self.rpn_pre_top_k,
+                            self.rpn_iou_thr, self.num_proposals)
         cls_scores, bbox_preds = self.roi_head(feats, proposals)
         return RawOutputs(rpn.cls_scores, rpn.bbox_preds, proposals, cls_scores, bbox_preds)
 
