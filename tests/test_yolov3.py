@@ -287,3 +287,18 @@ def test_eval_runs_on_the_shapes_val_set(checkpoint, tmp_path, capsys):
     assert code == 0, out
     [result] = json.loads(report.read_text())['results']
     assert result['images'] == 3 and result['detections'] > 0
+
+
+def test_the_exported_file_needs_no_flags_in_parity_infer_and_eval(exports, tmp_path, capsys):
+    """`parity FILE IMAGES`, `infer FILE IMAGES` and `eval FILE --ann --images`: no --model,
+    --checkpoint or size flags; parity finds the weights the file records (sha256 checked)."""
+    make_shapes_dataset(tmp_path, train=0, val=2, size=64, seed=3)
+    path, val = exports['onnx'], tmp_path / 'val'
+    code, out = _run_cli(capsys, 'parity', path, val)
+    assert code == 0 and f'PASS: {path} agrees with PyTorch on 2 images' in out, out
+    assert 'no --checkpoint given, using the one' in out
+    code, out = _run_cli(capsys, 'infer', path, val)
+    assert code == 0 and 'nms: objectness >= 0.005' in out, out
+    code, out = _run_cli(capsys, 'eval', path, '--ann', tmp_path / 'annotations/instances_val.json',
+                         '--images', val)
+    assert code == 0 and 'AP' in out, out
