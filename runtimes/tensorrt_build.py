@@ -19,6 +19,7 @@ from detdeploy import __version__
 from detdeploy.core.errors import DetdeployError
 from detdeploy.core.fileio import atomic_write, file_sha256
 from detdeploy.core.metadata import ModelMetadata
+from detdeploy.core.preprocessing import PreprocessConfig
 
 from .model_file import resolve_onnx_metadata
 from .preprocess import preprocess, read_image
@@ -81,7 +82,7 @@ class BuildPlan:
         batch, hw = self.profile, self.shape_profile
         return ((batch.min, 3, *hw.min), (batch.opt, 3, *hw.opt), (batch.max, 3, *hw.max))
 
-    def calibration_config(self):
+    def calibration_config(self) -> PreprocessConfig:
         """The preprocessing of INT8 calibration images: every image on one canvas, the
         profile's opt size (a calibration batch has one shape); `scale` resizing becomes `fit`
         inside it, so that a portrait image is not cut."""
@@ -139,7 +140,8 @@ def _make_logger(trt):
     return CollectingLogger()
 
 
-def _make_calibrator(trt, cudart, images: tuple[Path, ...], config, batch_size: int):
+def _make_calibrator(trt, cudart, images: tuple[Path, ...], config: PreprocessConfig,
+                     batch_size: int):
     """An entropy calibrator (TensorRT 10's IInt8EntropyCalibrator2) that feeds `images`,
     preprocessed as at inference time but on one canvas (`BuildPlan.calibration_config`), in
     full batches of `batch_size` (the image list is repeated to fill the last batch)."""

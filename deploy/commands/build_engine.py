@@ -53,7 +53,8 @@ def parse_shape(text: str | None, flag: str) -> tuple[int, int] | None:
 @max_pixels_option
 @no_overwrite_option
 def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_batch, max_batch,
-                 min_shape, opt_shape, max_shape, workspace_mb, timing_cache, device_id, max_pixels, no_overwrite) -> None:
+                 min_shape, opt_shape, max_shape, workspace_mb, timing_cache, device_id,
+                 max_pixels, no_overwrite) -> None:
     """Build a TensorRT engine from an ONNX file made by `detdeploy export`.
 
     The engine is a plain TensorRT plan (trtexec and Triton load it); classes, preprocessing and
