@@ -9,7 +9,10 @@ JSON schema (`schema_version` 1), all times in milliseconds per batch:
                 load_average_1_5_15min, gpu, torch_threads, thread_environment, versions},
      "load_average_end": [1, 5, 15 min], "measured_seconds": float,
      "settings": {warmup_rounds, rounds, iters, seconds_per_config, images, schedule, timer},
-     "configs": [{"label", "model", "backend", "device", "batch", "input_shape": [B, 3, H, W],
+     "configs": [{"label", "model", "backend", "device", "batch",
+                  "input_shape": [B, 3, H, W] (the shape fed in most timed rounds),
+                  "input_shapes": [{"shape": [B, 3, H, W], "rounds": int}] (every shape fed:
+                  a model padded to its size divisor gets each batch's own canvas),
                   "providers": [...], "threads": {...}, "precision" (the file's, or what the
                   backend runs, e.g. fp32+bf16), "nms_mode", "nms": {...} | null,
                   "weights", "inference_only_method", "notes": [...],
@@ -83,7 +86,7 @@ def header_lines(result: BenchResult) -> list[str]:
                  f"{settings['rounds']} timed rounds in {result.seconds:.1f} s; "
                  f"{settings['schedule']}")
     for entry in _entries(result.configs):
-        shapes = ', '.join(str(config.input_shape) for config in result.configs
+        shapes = '; '.join(config.describe_input() for config in result.configs
                            if config.entry is entry)
         threads = ', '.join(f'{key} {value}' for key, value in entry.threads.items())
         lines.append(f'{entry.model} {entry.backend.name}/{entry.device}: providers '
@@ -161,6 +164,8 @@ def result_to_json(result: BenchResult) -> dict:
         configs.append({
             'label': config.label, 'model': entry.model, 'backend': entry.backend.name,
             'device': entry.device, 'batch': config.batch, 'input_shape': config.input_shape,
+            'input_shapes': [{'shape': shape, 'rounds': count}
+                             for shape, count in config.input_shapes],
             'providers': entry.providers, 'threads': entry.threads,
             'precision': entry.description.get('precision', entry.backend.metadata.precision),
             'nms_mode': entry.nms_mode, 'nms': entry.nms, 'weights': entry.weights,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -112,10 +113,31 @@ class ConfigResult:
     entry: Entry
     batch: int
     samples_ms: dict[str, list[float]] = field(default_factory=dict)
+    fed_shapes: Counter = field(default_factory=Counter)   # (B, 3, H, W) -> timed rounds
+
+    @property
+    def input_shapes(self) -> list[tuple[list[int], int]]:
+        """The network input shapes actually fed in the timed rounds, most rounds first, with
+        their round counts: one shape for a fixed-size model; for one padded to its size divisor
+        (RetinaNet, Faster R-CNN, YOLOv3) each batch's own canvas, which follows the images."""
+        return [(list(shape), count) for shape, count in
+                sorted(self.fed_shapes.items(), key=lambda item: (-item[1], item[0]))]
 
     @property
     def input_shape(self) -> list[int]:
+        """The shape fed in most rounds (before any round: the model's configured size)."""
+        shapes = self.input_shapes
+        if shapes:
+            return shapes[0][0]
         return [self.batch, 3, *self.entry.backend.preprocess_config.input_size]
+
+    def describe_input(self) -> str:
+        """`1x3x800x1088` or, when rounds fed several shapes, each with its round count."""
+        shapes = self.input_shapes
+        if len(shapes) <= 1:
+            return 'x'.join(map(str, self.input_shape))
+        return ', '.join(f"{'x'.join(map(str, shape))} ({count} rounds)"
+                         for shape, count in shapes)
 
     @property
     def inference_only_key(self) -> str:
@@ -205,8 +227,9 @@ def _batch_images(images: list[np.ndarray], names: list[str], round_index: int, 
 
 
 def time_iteration(entry: Entry, images: list[np.ndarray], names: list[str]
-                   ) -> dict[str, float]:
-    """One timed pass, image arrays in, rescaled detections out; milliseconds per stage."""
+                   ) -> tuple[dict[str, float], tuple[int, ...]]:
+    """One timed pass, image arrays in, rescaled detections out: milliseconds per stage, and
+    the shape of the network input that was fed."""
     clock = time.perf_counter
     backend = entry.backend
     backend.synchronize()
@@ -228,7 +251,7 @@ def time_iteration(entry: Entry, images: list[np.ndarray], names: list[str]
         bound_start = clock()
         binding.run()               # ONNX Runtime returns once the device has finished
         sample[IO_BINDING_KEY] = (clock() - bound_start) * 1e3
-    return sample
+    return sample, tuple(int(side) for side in batch.shape)
 
 
 def config_label(entry: Entry, batch: int) -> str:
@@ -262,8 +285,9 @@ def run_benchmark(entries: list[Entry], batches: tuple[int, ...], images: list[n
                 alternating_schedule(len(configs), seconds=seconds * len(configs)))
     for round_index, index in schedule:
         config = configs[index]
-        sample = time_iteration(config.entry,
-                                *_batch_images(images, names, round_index, config.batch))
+        sample, fed_shape = time_iteration(
+            config.entry, *_batch_images(images, names, round_index, config.batch))
+        config.fed_shapes[fed_shape] += 1
         for key, value in sample.items():
             config.samples_ms.setdefault(key, []).append(value)
         if progress is not None and index == len(configs) - 1:

@@ -128,6 +128,7 @@ class TensorRTBackend(Backend):
                 'device': f'cuda:{self.device_id} ({self.device_name})',
                 'tensorrt_version': build.tensorrt_version, 'precision': build.precision,
                 'batch_profile': build.batch_profile.describe(),
+                'shape_profile': build.hw_profile.describe(),
                 'inputs': [(self.input_name, ['batch', 3, *build.input_hw])],
                 'outputs': [(name, list(self.engine.get_tensor_shape(name)))
                             for name in self.output_names],
@@ -152,10 +153,9 @@ class TensorRTBackend(Backend):
         static batch."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         height, width = batch.shape[2:]
-        if (height, width) != tuple(self.sidecar.build.input_hw):
-            raise DetdeployError(f'input {height}x{width}: this engine was built for '
-                                 f'{self.sidecar.build.input_hw[0]}x'
-                                 f'{self.sidecar.build.input_hw[1]}')
+        problem = self.sidecar.build.hw_profile.problem((height, width))
+        if problem:
+            raise DetdeployError(f'input {height}x{width}: {problem} ({self.path})')
         slot = self._slot()
         return run_in_chunks(batch, self.max_batch, self.static_batch,
                              lambda chunk: slot.execute(np.ascontiguousarray(chunk)))

@@ -1,12 +1,16 @@
 """Build a TensorRT engine from a detdeploy ONNX file with the TensorRT 10 Python API, and write the
 plan (unchanged, loadable by trtexec and Triton) plus its JSON sidecar (`model.engine.json`).
 
+The optimization profile spans batch (`BatchProfile`) and, for files with dynamic height and
+width (the divisor-padded families), every canvas their preprocessing produces
+(`ShapeProfile.for_model`, or --min/--opt/--max-shape).
+
 Imports tensorrt only inside `build_engine`; option checks and metadata need no GPU.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +19,13 @@ from detdeploy import __version__
 from detdeploy.core.errors import DetdeployError
 from detdeploy.core.fileio import atomic_write, file_sha256
 from detdeploy.core.metadata import ModelMetadata
+from detdeploy.core.preprocessing import PreprocessConfig
 
 from .model_file import resolve_onnx_metadata
 from .preprocess import preprocess, read_image
-from .tensorrt_common import (BatchProfile, EngineBuildInfo, EngineSidecar, check_cuda_device,
-                              cuda_call, import_tensorrt, load_cudart, sha256_bytes, tensorrt_major,
-                              write_sidecar)
+from .tensorrt_common import (BatchProfile, EngineBuildInfo, EngineSidecar, ShapeProfile,
+                              check_cuda_device, cuda_call, import_tensorrt, load_cudart,
+                              sha256_bytes, tensorrt_major, write_sidecar)
 
 PRECISIONS = ('fp32', 'fp16', 'int8', 'int8+fp16')
 DEFAULT_CALIBRATION_BATCH = 8
@@ -34,6 +39,9 @@ class BuildOptions:
     min_batch: int | None = None
     opt_batch: int | None = None
     max_batch: int | None = None
+    min_shape: tuple[int, int] | None = None      # H/W profile (dynamic-shape files only)
+    opt_shape: tuple[int, int] | None = None
+    max_shape: tuple[int, int] | None = None
     workspace_mb: int | None = None               # None: TensorRT's default (the GPU's memory)
     timing_cache: str | Path | None = None        # loaded if present, saved after the build
     device_id: int = 0
@@ -64,8 +72,25 @@ class BuildPlan:
     """What will be built, worked out before TensorRT is touched (so it is testable anywhere)."""
     metadata: ModelMetadata
     profile: BatchProfile
-    input_hw: tuple[int, int]
+    input_hw: tuple[int, int]               # the profile's opt height and width
     calibration_batch: int | None
+    shape_profile: ShapeProfile
+
+    def input_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """min, opt and max of the input tensor, (batch, 3, height, width) each: what
+        `IOptimizationProfile.set_shape` takes."""
+        batch, hw = self.profile, self.shape_profile
+        return ((batch.min, 3, *hw.min), (batch.opt, 3, *hw.opt), (batch.max, 3, *hw.max))
+
+    def calibration_config(self) -> PreprocessConfig:
+        """The preprocessing of INT8 calibration images: every image on one canvas, the
+        profile's opt size (a calibration batch has one shape); `scale` resizing becomes `fit`
+        inside it, so that a portrait image is not cut."""
+        config = self.metadata.preprocess
+        if self.shape_profile.static and config.pad == 'fixed':
+            return config
+        return replace(config, input_size=tuple(self.shape_profile.opt), pad='fixed',
+                       resize='fit' if config.resize == 'scale' else config.resize)
 
 
 def plan_build(onnx_path: str | Path, options: BuildOptions) -> BuildPlan:
@@ -85,12 +110,15 @@ def plan_build(onnx_path: str | Path, options: BuildOptions) -> BuildPlan:
         raise DetdeployError(f'--workspace {options.workspace_mb}: give megabytes, at least 1')
     profile = BatchProfile.for_model(metadata, options.min_batch, options.opt_batch,
                                      options.max_batch, source=str(onnx_path))
+    shape_profile = ShapeProfile.for_model(metadata, options.min_shape, options.opt_shape,
+                                           options.max_shape, source=str(onnx_path))
     calibration_batch = None
     if options.int8:
         calibration_batch = (metadata.batch if metadata.batch is not None else
                              max(profile.min, min(DEFAULT_CALIBRATION_BATCH, profile.max,
                                                   len(options.calibration_images))))
-    return BuildPlan(metadata, profile, tuple(metadata.preprocess.input_size), calibration_batch)
+    return BuildPlan(metadata, profile, tuple(shape_profile.opt), calibration_batch,
+                     shape_profile)
 
 
 def _make_logger(trt):
@@ -112,12 +140,11 @@ def _make_logger(trt):
     return CollectingLogger()
 
 
-def _make_calibrator(trt, cudart, images: tuple[Path, ...], metadata: ModelMetadata,
+def _make_calibrator(trt, cudart, images: tuple[Path, ...], config: PreprocessConfig,
                      batch_size: int):
     """An entropy calibrator (TensorRT 10's IInt8EntropyCalibrator2) that feeds `images`,
-    preprocessed exactly as at inference time, in full batches of `batch_size` (the image list
-    is repeated to fill the last batch)."""
-    config = metadata.preprocess
+    preprocessed as at inference time but on one canvas (`BuildPlan.calibration_config`), in
+    full batches of `batch_size` (the image list is repeated to fill the last batch)."""
     height, width = config.input_size
     batch_bytes = batch_size * 3 * height * width * np.dtype(np.float32).itemsize
     count = -(-len(images) // batch_size) * batch_size
@@ -194,20 +221,19 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
     config = builder.create_builder_config()
     if options.workspace_mb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
-    height, width = plan.input_hw
     profile = builder.create_optimization_profile()
-    profile.set_shape(input_name, (plan.profile.min, 3, height, width),
-                      (plan.profile.opt, 3, height, width), (plan.profile.max, 3, height, width))
+    profile.set_shape(input_name, *plan.input_shapes())
     config.add_optimization_profile(profile)
     if options.fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     calibrator = None
     if options.int8:
         config.set_flag(trt.BuilderFlag.INT8)
-        calibrator = _make_calibrator(trt, cudart, options.calibration_images, plan.metadata,
-                                      plan.calibration_batch)
+        calibration_config = plan.calibration_config()
+        calibrator = _make_calibrator(trt, cudart, options.calibration_images,
+                                      calibration_config, plan.calibration_batch)
         config.int8_calibrator = calibrator
-        calibration_shape = (plan.calibration_batch, 3, height, width)
+        calibration_shape = (plan.calibration_batch, 3, *calibration_config.input_size)
         calibration_profile = builder.create_optimization_profile()
         calibration_profile.set_shape(input_name, calibration_shape, calibration_shape,
                                       calibration_shape)
@@ -250,7 +276,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
         device_name=device_name, source_onnx=str(onnx_path),
         source_onnx_sha256=file_sha256(onnx_path), workspace_mb=options.workspace_mb,
         calibration_images=len(options.calibration_images) if options.int8 else None,
-        detdeploy_version=__version__)
+        detdeploy_version=__version__, shape_profile=plan.shape_profile)
     sidecar = EngineSidecar(plan.metadata, build, sha256_bytes(plan_bytes))
     written = write_sidecar(engine_path, sidecar, overwrite=options.overwrite)
     return BuildReport(engine_path, written, len(plan_bytes), time.perf_counter() - started,

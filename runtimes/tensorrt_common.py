@@ -1,5 +1,6 @@
 """What the TensorRT builder and backend share that needs neither TensorRT nor a GPU: the lazy
-`tensorrt` and CUDA imports with one-line errors, the batch profile, the engine's JSON sidecar.
+`tensorrt` and CUDA imports with one-line errors, the batch and height/width profiles, the
+engine's JSON sidecar.
 
 Nothing here imports tensorrt or CUDA at module import time, so it is tested on CPU-only machines.
 """
@@ -13,11 +14,13 @@ from pathlib import Path
 from detdeploy.core.errors import DetdeployError
 from detdeploy.core.fileio import atomic_write
 from detdeploy.core.metadata import ModelMetadata
+from detdeploy.core.preprocessing import check_input_size
 
 INSTALL_HINT = "pip install 'detdeploy[tensorrt]' on a machine with an NVIDIA GPU"
 SIDECAR_FORMAT = 'detdeploy-engine'
 SIDECAR_VERSION = 1
 DEFAULT_MAX_BATCH = 8
+MAX_PROFILE_SIDE = 4096         # the exporter's largest dynamic side (export.exporter)
 
 
 class TensorRTUnavailable(DetdeployError):
@@ -141,6 +144,115 @@ class BatchProfile:
         return f'min {self.min}, opt {self.opt}, max {self.max}'
 
 
+def _round_up(side: int, divisor: int) -> int:
+    return -(-side // divisor) * divisor
+
+
+def _hw_text(hw) -> str:
+    return f'{hw[0]}x{hw[1]}'
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """The network input heights and widths an engine accepts (the H/W part of TensorRT's
+    optimization profile): every side a multiple of `divisor` between `min` and `max`, kernels
+    tuned for `opt`. A file with a fixed input has min == opt == max."""
+    min: tuple[int, int]
+    opt: tuple[int, int]
+    max: tuple[int, int]
+    divisor: int = 1
+
+    @property
+    def static(self) -> bool:
+        return self.min == self.max
+
+    def problem(self, hw) -> str | None:
+        """Why an input of `hw` (height, width) does not fit, or None."""
+        height, width = hw
+        if self.static:
+            return None if (height, width) == self.max else \
+                f'this engine was built for {_hw_text(self.max)} only'
+        if height % self.divisor or width % self.divisor:
+            return f'sides must be multiples of {self.divisor}'
+        if not (self.min[0] <= height <= self.max[0] and self.min[1] <= width <= self.max[1]):
+            return (f'outside the engine\'s profile (min {_hw_text(self.min)}, max '
+                    f'{_hw_text(self.max)}); rebuild with a larger --max-shape')
+        return None
+
+    def describe(self) -> str:
+        if self.static:
+            return f'fixed {_hw_text(self.max)}'
+        return (f'min {_hw_text(self.min)}, opt {_hw_text(self.opt)}, max {_hw_text(self.max)} '
+                f'(multiples of {self.divisor})')
+
+    def to_dict(self) -> dict:
+        return {'min': list(self.min), 'opt': list(self.opt), 'max': list(self.max),
+                'divisor': self.divisor}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> 'ShapeProfile':
+        return cls(tuple(values['min']), tuple(values['opt']), tuple(values['max']),
+                   int(values.get('divisor', 1)))
+
+    @classmethod
+    def for_model(cls, metadata: ModelMetadata, min_hw: tuple[int, int] | None = None,
+                  opt_hw: tuple[int, int] | None = None, max_hw: tuple[int, int] | None = None,
+                  source: str = 'the model') -> 'ShapeProfile':
+        """The H/W profile for a file, from its metadata unless flags give sides.
+
+        - Fixed height and width: that size only; flags cannot differ from it.
+        - Padded to a multiple of its size divisor (RetinaNet, Faster R-CNN, YOLOv3): every
+          canvas the preprocessing can produce. opt is the input size rounded up to the
+          divisor (800x1344 for the (1333, 800) scale, 320x320 for YOLOv3-320); max covers
+          every orientation: for `scale` resizing the long side rounded up on both sides
+          (1344x1344), for `fit` the input size rounded up; min is one divisor per side (a
+          very long thin image).
+        - A dynamic-shape file padded to a fixed size: that size unless flags widen it.
+        """
+        config = metadata.preprocess
+        divisor = config.size_divisor
+        given = {'--min-shape': min_hw, '--opt-shape': opt_hw, '--max-shape': max_hw}
+        if not metadata.dynamic_shape:
+            fixed = tuple(config.input_size)
+            differing = [flag for flag, hw in given.items()
+                         if hw is not None and tuple(hw) != fixed]
+            if differing:
+                raise DetdeployError(
+                    f'{source} has a fixed input of {_hw_text(fixed)}, so {", ".join(differing)} '
+                    'cannot differ from it; export with --dynamic-shape for a range of sizes')
+            return cls(fixed, fixed, fixed, divisor)
+        for flag, hw in given.items():
+            if hw is not None:
+                check_input_size(tuple(hw), divisor, flag)
+                if max(hw) > MAX_PROFILE_SIDE:
+                    raise DetdeployError(f'{flag} {_hw_text(hw)}: the exported graph takes '
+                                         f'sides up to {MAX_PROFILE_SIDE}')
+        natural = tuple(_round_up(side, divisor) for side in config.input_size)
+        if config.pad == 'divisor' and config.resize == 'scale':
+            longest = _round_up(max(config.input_size), divisor)
+            default_max, default_min = (longest, longest), (divisor, divisor)
+        elif config.pad == 'divisor' and config.resize == 'fit':
+            default_max, default_min = natural, (divisor, divisor)
+        else:                   # a fixed canvas, or a stretch to the input size
+            default_max = default_min = natural
+        low = tuple(min_hw) if min_hw is not None else default_min
+        high = tuple(max_hw) if max_hw is not None else default_max
+        if opt_hw is not None:
+            opt = tuple(opt_hw)
+        else:                   # the natural size, moved inside a range the flags narrowed
+            opt = tuple(min(max(n, lo), hi) for n, lo, hi in zip(natural, low, high))
+        if max_hw is None:      # a larger --opt/--min-shape widens the default maximum
+            high = tuple(max(h, o, lo) for h, o, lo in zip(high, opt, low))
+        if min_hw is None:
+            low = tuple(min(lo, o, h) for lo, o, h in zip(low, opt, high))
+        for side in (0, 1):
+            if not low[side] <= opt[side] <= high[side]:
+                raise DetdeployError(
+                    f'--opt-shape {_hw_text(opt)} must lie between --min-shape {_hw_text(low)} '
+                    f'and --max-shape {_hw_text(high)} on each side')
+        return cls(low, opt, high, divisor)
+
+
 @dataclass(frozen=True)
 class EngineBuildInfo:
     """How an engine was built; stored in its sidecar."""
@@ -156,11 +268,19 @@ class EngineBuildInfo:
     workspace_mb: int | None
     calibration_images: int | None
     detdeploy_version: str
+    # H/W range; None (sidecars written before profiles over H/W): input_hw only
+    shape_profile: ShapeProfile | None = None
+
+    @property
+    def hw_profile(self) -> ShapeProfile:
+        return self.shape_profile or ShapeProfile(*(tuple(self.input_hw),) * 3)
 
     def to_dict(self) -> dict:
         values = asdict(self)
         values['input_hw'] = list(self.input_hw)
         values['output_names'] = list(self.output_names)
+        values['shape_profile'] = (None if self.shape_profile is None
+                                   else self.shape_profile.to_dict())
         return values
 
     @classmethod
@@ -169,6 +289,8 @@ class EngineBuildInfo:
         values['batch_profile'] = BatchProfile(**values['batch_profile'])
         values['input_hw'] = tuple(values['input_hw'])
         values['output_names'] = tuple(values['output_names'])
+        if values.get('shape_profile') is not None:
+            values['shape_profile'] = ShapeProfile.from_dict(values['shape_profile'])
         return cls(**values)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from detdeploy.core.errors import DetdeployError, OutputError
-from detdeploy.core.fileio import atomic_write, make_output_dir
+from detdeploy.core.fileio import atomic_write, make_output_dir, refuse_overwriting_inputs
 from detdeploy.core.metadata import ModelMetadata
 from detdeploy.runtimes.open import backend_for_file
 from detdeploy.runtimes.preprocess import DEFAULT_MAX_PIXELS
@@ -115,7 +115,8 @@ def _engine_signature(path: Path, max_batch: int | None) -> tuple[ModelSignature
     if max_batch is not None and max_batch > profile.max:
         raise DetdeployError(f'--max-batch {max_batch} is above the engine profile\'s maximum '
                              f'{profile.max} ({path})')
-    height, width = build.input_hw
+    shapes = build.hw_profile          # a side the profile lets vary is -1 for Triton
+    height, width = (lo if lo == hi else -1 for lo, hi in zip(shapes.min, shapes.max))
     max_det = metadata.nms.max_det if metadata.nms else -1
     sizes = {'B': None, 'K': max_det, '1': 1, '4': 4, '5': 5}
     outputs = tuple(TensorSpec(name, TRITON_TYPES[f.dtype],
@@ -286,6 +287,25 @@ def write_repository(models: list[TritonModel], repository: str | Path,
     return written
 
 
+def _outputs(models: list[TritonModel], repository: Path) -> list[tuple[str, Path]]:
+    """Every file `write_repository` will write, as (-o, path) pairs."""
+    return [('-o', path) for model in models for path in
+             [repository / model.name / 'config.pbtxt',
+              *(repository / model.name / '1' / filename for filename in model.files)]]
+
+
+def _inputs(model_path: str | Path, models: list[TritonModel]) -> list[tuple[str, Path]]:
+    """The files the repository is made from: MODEL, an engine's sidecar, and every file
+    copied into it."""
+    from detdeploy.runtimes.tensorrt_common import sidecar_path
+    inputs = [('MODEL', Path(model_path))]
+    if Path(model_path).suffix != '.onnx':
+        inputs.append(('MODEL (its sidecar)', sidecar_path(model_path)))
+    inputs += [('MODEL', source) for model in models for source in model.files.values()
+               if isinstance(source, Path)]
+    return inputs
+
+
 def _write_text(path: Path, text: str) -> Path:
     with atomic_write(path, 'w') as handle:
         handle.write(text)
@@ -331,6 +351,7 @@ def export_triton(model_path: str | Path, repository: str | Path, name: str | No
     `write_repository`."""
     name = name or Path(model_path).stem.replace('.', '_')
     models, batch = plan_repository(model_path, name, max_batch, queue_delay_us, max_pixels)
+    refuse_overwriting_inputs(_outputs(models, Path(repository)), _inputs(model_path, models))
     pb2 = model_config_module()
     if pb2 is not None:
         for model in models:

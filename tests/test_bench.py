@@ -165,6 +165,31 @@ def test_run_benchmark_alternates_and_records_every_stage():
     assert f'NMS in graph (onnx): {NMSConfig().describe()};' in report
 
 
+class PaddedOutputBackend(FixedOutputBackend):
+    """As FixedOutputBackend, for a model padded to a multiple of 32 (RetinaNet, YOLOv3):
+    each batch's network input is its own canvas."""
+    metadata = FAKE_METADATA.__class__(**{**FAKE_METADATA.__dict__, 'preprocess': PreprocessConfig(
+        input_size=(64, 64), resize='fit', pad='divisor', size_divisor=32)})
+
+
+def test_the_input_label_is_what_was_fed():
+    """Not the resize scale: the padded shapes that ran, with their round counts."""
+    calls = []
+    entry = Entry('P', PaddedOutputBackend('P', calls))
+    images = [np.zeros((32, 64, 3), np.uint8), np.zeros((64, 32, 3), np.uint8)]
+    result = run_benchmark([entry], (1, 2), images, ['x', 'y'], 'test', warmup=1, iters=3)
+    single, pair = result.configs
+    assert single.input_shapes == [([1, 3, 32, 64], 2), ([1, 3, 64, 32], 1)]
+    assert single.input_shape == [1, 3, 32, 64]
+    assert pair.input_shapes == [([2, 3, 64, 64], 3)]       # each batch padded to its largest
+    assert 'input 1x3x32x64 (2 rounds), 1x3x64x32 (1 rounds); 2x3x64x64; NMS' in format_report(
+        result)
+    record = json.loads(json.dumps(result_to_json(result)))
+    assert record['configs'][0]['input_shapes'] == [{'shape': [1, 3, 32, 64], 'rounds': 2},
+                                                    {'shape': [1, 3, 64, 32], 'rounds': 1}]
+    assert record['configs'][1]['input_shape'] == [2, 3, 64, 64]
+
+
 def test_json_schema_on_a_fake_run():
     fake = FixedOutputEntries()
     result = run_benchmark([fake.make('A'), fake.make('B', gpu=True)], (1,),
@@ -228,6 +253,7 @@ def test_cli_run_on_onnx_and_torch(cli_run, tiny_onnx):
                                                             ('torch', 1), ('torch', 2)]
     assert configs[0]['model'] == tiny_onnx[0].name and configs[2]['model'] == 'rtmdet-tiny'
     assert configs[1]['input_shape'] == [2, 3, 320, 320]
+    assert configs[1]['input_shapes'] == [{'shape': [2, 3, 320, 320], 'rounds': 2}]
     assert configs[0]['providers'] == ['CPUExecutionProvider']
     assert configs[0]['nms'] == configs[2]['nms'] == {'score_thr': 0.05, 'pre_top_k': 1000,
                                                       'iou_thr': 0.65, 'max_det': 100}

@@ -353,3 +353,23 @@ def test_eval_runs_on_the_shapes_val_set(exported, tmp_path, capsys):
     result = json.loads(report.read_text())['results'][0]
     assert result['images'] == 3
     assert 0 <= result['metrics']['AP'] < 0.05          # synthetic weights detect nothing
+
+
+def test_the_exported_file_needs_no_flags_in_parity_infer_and_eval(exported, tmp_path, capsys):
+    """`parity FILE`, `infer FILE IMAGES` and `eval FILE --ann --images`: no --model,
+    --checkpoint or size flags; parity finds the weights the file records (sha256 checked).
+
+    Parity runs on a generated image: on the shapes images (flat colour areas, many near-tied
+    RPN scores) the detections agree but ~0.5 % of the proposal rows find no partner within
+    0.1 px and the raw comparison fails (a known limit of the row pairing, in the README)."""
+    path = exported[2]
+    make_shapes_dataset(tmp_path, train=0, val=2, size=96, seed=3)
+    val = tmp_path / 'val'
+    code, out, err = _run_cli(capsys, 'parity', path, '--random', '1')
+    assert code == 0 and f'PASS: {path} agrees with PyTorch on 1 image' in out, out + err
+    assert 'no --checkpoint given, using the one' in err and 'proposals both sides kept' in out
+    code, out, err = _run_cli(capsys, 'infer', path, val)
+    assert code == 0 and out.startswith('nms: score > 0.05'), out + err
+    code, out, err = _run_cli(capsys, 'eval', path, '--ann',
+                              tmp_path / 'annotations/instances_val.json', '--images', val)
+    assert code == 0 and 'AP' in out, out + err

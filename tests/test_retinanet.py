@@ -300,3 +300,15 @@ def test_eval_runs_on_shapes_val(exported, tmp_path, capsys):
     assert 'random weights' in err
     [result] = json.loads(report.read_text())['results']
     assert result['images'] == 1 and 0 <= result['metrics']['AP'] <= 0.05
+
+
+def test_the_exported_file_needs_no_flags_in_parity_and_infer(exported, image_dir, capsys):
+    """`parity FILE IMAGES` and `infer FILE IMAGES`: no --model, --checkpoint or size flags;
+    parity finds the weights the file records (sha256 checked). (`eval` of a file is the same
+    code as for YOLOv3 and Faster R-CNN; this file has COCO's 80 classes, not the shapes'.)"""
+    path = exported[1]['onnx'][0]
+    code, out, err = run_cli(capsys, 'parity', path, image_dir)
+    assert code == 0 and f'PASS: {path} agrees with PyTorch on 3 images' in out, out + err
+    assert 'no --checkpoint given, using the one' in err
+    code, out, err = run_cli(capsys, 'infer', path, image_dir)
+    assert code == 0 and out.startswith('nms: score > 0.05'), out + err

@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_detections_agree, make_image
+from conftest import assert_detections_agree, fake_metadata, make_image
 from detdeploy.core.errors import DetdeployError
 from detdeploy.models.rtmdet import DEPLOY_NMS
 from detdeploy.runtimes.backend import run_in_chunks
 from detdeploy.runtimes.model_file import read_onnx_metadata
 from detdeploy.runtimes.tensorrt_build import BuildOptions, build_engine, plan_build
 from detdeploy.runtimes.tensorrt_common import (BatchProfile, EngineBuildInfo, EngineSidecar,
-                                                TensorRTUnavailable, check_engine_matches,
-                                                import_tensorrt, read_sidecar,
-                                                sha256_bytes, sidecar_path, write_sidecar)
+                                                ShapeProfile, TensorRTUnavailable,
+                                                check_engine_matches, import_tensorrt,
+                                                read_sidecar, sha256_bytes, sidecar_path,
+                                                write_sidecar)
 
 DETDEPLOY = str(Path(sys.executable).parent / 'detdeploy')
 HAVE_TENSORRT = importlib.util.find_spec('tensorrt') is not None
@@ -152,6 +153,117 @@ def test_plan_build_checks_options(tiny_onnx, image_dir):
         plan_build(tiny_onnx[0], BuildOptions(int8=True))
     with pytest.raises(DetdeployError, match='--calib-images is only used with --int8'):
         plan_build(tiny_onnx[0], BuildOptions(calibration_images=images))
+
+
+# --- height/width profile of divisor-padded files (RetinaNet, Faster R-CNN, YOLOv3) ----------
+
+def _padded_family_metadata(name: str):
+    """A registry family's file metadata as `export` writes it: dynamic batch and shape."""
+    from detdeploy.models.registry import get_spec
+    return fake_metadata(arch=name, preprocess=get_spec(name).preprocessing, dynamic_shape=True)
+
+
+def _canvases(config, image_sizes):
+    """The network input each image gets, by the host's own preprocessing rule."""
+    return [config.canvas_size(config.resized_size(hw)) for hw in image_sizes]
+
+
+IMAGE_SIZES_HW = [(480, 640), (640, 480), (427, 640), (1, 2000), (2000, 1), (5000, 30), (30, 5000),
+                  (800, 1333), (1333, 800), (1000, 1000), (64, 64), (3000, 4000), (333, 500)]
+
+
+@pytest.mark.parametrize('name, opt, largest', [
+    ('retinanet-r50', (800, 1344), (1344, 1344)),        # scale (1333, 800), either orientation
+    ('faster-rcnn-r101', (800, 1344), (1344, 1344)),
+    ('yolov3-mobilenetv2-320', (320, 320), (320, 320)),   # fit inside 320x320
+    ('yolov3-mobilenetv2-416', (416, 416), (416, 416))])
+def test_shape_profile_spans_every_canvas_the_preprocessing_makes(name, opt, largest):
+    metadata = _padded_family_metadata(name)
+    profile = ShapeProfile.for_model(metadata)
+    assert profile == ShapeProfile((32, 32), opt, largest, 32)
+    canvases = _canvases(metadata.preprocess, IMAGE_SIZES_HW + [
+        tuple(int(v) for v in np.random.default_rng(seed).integers(1, 6000, 2))
+        for seed in range(200)])
+    for canvas in canvases:
+        assert profile.problem(canvas) is None, canvas
+    # the range is no wider than needed: each side's maximum and minimum is some image's canvas
+    for side in (0, 1):
+        assert max(c[side] for c in canvases) == largest[side]
+        assert min(c[side] for c in canvases) == 32
+
+
+def test_shape_profile_flags_and_refusals():
+    retinanet = _padded_family_metadata('retinanet-r50')
+    assert ShapeProfile.for_model(retinanet, max_hw=(640, 640)) == ShapeProfile(
+        (32, 32), (640, 640), (640, 640), 32)            # opt moved inside the narrower range
+    assert ShapeProfile.for_model(retinanet, min_hw=(800, 800), opt_hw=(800, 1088)) == \
+        ShapeProfile((800, 800), (800, 1088), (1344, 1344), 32)
+    assert ShapeProfile.for_model(retinanet, opt_hw=(1600, 1600)).max == (1600, 1600)
+    with pytest.raises(DetdeployError, match='--min-shape 100x100: both sides must be positive '
+                       'multiples of 32'):
+        ShapeProfile.for_model(retinanet, min_hw=(100, 100))
+    with pytest.raises(DetdeployError, match='--opt-shape 800x1344 must lie between --min-shape '
+                       '32x32 and --max-shape 800x800'):
+        ShapeProfile.for_model(retinanet, opt_hw=(800, 1344), max_hw=(800, 800))
+    with pytest.raises(DetdeployError, match='sides up to 4096'):
+        ShapeProfile.for_model(retinanet, max_hw=(4128, 32))
+    fixed = fake_metadata(input_hw=(320, 320))           # rtmdet: one size, no dynamic shape
+    assert ShapeProfile.for_model(fixed) == ShapeProfile((320, 320), (320, 320), (320, 320), 32)
+    assert ShapeProfile.for_model(fixed, max_hw=(320, 320)).static
+    with pytest.raises(DetdeployError, match='fixed input of 320x320, so --max-shape cannot '
+                       'differ from it; export with --dynamic-shape'):
+        ShapeProfile.for_model(fixed, max_hw=(640, 640))
+    # a --dynamic-shape export padded to a fixed size: that size, unless the flags widen it
+    widened = fake_metadata(input_hw=(320, 320), dynamic_shape=True)
+    assert ShapeProfile.for_model(widened).static
+    assert ShapeProfile.for_model(widened, max_hw=(640, 640)) == ShapeProfile(
+        (320, 320), (320, 320), (640, 640), 32)
+
+
+def test_shape_profile_checks_inputs_at_run_time():
+    profile = ShapeProfile((32, 32), (800, 1344), (1344, 1344), 32)
+    assert profile.problem((800, 1088)) is None and profile.problem((1344, 32)) is None
+    assert profile.problem((800, 1090)) == 'sides must be multiples of 32'
+    assert 'outside the engine\'s profile (min 32x32, max 1344x1344)' in profile.problem(
+        (1376, 800))
+    assert ShapeProfile(*((320, 320),) * 3).problem((320, 352)) == \
+        'this engine was built for 320x320 only'
+    assert profile.describe() == 'min 32x32, opt 800x1344, max 1344x1344 (multiples of 32)'
+
+
+def test_build_plan_sets_the_hw_profile_and_calibrates_on_one_canvas(tiny_onnx, monkeypatch):
+    """What `build_engine` hands to IOptimizationProfile.set_shape, for a divisor-padded file
+    (its metadata stands in for an exported RetinaNet: the plan reads nothing else of it)."""
+    import detdeploy.runtimes.tensorrt_build as tensorrt_build
+    metadata = _padded_family_metadata('retinanet-r50')
+    monkeypatch.setattr(tensorrt_build, 'resolve_onnx_metadata', lambda path: metadata)
+    plan = plan_build(tiny_onnx[0], BuildOptions(max_batch=2))
+    assert plan.input_shapes() == ((1, 3, 32, 32), (1, 3, 800, 1344), (2, 3, 1344, 1344))
+    assert plan.input_hw == (800, 1344)
+    calibration = plan.calibration_config()        # one shape for every calibration batch
+    assert (calibration.input_size, calibration.pad, calibration.resize) == (
+        (800, 1344), 'fixed', 'fit')
+    for hw in IMAGE_SIZES_HW:
+        assert _canvases(calibration, [hw]) == [(800, 1344)]
+    monkeypatch.undo()
+    fixed = plan_build(tiny_onnx[0], BuildOptions())
+    assert fixed.input_shapes() == ((1, 3, 320, 320), (1, 3, 320, 320), (8, 3, 320, 320))
+    assert fixed.calibration_config() == fixed.metadata.preprocess
+
+
+def test_sidecar_keeps_the_hw_profile_and_reads_older_sidecars(tiny_onnx, tmp_path):
+    metadata = _padded_family_metadata('yolov3-mobilenetv2-320')
+    sidecar = fake_sidecar(metadata)
+    profile = ShapeProfile((32, 32), (320, 320), (320, 320), 32)
+    with_profile = EngineSidecar(metadata, sidecar.build.__class__(
+        **{**sidecar.build.__dict__, 'shape_profile': profile}), sidecar.engine_sha256)
+    engine = tmp_path / 'yolo.engine'
+    write_sidecar(engine, with_profile)
+    assert read_sidecar(engine).build.hw_profile == profile
+    older = json.loads(sidecar_path(engine).read_text())
+    del older['build']['shape_profile']                # written before H/W profiles
+    sidecar_path(engine).write_text(json.dumps(older))
+    assert read_sidecar(engine).build.hw_profile == ShapeProfile(*((320, 320),) * 3)
 
 
 def test_batches_above_the_profile_are_split_and_static_batches_padded():

@@ -234,3 +234,52 @@ def test_batch_rules_and_refusals():
 def test_existing_model_folders_are_refused(repository, tiny_onnx):
     with pytest.raises(DetdeployError, match='model folder rtmdet_preprocess exists'):
         export_triton(tiny_onnx[0], repository, name='rtmdet')
+
+
+def test_outputs_never_overwrite_the_model_they_are_made_from(tiny_onnx, tmp_path):
+    """The shared rule (`core.fileio.refuse_overwriting_inputs`), also with --overwrite: a model
+    file kept where the repository's copy of it goes, reached by another spelling of the path
+    or a symlink, is refused before anything is written."""
+    import shutil
+    from detdeploy.core.errors import OutputError
+    repo = tmp_path / 'repo'
+    version = repo / 'det_model' / '1'
+    version.mkdir(parents=True)
+    inside = version / 'model.onnx'
+    shutil.copyfile(tiny_onnx[0], inside)
+    before = inside.read_bytes()
+    with pytest.raises(OutputError, match=r'-o .*det_model/1/model.onnx would overwrite the '
+                       'input MODEL'):
+        export_triton(inside, repo, name='det', overwrite=True)
+    link = tmp_path / 'link.onnx'
+    link.symlink_to(inside)
+    with pytest.raises(OutputError, match='would overwrite the input MODEL'):
+        export_triton(tmp_path / 'repo' / '..' / 'link.onnx', repo, name='det', overwrite=True)
+    assert inside.read_bytes() == before
+    assert sorted(p.name for p in repo.iterdir()) == ['det_model']      # nothing written
+    done = subprocess.run([DETDEPLOY, 'export-triton', str(inside), '-o', str(repo), '--name',
+                           'det', '--overwrite'], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and 'Traceback' not in done.stderr
+    assert done.stderr.count('\n') == 1 and 'would overwrite the input MODEL' in done.stderr
+    # the same files under another name are a new repository: allowed
+    report = export_triton(inside, repo, name='other')
+    assert report.models[1] == 'other_model' and inside.read_bytes() == before
+
+
+def test_engine_with_a_height_width_profile_has_dynamic_dims(tmp_path):
+    """An engine built over a range of heights and widths (divisor-padded families) declares
+    those dims -1 to Triton; a fixed side keeps its size."""
+    from detdeploy.runtimes.tensorrt_common import (BatchProfile, EngineBuildInfo,
+                                                    EngineSidecar, ShapeProfile, write_sidecar)
+    engine = tmp_path / 'y.engine'
+    engine.write_bytes(b'plan bytes')
+    metadata = fake_metadata(input_hw=(320, 320), nms_mode='trt', dynamic_shape=True)
+    for profile, dims in ((ShapeProfile((32, 32), (320, 320), (320, 320), 32), [3, -1, -1]),
+                          (ShapeProfile((320, 32), (320, 320), (320, 640), 32), [3, 320, -1])):
+        build = EngineBuildInfo('fp32', BatchProfile(1, 1, 8), profile.opt, 'images',
+                                ('num_dets', 'boxes', 'scores', 'labels'), '10.9', 'gpu',
+                                'y.onnx', '0' * 64, None, None, '0.1.0', shape_profile=profile)
+        write_sidecar(engine, EngineSidecar(metadata, build, '0' * 64))
+        models, _ = plan_repository(engine, 'y')
+        net = parse_config(models[1].config, models[1].name, model_config_module())
+        assert list(net.input[0].dims) == dims

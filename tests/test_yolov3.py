@@ -126,6 +126,38 @@ def test_same_final_detections_as_mmdetection(mmdet_reference):
                                atol=1e-2, rtol=0)
 
 
+def test_saved_checkpoint_loaded_strictly_by_mmdetection_predicted_the_same(mmdet_reference):
+    """Recorded by the reference tool: our `save_checkpoint` file, loaded by mmengine's
+    load_checkpoint(strict=True) into a fresh MMDetection model, predicts what the weights copied
+    in memory predict, and what we predict."""
+    check = mmdet_reference[0]['checkpoint_check']
+    assert check['loads_strictly'] and check['same_as_direct_load']
+    assert check['same_labels_as_ours']
+    assert check['max_box_diff_vs_ours_px'] <= 1e-2 and check['max_score_diff_vs_ours'] <= 1e-5
+
+
+def test_416_config_agrees_with_mmdetection(mmdet_reference):
+    """The 416 config (its own anchors) on a 320x416 input: maps within 1e-4, same detections."""
+    reference = mmdet_reference[0]['config_416']
+    torch.manual_seed(0)
+    model = randomize_detector(build_model('yolov3-mobilenetv2-416'), seed=0)
+    height, width = reference['input_hw']
+    images = calibration_images(seed=7, count=1, size=width)[..., :height, :]
+    with torch.no_grad():
+        raw = model(images)
+        detections = model.predict(images, EVAL_NMS)[0]
+    for level, pred_map in zip(reference['levels'], raw.pred_maps, strict=True):
+        assert list(pred_map.shape) == level['shape']
+        torch.testing.assert_close(pred_map.flatten()[level['index']],
+                                   torch.tensor(level['values']), atol=1e-4, rtol=0)
+    assert len(detections.scores) == len(reference['det_scores']) > 0
+    assert detections.labels.tolist() == reference['det_labels']
+    torch.testing.assert_close(detections.scores, torch.tensor(reference['det_scores']),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(detections.boxes, torch.tensor(reference['det_bboxes']),
+                               atol=1e-2, rtol=0)
+
+
 def test_objectness_threshold_filters_and_old_settings_still_read(mmdet_reference):
     assert NMSConfig.from_dict({'score_thr': 0.05, 'pre_top_k': 1000, 'iou_thr': 0.45,
                                 'max_det': 100}) == NMSConfig(0.05, 1000, 0.45, 100)
@@ -255,3 +287,18 @@ def test_eval_runs_on_the_shapes_val_set(checkpoint, tmp_path, capsys):
     assert code == 0, out
     [result] = json.loads(report.read_text())['results']
     assert result['images'] == 3 and result['detections'] > 0
+
+
+def test_the_exported_file_needs_no_flags_in_parity_infer_and_eval(exports, tmp_path, capsys):
+    """`parity FILE IMAGES`, `infer FILE IMAGES` and `eval FILE --ann --images`: no --model,
+    --checkpoint or size flags; parity finds the weights the file records (sha256 checked)."""
+    make_shapes_dataset(tmp_path, train=0, val=2, size=64, seed=3)
+    path, val = exports['onnx'], tmp_path / 'val'
+    code, out = _run_cli(capsys, 'parity', path, val)
+    assert code == 0 and f'PASS: {path} agrees with PyTorch on 2 images' in out, out
+    assert 'no --checkpoint given, using the one' in out
+    code, out = _run_cli(capsys, 'infer', path, val)
+    assert code == 0 and 'nms: objectness >= 0.005' in out, out
+    code, out = _run_cli(capsys, 'eval', path, '--ann', tmp_path / 'annotations/instances_val.json',
+                         '--images', val)
+    assert code == 0 and 'AP' in out, out

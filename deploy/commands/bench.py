@@ -6,6 +6,7 @@ the report (which names each configuration's NMS settings) and files are `benchm
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import click
@@ -44,11 +45,14 @@ def _registry_entries(name: str, backends: list[str], device: str, options: dict
             entries.append(Entry(detector.spec.name, TorchBackend(
                 detector, nms=nms, device=torch_device(device), preprocess_config=config)))
         else:
+            started = time.perf_counter()
             path = export_for_ort(detector, nms, options['nms_preset'], temp_dir,
                                   options['input_hw'])
+            seconds = time.perf_counter() - started
             entries.append(Entry(detector.spec.name, open_model_file(
                 path, 'ort', device=device, threads=options['threads']),
-                ['exported on the fly from the same weights as the torch run']))
+                [f'exported on the fly from the same weights as the torch run, in '
+                 f'{seconds:.1f} s']))
     return entries
 
 

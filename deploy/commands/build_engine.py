@@ -11,9 +11,18 @@ import click
 
 from detdeploy.core.errors import DetdeployError
 
-from .common import apply_max_pixels, max_pixels_option, no_overwrite_option
+from .common import apply_max_pixels, max_pixels_option, no_overwrite_option, parse_input_size
 
 MAX_WARNINGS_SHOWN = 3
+
+
+def parse_shape(text: str | None, flag: str) -> tuple[int, int] | None:
+    """640 or HEIGHTxWIDTH, as --input-size."""
+    try:
+        return parse_input_size(text)
+    except DetdeployError:
+        raise DetdeployError(f"{flag} '{text}': give one side (640) or HEIGHTxWIDTH "
+                             '(800x1344)') from None
 
 
 @click.command('build-engine')
@@ -29,6 +38,12 @@ MAX_WARNINGS_SHOWN = 3
               help='Batch size TensorRT tunes for [--min-batch].')
 @click.option('--max-batch', type=click.IntRange(min=1),
               help='Batch profile maximum [max(8, --opt-batch)]; larger batches are split.')
+@click.option('--min-shape', help='Smallest input HxW of a dynamic-shape file (multiples of its '
+              'size divisor) [padded to a divisor: one divisor per side; else the input size].')
+@click.option('--opt-shape', help='Input HxW TensorRT tunes for [the input size, rounded up to '
+              'the divisor].')
+@click.option('--max-shape', help='Largest input HxW [every canvas the preprocessing makes: '
+              'the long side rounded up on both sides for scale resizing].')
 @click.option('--workspace', 'workspace_mb', type=click.IntRange(min=1),
               help="Builder workspace limit in MB [TensorRT's default: the GPU's memory].")
 @click.option('--timing-cache', type=click.Path(dir_okay=False),
@@ -38,7 +53,8 @@ MAX_WARNINGS_SHOWN = 3
 @max_pixels_option
 @no_overwrite_option
 def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_batch, max_batch,
-                 workspace_mb, timing_cache, device_id, max_pixels, no_overwrite) -> None:
+                 min_shape, opt_shape, max_shape, workspace_mb, timing_cache, device_id,
+                 max_pixels, no_overwrite) -> None:
     """Build a TensorRT engine from an ONNX file made by `detdeploy export`.
 
     The engine is a plain TensorRT plan (trtexec and Triton load it); classes, preprocessing and
@@ -69,7 +85,11 @@ def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_bat
         + ([('--timing-cache', timing_cache)] if timing_cache else []),
         [('MODEL.onnx', onnx_path)] + [('--calib-images', path) for path in images])
     options = BuildOptions(fp16=fp16, int8=int8, calibration_images=images, min_batch=min_batch,
-                           opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb,
+                           opt_batch=opt_batch, max_batch=max_batch,
+                           min_shape=parse_shape(min_shape, '--min-shape'),
+                           opt_shape=parse_shape(opt_shape, '--opt-shape'),
+                           max_shape=parse_shape(max_shape, '--max-shape'),
+                           workspace_mb=workspace_mb,
                            timing_cache=timing_cache, device_id=device_id,
                            overwrite=not no_overwrite, max_pixels=apply_max_pixels(max_pixels))
     report = build(onnx_path, output, options)
@@ -84,8 +104,8 @@ def build_engine(onnx_path, output, fp16, int8, calib_images, min_batch, opt_bat
                f'{build_info.precision}, TensorRT {build_info.tensorrt_version}, '
                f'{build_info.device_name}) in {report.seconds:.1f} s')
     click.echo(f'  metadata: {report.sidecar_path}')
-    height, width = build_info.input_hw
-    click.echo(f'  batch: {build_info.batch_profile.describe()} at {height}x{width}')
+    click.echo(f'  batch: {build_info.batch_profile.describe()}; height x width: '
+               f'{build_info.hw_profile.describe()}')
     if report.timing_cache is not None:
         state = 'loaded and updated' if report.timing_cache_loaded else 'new'
         click.echo(f'  timing cache: {report.timing_cache} ({state})')
