@@ -83,8 +83,8 @@ class Detector(nn.Module):
 
     def synthetic_head(self) -> tuple[list[nn.Conv2d], list[tuple[nn.Conv2d, str]], float]:
         """For `synthetic_weights`: the head's tower convs, its predictor convs each with its
-        kind ('logits', 'box' or 'angle'), and the bias that gives the box predictors a positive
-        extent."""
+        kind ('logits', 'box', 'angle', or 'kernel': any other output, spread 0.2 and bias 0),
+        and the bias that gives the box predictors a positive extent."""
         raise NotImplementedError
 
     def adjust_synthetic_weights(self, generator: torch.Generator) -> None:

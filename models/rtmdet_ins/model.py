@@ -270,19 +270,18 @@ class RTMDetIns(Detector):
         return towers, predictors, 2.0
 
     def adjust_synthetic_weights(self, generator: torch.Generator) -> None:
-        """Masks with edges, not probabilities all near 0.5 nor masks all 0 or all 1
-        (`randomize_detector` scales predictors other than logits to a spread of 0.2): the
-        kernel predictor to a spread of 0.6, its rows that give the dynamic convs' biases to
-        0.06, so that a mask's shape comes from the prototypes (spread 1) and the relative
-        coordinates. Larger kernels make logits of hundreds, whose float32 rounding in another
-        runtime moves the probabilities by more than 1e-4."""
+        """Masks with edges, not all 0 or all 1 (`randomize_detector` scales predictors other
+        than logits to a spread of 0.2): the kernel predictor and the prototypes to a spread of
+        0.4, the predictor's rows that give the dynamic convs' biases to 0.04, so that a mask's
+        shape comes from the prototypes and the relative coordinates. The three dynamic convs
+        multiply: larger kernels give logits in the hundreds on some images, where float32
+        rounding in another runtime moves the probabilities by more than 1e-4."""
         head = self.bbox_head
         first_bias = sum(head.weight_nums)
         for conv in head.rtm_kernel:
-            conv.weight.mul_(3.0)
+            conv.weight.mul_(2.0)
             conv.weight[first_bias:].mul_(0.1)
-        head.mask_head.projection.weight.mul_(5.0)
-
+        head.mask_head.projection.weight.mul_(2.0)
 
 def check_nms_mode(nms_mode: str) -> None:
     """RTMDet-Ins needs each kept detection's candidate index to pick its mask kernel: only
