@@ -83,10 +83,14 @@ class Detector(nn.Module):
         network-input pixels. Traceable: the exporter exports exactly this."""
         raise NotImplementedError
 
+    def check_nms_mode(self, nms_mode: str) -> None:
+        """Raise a `DetdeployError` (one line, saying what to use) if this model cannot
+        post-process in `nms_mode` although its task has a schema for it; nothing by default."""
+
     def synthetic_head(self) -> tuple[list[nn.Conv2d], list[tuple[nn.Conv2d, str]], float]:
         """For `synthetic_weights`: the head's tower convs, its predictor convs each with its
-        kind ('logits', 'box' or 'angle'), and the bias that gives the box predictors a positive
-        extent."""
+        kind ('logits', 'box', 'angle', or 'kernel': any other output, spread 0.2 and bias 0),
+        and the bias that gives the box predictors a positive extent."""
         raise NotImplementedError
 
     def adjust_synthetic_weights(self, generator: torch.Generator) -> None:

@@ -76,7 +76,7 @@ def randomize_detector(model: Detector, seed: int = 0) -> Detector:
             if is_logits:
                 predictor.bias.copy_(-3 + torch.randn(predictor.weight.shape[0],
                                                       generator=generator))
-            else:    # 'box', or 'angle' (radians around 0)
+            else:    # 'box', 'angle' (radians around 0) or 'kernel' (RTMDet-Ins parameters)
                 predictor.bias.fill_(box_bias if kind == 'box' else 0.0)
         model.adjust_synthetic_weights(generator)
     return model.eval()
