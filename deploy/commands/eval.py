@@ -1,5 +1,5 @@
-"""`detdeploy eval`: COCO box mAP of a model on one or more backends, with the difference to the
-first.
+"""`detdeploy eval`: COCO box mAP (instance models: and mask mAP) of a model on one or more
+backends, with the difference to the first.
 
 A registry name runs in PyTorch; with `ort` among the backends it is also exported to a
 temporary ONNX file (same weights, same NMS preset) so both are scored on the same images.
@@ -64,11 +64,16 @@ def format_table(results) -> str:
     header = f"{'backend':<24}" + ''.join(f'{m:>8}' for m in METRIC_NAMES) + \
         f"{'dAP':>9}{'images':>8}{'dets':>8}{'s':>7}"
     lines = [header]
-    base = results[0].metrics['AP']
-    for index, result in enumerate(results):
-        delta = '(base)' if index == 0 else f"{result.metrics['AP'] - base:+.4f}"
-        lines.append(f'{result.backend:<24}' + ''.join(f'{result.metrics[m]:>8.4f}'
-                                                         for m in METRIC_NAMES)
+    rows = [(result.backend + (' bbox' if result.segm_metrics else ''), result.metrics, result,
+             'bbox') for result in results]
+    # instance models: a mask row (pycocotools iouType 'segm') under each box row
+    rows += [(result.backend + ' segm', result.segm_metrics, result, 'segm')
+             for result in results if result.segm_metrics]
+    base = {kind: metrics['AP'] for _, metrics, _, kind in reversed(rows)}
+    first = {kind: next(r for r in rows if r[3] == kind)[2] for kind in base}
+    for name, metrics, result, kind in rows:
+        delta = ('(base)' if result is first[kind] else f"{metrics['AP'] - base[kind]:+.4f}")
+        lines.append(f'{name:<24}' + ''.join(f'{metrics[m]:>8.4f}' for m in METRIC_NAMES)
                      + f'{delta:>9}{result.num_images:>8}{result.num_detections:>8}'
                      f'{result.seconds:>7.1f}')
     return '\n'.join(lines)
@@ -104,7 +109,8 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
                  image_dir, backends, device, threads, batch_size, nms_preset, min_ap,
                  json_path, input_size, mean, std, channel_order, pad_value, max_pixels,
                  no_overwrite) -> None:
-    """COCO box mAP (AP, AP50, AP75, small/medium/large) of MODEL on a COCO-format dataset.
+    """COCO box mAP (AP, AP50, AP75, small/medium/large) of MODEL on a COCO-format dataset;
+    instance models add mask mAP (a 'segm' row per backend).
 
     MODEL: a registry name (with --checkpoint; the default is the bundled model), a .onnx or an
     .engine file. With several backends, a table and each one's AP difference to the first.
@@ -167,7 +173,9 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
         click.echo(f'{result.backend} {nms_line(runner.metadata)}')
     if json_path:
         write_json(json_path, {'model': model, 'ann': str(ann_file), 'results': [
-            {'backend': r.backend, 'metrics': r.metrics, 'images': r.num_images,
+            {'backend': r.backend, 'metrics': r.metrics,
+             **({'segm_metrics': r.segm_metrics} if r.segm_metrics else {}),
+             'images': r.num_images,
              'detections': r.num_detections, 'seconds': r.seconds} for r in results]},
             overwrite=not no_overwrite)
         click.echo(f'wrote {json_path}')
