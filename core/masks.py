@@ -65,16 +65,18 @@ class MaskConfig:
 #
 # Both frames resample separably: a bilinear resampling along one axis is a matrix whose rows
 # hold at most two (chained: four) taps, so a mask's resampled values are
-# `rows_matrix @ mask @ cols_matrix.T`. Only the region of the image where a detection can be
-# foreground is computed: its box (frame 'box', as MMDetection does on CPU) or, frame 'input',
-# the rows and columns whose taps reach a source pixel above the threshold (bilinear weights
-# are non-negative and sum to 1, so elsewhere the value cannot exceed it). Detections are
-# sorted by region size and resampled in chunks padded to the chunk's largest region.
+# `rows_matrix @ mask @ cols_matrix.T`. Only where a detection can be foreground is computed.
+# Frame 'box': its box (as MMDetection does on CPU); detections are sorted by box size and
+# resampled in chunks padded to the chunk's largest box. Frame 'input': the image is cut into
+# tiles, each reading a few source pixels; bilinear weights are non-negative and sum to 1, so
+# a tile whose source block is all above (below) the threshold is all foreground
+# (background), and only tiles along a mask's contour are resampled.
 
 import numpy as np  # noqa: E402  (kept below the contract above, which needs no numpy)
 
 PROBABILITY_CLIP = 1e-7     # probabilities are clipped into [c, 1 - c] before their logit
 CHUNK_BYTES = 64 * 2 ** 20  # float32 working set of one chunk of regions
+TILE = 32                   # frame input: output tile side, pixels
 
 
 def _axis_weights(source_positions: np.ndarray, source_len: int, zero_padding: bool
@@ -152,16 +154,6 @@ def _support_ranges(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, last
 
 
-def _reaching(first: np.ndarray, last: np.ndarray, source_lo: np.ndarray,
-              source_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per detection, the target range [start, stop) whose source ranges meet the detection's
-    source range [source_lo, source_hi] (both monotone in the target, so the range is one
-    interval); start == stop when none."""
-    start = np.searchsorted(np.maximum.accumulate(last), source_lo, 'left')
-    stop = np.searchsorted(first, source_hi, 'right')
-    return start, np.maximum(stop, start)
-
-
 def _resample_regions(values: np.ndarray, row_weights, col_weights, row_ranges, col_ranges,
                       image_hw: tuple[int, int], cutoff: float, inclusive: bool) -> np.ndarray:
     """[K, H, W] bool: `row_weights(k_indices, rows)` @ values[k] @ `col_weights(...)`.T
@@ -233,19 +225,92 @@ def paste_input_frame(probabilities: np.ndarray, stride: int, original_hw: tuple
     cutoff = math.log(threshold / (1 - threshold)) if threshold > 0 else -math.inf
     rows_matrix = input_frame_weights(mask_h, stride, height, 1 / scale_wh[0])
     cols_matrix = input_frame_weights(mask_w, stride, width, 1 / scale_wh[1])
-    # a pixel can be foreground only if one of the source pixels it reads is
-    above = probabilities > threshold
-    any_row, any_col = above.any(2), above.any(1)
-    source_rows = (np.where(any_row.any(1), any_row.argmax(1), mask_h),
-                   np.where(any_row.any(1), mask_h - 1 - any_row[:, ::-1].argmax(1), -1))
-    source_cols = (np.where(any_col.any(1), any_col.argmax(1), mask_w),
-                   np.where(any_col.any(1), mask_w - 1 - any_col[:, ::-1].argmax(1), -1))
-    row_ranges = _reaching(*_support_ranges(rows_matrix), *source_rows)
-    col_ranges = _reaching(*_support_ranges(cols_matrix), *source_cols)
-    rows32, cols32 = rows_matrix.astype(np.float32), cols_matrix.astype(np.float32)
-    return _resample_regions(logits, lambda chunk, rows: rows32[rows],
-                             lambda chunk, cols: cols32[cols], row_ranges, col_ranges,
-                             original_hw, cutoff, inclusive=False)
+    return _resample_tiles(logits, probabilities > threshold, rows_matrix, cols_matrix,
+                           original_hw, cutoff)
+
+
+def _tile_sources(weights: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                            int]:
+    """Per output tile of `tile` pixels along one axis: the first source index it reads,
+    the number it reads, whether it has pixels reading none (beyond MMDetection's crop), and
+    the largest number read by a tile."""
+    first, last = _support_ranges(weights)
+    tiles = -(-len(weights) // tile)
+    lows, counts, tapless = (np.zeros(tiles, np.int64), np.zeros(tiles, np.int64),
+                             np.zeros(tiles, bool))
+    for index in range(tiles):
+        part = slice(index * tile, (index + 1) * tile)
+        reads = first[part] <= last[part]
+        tapless[index] = not reads.all()
+        if reads.any():
+            lows[index] = first[part][reads].min()
+            counts[index] = last[part][reads].max() - lows[index] + 1
+    return lows, counts, tapless, max(int(counts.max()), 1)
+
+
+def _resample_tiles(logits: np.ndarray, above: np.ndarray, rows_matrix: np.ndarray,
+                    cols_matrix: np.ndarray, image_hw: tuple[int, int], cutoff: float
+                    ) -> np.ndarray:
+    """[K, H, W] bool: rows_matrix @ logits[k] @ cols_matrix.T > cutoff, by output tiles of
+    TILE x TILE pixels, each reading a small block of the source: a tile whose block holds no
+    source pixel above the threshold is background, one whose block is all above is
+    foreground (bilinear weights are non-negative and sum to 1), and only the others, along
+    the masks' contours, are computed."""
+    from .memory import check_memory
+    count, mask_h, mask_w = logits.shape
+    height, width = image_hw
+    row_low, row_count, row_tapless, block_h = _tile_sources(rows_matrix, TILE)
+    col_low, col_count, col_tapless, block_w = _tile_sources(cols_matrix, TILE)
+    tiles_y, tiles_x = len(row_low), len(col_low)
+    check_memory(2 * count * tiles_y * tiles_x * TILE * TILE,
+                 f'{count} masks of {height}x{width} pixels')
+    # weights per tile over its block; rows past the image and block columns past the
+    # source are zero (the source is padded to match)
+    row_blocks = np.zeros((tiles_y, TILE, block_h), np.float32)
+    for index in range(tiles_y):
+        part = rows_matrix[index * TILE:(index + 1) * TILE,
+                           row_low[index]:row_low[index] + block_h]
+        row_blocks[index, :part.shape[0], :part.shape[1]] = part
+    col_blocks = np.zeros((tiles_x, TILE, block_w), np.float32)
+    for index in range(tiles_x):
+        part = cols_matrix[index * TILE:(index + 1) * TILE,
+                           col_low[index]:col_low[index] + block_w]
+        col_blocks[index, :part.shape[0], :part.shape[1]] = part
+    # source pixels above the threshold per (detection, tile block), by a summed-area table
+    table = np.zeros((count, mask_h + 1, mask_w + 1), np.int32)
+    table[:, 1:, 1:] = above.cumsum(1, dtype=np.int32).cumsum(2, dtype=np.int32)
+    top, bottom = row_low[:, None], (row_low + row_count)[:, None]
+    left, right = col_low[None, :], (col_low + col_count)[None, :]
+    above_in_block = (table[:, bottom, right] - table[:, top, right] - table[:, bottom, left]
+                      + table[:, top, left])
+    block_size = row_count[:, None] * col_count[None, :]
+    full = (above_in_block == block_size) & ~row_tapless[:, None] & ~col_tapless[None, :]
+    mixed = (above_in_block > 0) & ~full
+    tiled = np.zeros((count, tiles_y, TILE, tiles_x, TILE), dtype=bool)
+    full_k, full_y, full_x = np.nonzero(full)
+    tiled[full_k, full_y, :, full_x, :] = True
+    padded = np.zeros((count, mask_h + block_h, mask_w + block_w), np.float32)
+    padded[:, :mask_h, :mask_w] = logits
+    mixed_k, mixed_y, mixed_x = np.nonzero(mixed)
+    per_chunk = max(1, CHUNK_BYTES // (4 * TILE * (2 * TILE + block_h + block_w)))
+    for start in range(0, len(mixed_k), per_chunk):
+        k = mixed_k[start:start + per_chunk]
+        y, x = mixed_y[start:start + per_chunk], mixed_x[start:start + per_chunk]
+        block_rows = row_low[y][:, None, None] + np.arange(block_h)[None, :, None]
+        block_cols = col_low[x][:, None, None] + np.arange(block_w)[None, None, :]
+        blocks = padded[k[:, None, None], block_rows, block_cols]
+        resampled = (row_blocks[y] @ blocks) @ col_blocks[x].transpose(0, 2, 1)
+        tiled[k, y, :, x, :] = resampled > cutoff
+    masks = np.ascontiguousarray(
+        tiled.reshape(count, tiles_y * TILE, tiles_x * TILE)[:, :height, :width])
+    # pixels reading no source (past MMDetection's crop) are background at any threshold
+    for weights, axis in ((rows_matrix, 1), (cols_matrix, 2)):
+        first, last = _support_ranges(weights)
+        if (first > last).any():
+            index = [slice(None)] * 3
+            index[axis] = first > last
+            masks[tuple(index)] = False
+    return masks
 
 
 def paste_box_frame(probabilities: np.ndarray, boxes_xyxy_px: np.ndarray,
