@@ -92,12 +92,14 @@ def _axis_weights(source_positions: np.ndarray, source_len: int, zero_padding: b
     upper_weight = positions - lower
     weights = np.zeros((len(positions), source_len), dtype=np.float64)
     rows = np.arange(len(positions))
+    # each of the two passes hits a position at most once, so `+=` needs no `np.add.at`;
+    # clamped taps may coincide across the passes, whose weights then add up
     for taps, tap_weight in ((lower, 1.0 - upper_weight), (lower + 1, upper_weight)):
         if zero_padding:
             inside = (taps >= 0) & (taps < source_len)
-            np.add.at(weights, (rows[inside], taps[inside]), tap_weight[inside])
+            weights[rows[inside], taps[inside]] += tap_weight[inside]
         else:
-            np.add.at(weights, (rows, np.clip(taps, 0, source_len - 1)), tap_weight)
+            weights[rows, np.clip(taps, 0, source_len - 1)] += tap_weight
     return weights
 
 
