@@ -314,3 +314,21 @@ def test_parity_fails_on_perturbed_mask_probabilities(coco, frame, tmp_path):
     saved = json.loads((tmp_path / 'parity.json').read_text())
     assert saved['verdict'] == 'FAIL' and saved['images'][0]['failed_masks'] == 1
     assert saved['images'][0]['min_mask_iou'] < 0.9
+
+
+def test_compare_masks_excuses_a_few_probabilities_near_the_contour_only():
+    from detdeploy.verification.compare import TOLERANCE_PRESETS, compare_masks
+    tol = TOLERANCE_PRESETS['fp32']
+    rng = np.random.default_rng(0)
+    want = rng.uniform(0, 1, (28, 28)).astype(np.float32)
+    mask = np.zeros((50, 50), bool)
+    mask[10:30, 10:30] = True
+    few, many = want.copy(), want.copy()
+    few.flat[:7] += 0.02                     # 0.9 % of the probabilities
+    many.flat[:40] += 0.02                   # 5 %
+    assert compare_masks(few, want, mask, mask, tol)[2]
+    assert not compare_masks(many, want, mask, mask, tol)[2]
+    shrunk = mask.copy()
+    shrunk[10:13] = False                    # IoU 0.85
+    iou, error, passed = compare_masks(want, want, shrunk, mask, tol)
+    assert iou == pytest.approx(0.85) and error == 0 and not passed

@@ -24,11 +24,15 @@ class Tolerances:
     unless more than `max_borderline_share` of a side's detections (and more than 2) are: ties
     at the cut reorder a few detections (13 % at most on saturated random-weight scores), not
     most of them.
-    Masks of matched detections (instance models) fail if their probabilities (the `masks`
-    output, same frame on both sides) differ by more than `mask_prob_atol` anywhere, or if
-    their IoU at the original resolution is below `mask_min_iou` when their union holds at
-    least `mask_iou_min_pixels` pixels (on smaller masks one flipped boundary pixel is
-    already a few % of IoU; their probabilities are still checked).
+    Masks of matched detections (instance models) fail if more than `mask_prob_max_share` of
+    their probabilities (the `masks` output, same frame on both sides) differ by more than
+    `mask_prob_atol`, or if their IoU at the original resolution is below `mask_min_iou` when
+    their union holds at least `mask_iou_min_pixels` pixels (on smaller masks one flipped
+    boundary pixel is already a few % of IoU; their probabilities are still checked). The
+    share: float32 rounding in the dynamic convolutions of an ill-conditioned model moves a
+    few probabilities near 0.5 (synthetic rtmdet-ins-tiny at 128 px, ONNX Runtime vs PyTorch:
+    up to 0.78 % of a mask's 256 probabilities off by more than 2e-3, at most by 0.021, mask
+    IoU >= 0.9966); a faulty mask head moves most of them.
     """
     atol: float
     rtol: float
@@ -40,6 +44,7 @@ class Tolerances:
     max_borderline_share: float = 0.25
     rotated_box_scale: float = 2.5
     mask_prob_atol: float = 2e-3
+    mask_prob_max_share: float = 0.01
     mask_min_iou: float = 0.95
     mask_iou_min_pixels: int = 64
 
@@ -249,8 +254,10 @@ def compare_masks(got_probabilities: np.ndarray, want_probabilities: np.ndarray,
         return float(iou), float('inf'), False
     difference = np.abs(np.asarray(got_probabilities, np.float64)
                         - np.asarray(want_probabilities, np.float64))
-    prob_error = float(np.nan_to_num(difference, nan=np.inf).max()) if difference.size else 0.0
-    passed = prob_error <= tol.mask_prob_atol and (
+    difference = np.nan_to_num(difference, nan=np.inf)
+    prob_error = float(difference.max()) if difference.size else 0.0
+    off_share = float((difference > tol.mask_prob_atol).mean()) if difference.size else 0.0
+    passed = off_share <= tol.mask_prob_max_share and (
         union < tol.mask_iou_min_pixels or iou >= tol.mask_min_iou)
     return float(iou), prob_error, passed
 

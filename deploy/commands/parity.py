@@ -142,7 +142,8 @@ def format_report(report) -> list[str]:
         if any(u.borderline for m in report.images for u in m.unmatched):
             lines.append('  (* borderline: not a failure)')
         if any(match.min_mask_iou is not None for match in report.images):
-            lines.append(f'masks of matched detections (fail if a probability is off by more '
+            lines.append(f'masks of matched detections (fail if over '
+                         f'{tol.mask_prob_max_share:.0%} of the probabilities are off by more '
                          f'than {tol.mask_prob_atol:g}, or the IoU at the original resolution '
                          f'is below {tol.mask_min_iou:g} on masks of {tol.mask_iou_min_pixels}+ '
                          'px):')
