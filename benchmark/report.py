@@ -135,6 +135,20 @@ def _stage_table(result: BenchResult) -> list[str]:
                   rows)
 
 
+def _mask_paste_lines(result: BenchResult) -> list[str]:
+    """Instance models: the host's mask paste (part of postprocess) as its own stage line."""
+    from .timing import MASK_PASTE_KEY
+    lines = []
+    for config in result.configs:
+        if MASK_PASTE_KEY in config.samples_ms:
+            paste = float(np.median(config.samples_ms[MASK_PASTE_KEY]))
+            post = float(np.median(config.samples_ms['postprocess']))
+            lines.append(f'mask paste (host, within postprocess): {config.label}: {paste:.1f} '
+                         f'ms per batch median ({100 * paste / post:.0f}% of postprocess); '
+                         'the masks computed in the graph are part of inference')
+    return lines
+
+
 def format_report(result: BenchResult) -> str:
     rounds = result.settings['rounds']
     lines = header_lines(result)
@@ -143,6 +157,7 @@ def format_report(result: BenchResult) -> str:
               '', 'inference only (backend call incl. NMS in the graph or in PyTorch), '
               'ms per batch:', *_latency_table(result, 'inference_only'),
               '', 'stages, median ms per batch (share of their sum):', *_stage_table(result),
+              *_mask_paste_lines(result),
               '', f'ratio: time per image / the first row\'s, paired round by round, median of '
               f'{rounds} rounds (below 1 = faster), [p25-p75 of the rounds]: a wide spread '
               'means the machine was busy. img/s: batch x samples / total time.']

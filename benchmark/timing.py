@@ -24,6 +24,7 @@ from detdeploy.runtimes.pipeline import prepare_batch, require_detections, to_de
 
 STAGES = ('preprocess', 'inference', 'postprocess', 'end_to_end')
 IO_BINDING_KEY = 'inference_io_binding'
+MASK_PASTE_KEY = 'mask_paste'   # instance models: masks pasted into the image, within postprocess
 MAX_SECONDS = 3600.0            # --seconds per configuration
 MAX_IMAGES = 64                 # images decoded into memory from --images
 GENERATED_SIZES_HW = ((480, 640), (640, 480), (427, 640), (640, 427), (360, 640), (512, 512),
@@ -239,11 +240,16 @@ def time_iteration(entry: Entry, images: list[np.ndarray], names: list[str]
     outputs = backend.run(batch)
     backend.synchronize()
     inferred = clock()
+    host_stages: dict[str, float] = {}
     if not entry.raw_outputs:
-        to_detections(outputs, names, metas, backend.class_names, backend.source)
+        to_detections(outputs, names, metas, backend.class_names, backend.source,
+                      backend.metadata.mask, host_stages)
     finished = clock()
     sample = {'preprocess': (prepared - started) * 1e3, 'inference': (inferred - prepared) * 1e3,
               'postprocess': (finished - inferred) * 1e3, 'end_to_end': (finished - started) * 1e3}
+    if backend.metadata.mask is not None and not entry.raw_outputs:
+        # instance models: the host's mask paste, a part of postprocess
+        sample[MASK_PASTE_KEY] = host_stages.get(MASK_PASTE_KEY, 0.0)
     if entry.uses_io_binding:
         binding = entry.binding_for(len(batch))
         binding.set_input(batch)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ModelFileError
+from .masks import encode_rle
 from .nms import keep_above
 from .tasks import has_nms, output_schema
 
@@ -64,7 +65,7 @@ class ImageDetections:
 
     def to_dict(self) -> dict:
         """JSON form; rotated models add `rotated_box` (cx, cy, w, h px, angle rad, le90) and
-        its 4 `corners` (x, y) per row."""
+        its 4 `corners` (x, y) per row; instance models the mask as COCO RLE, `segmentation`."""
         rows = [{'bbox_xyxy': [round(float(v), 3) for v in box], 'score': round(float(score), 6),
                  'label': int(label), 'label_name': self.label_name(int(label))}
                 for box, score, label in zip(self.boxes_xyxy_px, self.scores, self.labels)]
@@ -74,6 +75,9 @@ class ImageDetections:
                                       for i, v in enumerate(rotated)]
                 row['corners'] = [[round(float(x), 3), round(float(y), 3)]
                                   for x, y in rotated_box_corners(rotated)[0]]
+        if self.masks is not None:
+            for row, rle in zip(rows, encode_rle(self.masks)):
+                row['segmentation'] = rle
         return {'image': self.source, 'height': int(self.image_hw[0]),
                 'width': int(self.image_hw[1]), 'detections': rows}
 

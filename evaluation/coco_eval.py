@@ -1,4 +1,5 @@
-"""COCO box mAP of any backend on a COCO-format dataset, with pycocotools.
+"""COCO box mAP (and, for instance models, mask mAP) of any backend on a COCO-format dataset,
+with pycocotools.
 
 Detections come from the shared host pipeline (`runtimes.pipeline.detect`), so PyTorch, ONNX
 Runtime and TensorRT are measured through the same preprocessing and rescaling. Labels map to
@@ -27,6 +28,7 @@ class EvalResult:
     num_detections: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    segm_metrics: dict[str, float] | None = None    # instance models: iouType 'segm'
 
 
 def load_coco(ann_file: str | Path):
@@ -45,14 +47,20 @@ def load_coco(ann_file: str | Path):
     return coco
 
 
-def coco_metrics(coco, results: list[dict]) -> dict[str, float]:
-    """COCOeval bbox stats for results in COCO results format (all images of `coco`)."""
+def coco_metrics(coco, results: list[dict], iou_type: str = 'bbox') -> dict[str, float]:
+    """COCOeval stats (`iou_type` 'bbox' or 'segm') for results in COCO results format (all
+    images of `coco`). For 'segm' the rows' boxes are left out, as MMDetection's CocoMetric
+    does: pycocotools would otherwise take a detection's area (small, medium, large) from its
+    box rather than its mask."""
     from pycocotools.cocoeval import COCOeval
     if not results:
         return {name: 0.0 for name in METRIC_NAMES}
+    if iou_type == 'segm':
+        results = [{key: value for key, value in row.items() if key != 'bbox'}
+                   for row in results]
     with contextlib.redirect_stdout(io.StringIO()):
         detections = coco.loadRes(results)
-        evaluator = COCOeval(coco, detections, 'bbox')
+        evaluator = COCOeval(coco, detections, iou_type)
         evaluator.params.imgIds = sorted(coco.getImgIds())
         evaluator.evaluate()
         evaluator.accumulate()
@@ -72,12 +80,20 @@ def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: i
     from detdeploy.core.coco import image_path
     from detdeploy.runtimes.pipeline import detect
 
-    if backend.metadata.task != 'detect':
+    from detdeploy.core.masks import encode_rle
+
+    if backend.metadata.task not in ('detect', 'instance'):
         raise DetdeployError(
-            f"{backend.source}: eval scores COCO boxes, the model's task is "
+            f"{backend.source}: eval scores COCO boxes and masks, the model's task is "
             f"'{backend.metadata.task}' (rotated models: "
             'detdeploy.evaluation.rotated_eval.evaluate_rotated, which `detdeploy eval` uses)')
     coco = coco or load_coco(ann_file)
+    with_masks = backend.metadata.task == 'instance'
+    if with_masks:
+        unmasked = sum('segmentation' not in ann for ann in coco.dataset['annotations'])
+        if unmasked:
+            raise DetdeployError(f'{ann_file}: {unmasked} annotations have no segmentation; mask '
+                                 'AP of an instance model needs every ground-truth mask')
     image_root = Path(image_dir)
     if not image_root.is_dir():
         raise DetdeployError(f'image directory {image_root} does not exist')
@@ -105,13 +121,18 @@ def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: i
                                           disable=not show_progress, unit='img'):
         if progress is not None:
             progress(1)
-        for box, score, label in zip(detections.boxes_xyxy_px, detections.scores, detections.labels):
+        rles = encode_rle(detections.masks) if with_masks else [None] * len(detections)
+        for box, score, label, rle in zip(detections.boxes_xyxy_px, detections.scores,
+                                          detections.labels, rles):
             x1, y1, x2, y2 = (float(v) for v in box)
             results.append({'image_id': image_id, 'category_id': category_ids[int(label)],
                             'bbox': [x1, y1, x2 - x1, y2 - y1], 'score': float(score)})
+            if rle is not None:
+                results[-1]['segmentation'] = rle
     seconds = time.perf_counter() - start
     return EvalResult(backend.name, coco_metrics(coco, results), len(files), len(results),
-                      seconds, warnings)
+                      seconds, warnings,
+                      coco_metrics(coco, results, 'segm') if with_masks else None)
 
 
 def write_json(path: str | Path, payload: dict, overwrite: bool = True) -> None:

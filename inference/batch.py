@@ -17,6 +17,7 @@ from detdeploy.core.detections import ImageDetections
 from detdeploy.core.errors import DetdeployError
 from detdeploy.core.fileio import (atomic_write, check_input_file, make_output_dir,
                                    refuse_existing)
+from detdeploy.core.masks import encode_rle
 from detdeploy.inference.coco_ids import CocoIds, run_order_ids
 from detdeploy.inference.draw import draw_detections
 from detdeploy.runtimes.backend import Backend
@@ -119,15 +120,20 @@ def output_paths(out_dir: str | Path, images: list[Path]) -> list[Path]:
 def coco_rows(image_id: int, detections: ImageDetections, ids: CocoIds | None = None
               ) -> list[dict]:
     """Detections in COCO's results format (bbox x, y, w, h in original pixels), plus the
-    image file and class name; `ids` maps class indices to category ids (default: the index)."""
+    image file and class name; `ids` maps class indices to category ids (default: the index).
+    Instance models add each mask as COCO RLE under `segmentation` (`core.masks.encode_rle`)."""
     category_id = ids.category_id if ids is not None else int
-    return [{'image_id': image_id, 'file_name': detections.source,
+    rows = [{'image_id': image_id, 'file_name': detections.source,
              'bbox': [round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3),
                       round(float(y2 - y1), 3)],
              'score': round(float(score), 6), 'category_id': category_id(int(label)),
              'category_name': detections.label_name(int(label))}
             for (x1, y1, x2, y2), score, label in zip(detections.boxes_xyxy_px,
                                                       detections.scores, detections.labels)]
+    if detections.masks is not None:
+        for row, rle in zip(rows, encode_rle(detections.masks)):
+            row['segmentation'] = rle
+    return rows
 
 
 def run_infer(backend: Backend, images: list[Path], out_dir: str | Path | None,

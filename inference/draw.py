@@ -1,5 +1,5 @@
-"""Draw labelled detection boxes (rotated ones as polygons) on an image with Pillow; nothing
-else."""
+"""Draw labelled detection boxes (rotated ones as polygons) and instance masks (translucent
+fills with contours) on an image with Pillow and numpy; nothing else."""
 from __future__ import annotations
 
 import colorsys
@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from detdeploy.core.detections import ImageDetections, rotated_box_corners
 
 LABEL_PADDING_PX = 2
+MASK_OPACITY = 0.45
 
 
 def class_colour(label: int) -> tuple[int, int, int]:
@@ -31,11 +32,47 @@ def label_box(box_xyxy: tuple[float, float, float, float], text_wh: tuple[int, i
     return left, top, left + width, top + height
 
 
+def mask_contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The pixels of a bool mask with a background (or outside) pixel among their 4
+    neighbours, grown inwards to `width` pixels."""
+    inner = mask.copy()
+    for _ in range(width):
+        padded = np.pad(inner, 1, constant_values=False)
+        inner = (inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2]
+                 & padded[1:-1, 2:])
+    return mask & ~inner
+
+
+def overlay_masks(image_rgb: np.ndarray, detections: ImageDetections, order: np.ndarray,
+                  line_width: int = 1) -> np.ndarray:
+    """The image with each mask filled translucently in its class colour and outlined, in
+    `order` (later ones on top); work per mask is limited to the rows and columns it covers."""
+    blended = image_rgb.astype(np.float32)
+    masks = detections.masks
+    rows_any, cols_any = masks.any(2), masks.any(1)
+    for index in order:
+        if not rows_any[index].any():
+            continue
+        rows, cols = np.flatnonzero(rows_any[index]), np.flatnonzero(cols_any[index])
+        window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        mask = masks[index][window]
+        colour = np.asarray(class_colour(int(detections.labels[index])), dtype=np.float32)
+        region = blended[window]
+        region[mask] = (1 - MASK_OPACITY) * region[mask] + MASK_OPACITY * colour
+        region[mask_contour(mask, line_width)] = colour
+    return blended.round().astype(np.uint8)
+
+
 def draw_detections(image_rgb: np.ndarray, detections: ImageDetections) -> Image.Image:
-    """The image with each detection's box and 'name score' label drawn on it.
+    """The image with each detection's mask (instance models), box and 'name score' label
+    drawn on it.
 
     Drawn from the lowest score up, so where labels overlap (one object with several classes
     above the threshold) the best one is on top and readable."""
+    if detections.masks is not None and len(detections):
+        order = np.argsort(-detections.scores, kind='stable')[::-1]
+        image_rgb = overlay_masks(image_rgb, detections, order,
+                                  max(1, round(max(image_rgb.shape[:2]) / 400)))
     canvas = Image.fromarray(image_rgb)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()

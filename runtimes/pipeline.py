@@ -1,9 +1,11 @@
-"""Host-side detection loop shared by every backend: read, preprocess, batch, run, rescale.
+"""Host-side detection loop shared by every backend: read, preprocess, batch, run, rescale
+(and, for instance models, paste the masks into the original image with `core.masks`).
 
 Images are streamed in batches, so memory stays bounded however many files there are.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -11,9 +13,10 @@ import numpy as np
 
 from detdeploy.core.detections import ImageDetections, check_outputs, enclosing_boxes
 from detdeploy.core.errors import DetdeployError, ImageError
+from detdeploy.core.masks import MaskConfig, paste_masks
 from detdeploy.core.memory import check_memory, image_batch_bytes
 from detdeploy.core.preprocessing import PreprocessConfig
-from detdeploy.core.tasks import DETECT, ROTATED
+from detdeploy.core.tasks import DETECT, INSTANCE, ROTATED
 
 from .backend import Backend
 from .preprocess import (DEFAULT_MAX_PIXELS, ImageMeta, batch_canvas_size, preprocess, read_image,
@@ -27,9 +30,9 @@ def require_detections(backend: Backend) -> None:
         raise DetdeployError(f'{backend.source} was exported with '
                              '--nms none (raw outputs); detection needs a file exported with '
                              '--nms onnx')
-    if metadata.task not in (DETECT, ROTATED):
+    if metadata.task not in (DETECT, ROTATED, INSTANCE):
         raise DetdeployError(f"{metadata.arch}: turning '{metadata.task}' outputs into "
-                             'detections is not implemented yet (boxes and rotated boxes only)')
+                             'detections is not implemented (boxes, masks, rotated boxes only)')
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -45,16 +48,23 @@ def prepare_batch(images_rgb: list[np.ndarray], config: PreprocessConfig
     return np.stack([tensor for tensor, _ in prepared]), [meta for _, meta in prepared]
 
 
-def to_detections(outputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-                  names: list[str], metas: list[ImageMeta], class_names: tuple[str, ...],
-                  source: str = 'the model') -> list[ImageDetections]:
-    """Stage 3: a backend's four NMS outputs -> detections in original-image pixels. The
-    outputs are checked first (`core.detections.check_outputs`: counts, label range, finite
-    values); `source` names the model in that error. Rotated boxes ([B, K, 5]) are rescaled
-    as such, with their enclosing boxes as `boxes_xyxy_px`."""
-    task = ROTATED if outputs[1].shape[-1] == 5 else DETECT
+def to_detections(outputs: tuple[np.ndarray, ...], names: list[str], metas: list[ImageMeta],
+                  class_names: tuple[str, ...], source: str = 'the model',
+                  mask_config: MaskConfig | None = None,
+                  timings_ms: dict[str, float] | None = None) -> list[ImageDetections]:
+    """Stage 3: a backend's NMS outputs -> detections in original-image pixels. The outputs
+    are checked first (`core.detections.check_outputs`: counts, label range, finite values);
+    `source` names the model in that error. Rotated boxes ([B, K, 5]) are rescaled as such,
+    with their enclosing boxes as `boxes_xyxy_px`. Instance outputs (a fifth, `masks`) need
+    `mask_config` (the file's `metadata.mask`) and give each detection its mask at the
+    original size; the time spent pasting is added to `timings_ms['mask_paste']` if given."""
+    task = (INSTANCE if len(outputs) == 5 else
+            ROTATED if outputs[1].shape[-1] == 5 else DETECT)
+    if task == INSTANCE and mask_config is None:
+        raise DetdeployError(f'{source}: instance outputs need the mask settings of the '
+                             "model's metadata (mask)")
     check_outputs(outputs, task, 'onnx', len(class_names), source)
-    num_dets, batch_boxes, batch_scores, batch_labels = outputs
+    num_dets, batch_boxes, batch_scores, batch_labels = outputs[:4]
     results = []
     for index, (name, meta) in enumerate(zip(names, metas)):
         count = int(num_dets[index, 0])
@@ -70,9 +80,17 @@ def to_detections(outputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
         # The network clamps to its padded input; a box lying wholly in the padding is
         # empty once clamped to the image, and is dropped.
         inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        masks = None
+        if task == INSTANCE:
+            started = time.perf_counter()
+            masks = paste_masks(outputs[4][index, :count][inside], mask_config, boxes[inside],
+                                meta.original_hw, meta.scale_wh)
+            if timings_ms is not None:
+                timings_ms['mask_paste'] = (timings_ms.get('mask_paste', 0.0)
+                                            + 1e3 * (time.perf_counter() - started))
         results.append(ImageDetections(name, meta.original_hw, boxes[inside],
                                        scores[inside].astype(np.float32),
-                                       labels[inside].astype(np.int64), class_names))
+                                       labels[inside].astype(np.int64), class_names, masks))
     return results
 
 
@@ -112,6 +130,6 @@ def detect(backend: Backend, sources: Iterable[str | Path | np.ndarray], batch_s
         batch, metas = prepare_batch(images, config)
         outputs = backend.run(batch)
         detections = to_detections(outputs, [source_name(s) for s in readable], metas,
-                                   backend.class_names, backend.source)
+                                   backend.class_names, backend.source, backend.metadata.mask)
         for image, image_detections in zip(images, detections):
             yield image_detections, image if keep_images else None

@@ -91,7 +91,8 @@ def detect_by_canvas(backend: Backend, names: list[str], images_rgb: list[np.nda
         batch, metas = prepare_batch([images_rgb[i] for i in indices], config)
         outputs = backend.run(batch)
         for index, detections in zip(indices, to_detections(
-                outputs, [names[i] for i in indices], metas, backend.class_names)):
+                outputs, [names[i] for i in indices], metas, backend.class_names,
+                backend.source, backend.metadata.mask)):
             found[index] = detections
     return found
 

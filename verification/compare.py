@@ -24,6 +24,15 @@ class Tolerances:
     unless more than `max_borderline_share` of a side's detections (and more than 2) are: ties
     at the cut reorder a few detections (13 % at most on saturated random-weight scores), not
     most of them.
+    Masks of matched detections (instance models) fail if more than `mask_prob_max_share` of
+    their probabilities (the `masks` output, same frame on both sides) differ by more than
+    `mask_prob_atol`, or if their IoU at the original resolution is below `mask_min_iou` when
+    their union holds at least `mask_iou_min_pixels` pixels (on smaller masks one flipped
+    boundary pixel is already a few % of IoU; their probabilities are still checked). The
+    share: float32 rounding in the dynamic convolutions of an ill-conditioned model moves a
+    few probabilities near 0.5 (synthetic rtmdet-ins-tiny at 128 px, ONNX Runtime vs PyTorch:
+    up to 0.78 % of a mask's 256 probabilities off by more than 2e-3, at most by 0.021, mask
+    IoU >= 0.9966); a faulty mask head moves most of them.
     """
     atol: float
     rtol: float
@@ -34,6 +43,10 @@ class Tolerances:
     match_iou: float = 0.5
     max_borderline_share: float = 0.25
     rotated_box_scale: float = 2.5
+    mask_prob_atol: float = 2e-3
+    mask_prob_max_share: float = 0.01
+    mask_min_iou: float = 0.95
+    mask_iou_min_pixels: int = 64
 
     def box_atol_for(self, box_dim: int) -> float:
         """`box_atol_px` for xyxy boxes; rotated boxes (5 columns) get `rotated_box_scale` times
@@ -55,15 +68,18 @@ class Tolerances:
 # Detections: boxes within 5.6e-3 px, scores within 1.4e-5; a logit error of 1.8e-3 can move a
 # sigmoid score by up to 4.5e-4, hence score_atol. A real fault is orders larger (one weight
 # changed by 0.5 moves logits by up to 3.9). The defaults keep about 3x headroom.
+# Masks: a probability is a sigmoid, so a logit error of 1.8e-3 moves it by at most 4.5e-4:
+# mask_prob_atol 2e-3 keeps the same headroom; pixels that flip are those within that of the
+# threshold after resampling, a sliver of the boundary (IoU >= 0.95 on masks of 64+ pixels).
 # fp16/int8: not measurable here (no GPU): the usual orders of magnitude for these precisions
 # (fp16 has a 1e-3 relative step; int8 calibration moves scores by a few hundredths).
 TOLERANCE_PRESETS = {
     'fp32': Tolerances(atol=1e-2, rtol=1e-3, box_atol_px=2e-2, box_rtol=1e-4, score_atol=5e-4,
                        borderline=5e-4),
     'fp16': Tolerances(atol=5e-2, rtol=1e-2, box_atol_px=1.0, box_rtol=1e-2, score_atol=1e-2,
-                       borderline=1e-2),
+                       borderline=1e-2, mask_prob_atol=2e-2, mask_min_iou=0.9),
     'int8': Tolerances(atol=0.3, rtol=0.1, box_atol_px=4.0, box_rtol=5e-2, score_atol=5e-2,
-                       borderline=5e-2),
+                       borderline=5e-2, mask_prob_atol=0.1, mask_min_iou=0.8),
     # bf16 (OpenVINO's default on CPUs with AVX512_BF16/AMX): 8 significant bits, a 4e-3
     # relative step per operation, accumulated over the network. Measured with the bundled
     # rtmdet at 256 on 4 shapes images against ONNX Runtime fp32, three runs: matched boxes
@@ -71,7 +87,7 @@ TOLERANCE_PRESETS = {
     # the threshold moved by more than 0.03; raw box distances off by up to 2.33 (6.91 ->
     # 4.81). Hence looser boxes than int8's, raw 3.0 and 50 %.
     'bf16': Tolerances(atol=3.0, rtol=0.5, box_atol_px=8.0, box_rtol=0.1, score_atol=5e-2,
-                       borderline=5e-2),
+                       borderline=5e-2, mask_prob_atol=0.1, mask_min_iou=0.8),
 }
 
 
@@ -165,10 +181,14 @@ MIN_EXCUSED_BORDERLINE = 2        # borderline detections per side always excuse
 @dataclass
 class DetectionSet:
     """One image's detections from one side, best first: boxes [K, 4] xyxy px (rotated models:
-    [K, 5] cx, cy, w, h px and angle rad, matched by rotated IoU), scores, labels."""
+    [K, 5] cx, cy, w, h px and angle rad, matched by rotated IoU), scores, labels; instance
+    models add the `masks` output's rows [K, h, w] and the masks they give in the original
+    image [K, H, W] bool."""
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    mask_probabilities: np.ndarray | None = None
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -195,10 +215,14 @@ class ImageMatch:
     failed_pairs: int                   # matched, but box or score out of tolerance
     unmatched: list[Unmatched] = field(default_factory=list)
     too_many_borderline: bool = False   # borderline cases not excused (max_borderline_share)
+    min_mask_iou: float | None = None           # instance models, over the matched pairs
+    max_mask_prob_error: float | None = None
+    failed_masks: int = 0                       # matched pairs whose masks are out of tolerance
 
     @property
     def status(self) -> str:
-        if self.failed_pairs or any(not u.borderline for u in self.unmatched):
+        if self.failed_pairs or self.failed_masks or any(not u.borderline
+                                                          for u in self.unmatched):
             return 'FAIL'
         return 'borderline' if self.unmatched else 'ok'
 
@@ -217,6 +241,25 @@ def _iou_matrix(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     iou = rotated_iou_matrix if np.shape(boxes_a)[-1] == 5 else box_iou
     return iou(torch.as_tensor(boxes_a, dtype=torch.float64),
                torch.as_tensor(boxes_b, dtype=torch.float64)).numpy()
+
+
+def compare_masks(got_probabilities: np.ndarray, want_probabilities: np.ndarray,
+                  got_mask: np.ndarray, want_mask: np.ndarray, tol: Tolerances
+                  ) -> tuple[float, float, bool]:
+    """One matched pair's masks: (IoU at the original resolution, largest probability
+    difference, passed) by `Tolerances`' mask rule. Two empty masks have an IoU of 1."""
+    union = int(np.count_nonzero(got_mask | want_mask))
+    iou = np.count_nonzero(got_mask & want_mask) / union if union else 1.0
+    if np.shape(got_probabilities) != np.shape(want_probabilities):
+        return float(iou), float('inf'), False
+    difference = np.abs(np.asarray(got_probabilities, np.float64)
+                        - np.asarray(want_probabilities, np.float64))
+    difference = np.nan_to_num(difference, nan=np.inf)
+    prob_error = float(difference.max()) if difference.size else 0.0
+    off_share = float((difference > tol.mask_prob_atol).mean()) if difference.size else 0.0
+    passed = off_share <= tol.mask_prob_max_share and (
+        union < tol.mask_iou_min_pixels or iou >= tol.mask_min_iou)
+    return float(iou), prob_error, passed
 
 
 def match_detections(want: DetectionSet, got: DetectionSet, tol: Tolerances, score_thr: float,
@@ -263,6 +306,15 @@ def match_detections(want: DetectionSet, got: DetectionSet, tol: Tolerances, sco
         score_errors.append(score_error)
         failed += int(not box.passed or score_error > tol.score_atol)
     matched_want = {i for i, _ in kept_pairs}
+    mask_ious, mask_errors, failed_masks = [], [], 0
+    if want.masks is not None and got.masks is not None:
+        for i, j in kept_pairs:
+            iou, prob_error, passed = compare_masks(
+                got.mask_probabilities[j], want.mask_probabilities[i], got.masks[j],
+                want.masks[i], tol)
+            mask_ious.append(iou)
+            mask_errors.append(prob_error)
+            failed_masks += int(not passed)
 
     unmatched = [Unmatched('torch', int(want.labels[i]), float(want.scores[i]),
                            [float(v) for v in want.boxes[i]], is_borderline(float(want.scores[i])))
@@ -277,5 +329,8 @@ def match_detections(want: DetectionSet, got: DetectionSet, tol: Tolerances, sco
     if too_many:
         for entry in unmatched:
             entry.borderline = False
+    with_masks = want.masks is not None and got.masks is not None
     return ImageMatch(source, len(want), len(got), len(kept_pairs), max(box_errors),
-                      max(score_errors), failed, unmatched, too_many)
+                      max(score_errors), failed, unmatched, too_many,
+                      min(mask_ious, default=1.0) if with_masks else None,
+                      max(mask_errors, default=0.0) if with_masks else None, failed_masks)

@@ -22,10 +22,11 @@ from detdeploy.core.memory import check_memory
 from detdeploy.core.metadata import ModelMetadata
 from detdeploy.core.nms import NMSConfig
 from detdeploy.core.preprocessing import PreprocessConfig
-from detdeploy.core.tasks import DETECT, ROTATED, output_schema
+from detdeploy.core.masks import MaskConfig, paste_masks
+from detdeploy.core.tasks import DETECT, INSTANCE, ROTATED, output_schema
 from detdeploy.runtimes.backend import INTERMEDIATE_TENSORS, Backend
 from detdeploy.runtimes.pipeline import prepare_batch
-from detdeploy.runtimes.preprocess import read_image
+from detdeploy.runtimes.preprocess import ImageMeta, read_image, rescale_boxes
 
 from .compare import (ArrayComparison, DetectionSet, ImageMatch, Tolerances, compare_arrays,
                       match_detections, merge_comparisons, tolerances_for)
@@ -78,11 +79,19 @@ class ParityReport:
     def failures(self) -> list[str]:
         """One line per reason the check fails; empty when it passes."""
         reasons = [f'metadata: {issue.explanation}' for issue in self.metadata_issues]
-        failed_images = [m for m in self.images if m.status == 'FAIL']
+        failed_images = [m for m in self.images if m.status == 'FAIL' and
+                         (m.failed_pairs or any(not u.borderline for u in m.unmatched))]
         if failed_images:
             reasons.append(f'detections differ on {len(failed_images)} of {len(self.images)} '
                            f'images ({", ".join(Path(m.source).name for m in failed_images[:3])}'
                            f'{", ..." if len(failed_images) > 3 else ""})')
+        mask_images = [m for m in self.images if m.failed_masks]
+        if mask_images:
+            reasons.append(
+                f'masks differ on {len(mask_images)} of {len(self.images)} images '
+                f'({sum(m.failed_masks for m in mask_images)} matched detections; lowest mask '
+                f'IoU {min(m.min_mask_iou for m in mask_images):.4f}, largest probability '
+                f'difference {max(m.max_mask_prob_error for m in mask_images):.3g})')
         bad_raw = [name for name, c in self.raw.items() if not c.passed]
         if bad_raw:
             worst = max((self.raw[n] for n in bad_raw), key=lambda c: c.failing_share)
@@ -281,13 +290,22 @@ def _static_input_hw(model) -> tuple | None:
     return sides if len(sides) == 2 and None not in sides else None
 
 
-def _detection_set(outputs, names: tuple[str, ...], index: int) -> DetectionSet:
-    """One image's detections from outputs laid out as `names` (the schema's order)."""
+def _detection_set(outputs, names: tuple[str, ...], index: int,
+                   mask_config: MaskConfig | None = None, meta: ImageMeta | None = None
+                   ) -> DetectionSet:
+    """One image's detections from outputs laid out as `names` (the schema's order); instance
+    models' masks also pasted into the original image (`meta`) as the host pipeline does."""
     by_name = dict(zip(names, outputs))
     count = int(by_name['num_dets'][index, 0])
-    return DetectionSet(np.asarray(by_name['boxes'][index, :count], np.float64),
-                        np.asarray(by_name['scores'][index, :count], np.float64),
-                        np.asarray(by_name['labels'][index, :count], np.int64))
+    detections = DetectionSet(np.asarray(by_name['boxes'][index, :count], np.float64),
+                              np.asarray(by_name['scores'][index, :count], np.float64),
+                              np.asarray(by_name['labels'][index, :count], np.int64))
+    if mask_config is not None and 'masks' in by_name:
+        detections.mask_probabilities = np.asarray(by_name['masks'][index, :count], np.float32)
+        original_boxes = rescale_boxes(np.asarray(by_name['boxes'][index, :count]), meta)
+        detections.masks = paste_masks(detections.mask_probabilities, mask_config,
+                                       original_boxes, meta.original_hw, meta.scale_wh)
+    return detections
 
 
 def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetector,
@@ -330,18 +348,27 @@ def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetecto
                                  pad=metadata.preprocess.pad)
     reference = TorchBackend(detector, nms=nms, device=options.torch_device,
                              preprocess_config=config)
-    compare_detections = metadata.has_nms and metadata.task in (DETECT, ROTATED) and not any(
-        i.field == 'outputs' for i in issues)
+    compare_detections = metadata.has_nms and metadata.task in (DETECT, ROTATED, INSTANCE) \
+        and not any(i.field == 'outputs' for i in issues)
     if not metadata.has_nms:
         report.notes.append('the file has no NMS (--nms none): only raw outputs are compared')
-    elif metadata.task not in (DETECT, ROTATED):
-        report.notes.append(f"detections not compared: parity matches boxes (detect, rotated), "
-                            f"the file's task is {metadata.task}")
+    elif metadata.task not in (DETECT, ROTATED, INSTANCE):
+        report.notes.append(f"detections not compared: parity matches boxes and masks "
+                            f"(detect, instance, rotated), the file's task is {metadata.task}")
     elif not compare_detections:
         report.notes.append('detections not compared: the outputs do not follow the layout')
     elif metadata.nms is None:
         report.notes.append(f'the file states no NMS settings: PyTorch ran '
                             f"{detector.spec.name}'s deploy preset")
+    # masks are compared when both sides frame them alike (else a metadata issue says why)
+    mask_config = metadata.mask if compare_detections and metadata.task == INSTANCE else None
+    if mask_config is not None and mask_config != detector.model.mask_config:
+        report.metadata_issues.append(MetadataIssue(
+            'mask', metadata.mask.to_dict(), detector.model.mask_config.to_dict()
+            if detector.model.mask_config else None,
+            f'mask settings in the file ({metadata.mask.describe()}) differ from '
+            f"{detector.spec.name}'s: runtimes would paste its masks differently"))
+        mask_config = None
 
     graph = None
     raw_names: list[str] = []
@@ -366,16 +393,18 @@ def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetecto
     batches_by_image: list[np.ndarray] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        batch, _ = prepare_batch([image for _, image in chunk], config)
+        batch, metas = prepare_batch([image for _, image in chunk], config)
         batches_by_image.extend(batch[i:i + 1] for i in range(len(chunk)))
         if compare_detections:
             want = reference.run(batch)
             got = backend.run(batch)
             for index, (name, _) in enumerate(chunk):
                 report.images.append(match_detections(
-                    _detection_set(want, reference.metadata.output_names, index),
-                    _detection_set(got, metadata.output_names, index), tol, nms.score_thr,
-                    nms.max_det, name, backend.name))
+                    _detection_set(want, reference.metadata.output_names, index, mask_config,
+                                   metas[index]),
+                    _detection_set(got, metadata.output_names, index, mask_config,
+                                   metas[index]), tol, nms.score_thr, nms.max_det, name,
+                    backend.name))
         if raw_names:
             got_raw = backend.run_tensors(raw_names, batch)
             with torch.no_grad():

@@ -1,6 +1,6 @@
-"""`detdeploy eval`: COCO box mAP of a model on one or more backends, with the difference to the
-first; rotated models get DOTA-style rotated mAP (`evaluation.rotated_eval`) on a dataset whose
-annotations carry oriented boxes (`rbox`).
+"""`detdeploy eval`: COCO box mAP (instance models: and mask mAP) of a model on one or more
+backends, with the difference to the first; rotated models get DOTA-style rotated mAP
+(`evaluation.rotated_eval`) on a dataset whose annotations carry oriented boxes (`rbox`).
 
 A registry name runs in PyTorch; with `ort` among the backends it is also exported to a
 temporary ONNX file (same weights, same NMS preset) so both are scored on the same images.
@@ -83,11 +83,16 @@ def format_table(results) -> str:
     header = f"{'backend':<24}" + ''.join(f'{m:>8}' for m in names) + \
         f"{'d' + key:>9}{'images':>8}{'dets':>8}{'s':>7}"
     lines = [header]
-    base = results[0].metrics[key]
-    for index, result in enumerate(results):
-        delta = '(base)' if index == 0 else f"{result.metrics[key] - base:+.4f}"
-        lines.append(f'{result.backend:<24}' + ''.join(f'{result.metrics[m]:>8.4f}'
-                                                         for m in names)
+    rows = [(result.backend + (' bbox' if getattr(result, 'segm_metrics', None) else ''),
+             result.metrics, result, 'bbox') for result in results]
+    # instance models: a mask row (pycocotools iouType 'segm') under each box row
+    rows += [(result.backend + ' segm', result.segm_metrics, result, 'segm')
+             for result in results if getattr(result, 'segm_metrics', None)]
+    base = {kind: metrics[key] for _, metrics, _, kind in reversed(rows)}
+    first = {kind: next(r for r in rows if r[3] == kind)[2] for kind in base}
+    for name, metrics, result, kind in rows:
+        delta = ('(base)' if result is first[kind] else f"{metrics[key] - base[kind]:+.4f}")
+        lines.append(f'{name:<24}' + ''.join(f'{metrics[m]:>8.4f}' for m in names)
                      + f'{delta:>9}{result.num_images:>8}{result.num_detections:>8}'
                      f'{result.seconds:>7.1f}')
     if key == 'AP50':
@@ -129,8 +134,9 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
                  json_path, input_size, mean, std, channel_order, pad_value, max_pixels,
                  no_overwrite) -> None:
     """COCO box mAP (AP, AP50, AP75, small/medium/large) of MODEL on a COCO-format dataset;
-    for rotated models DOTA-style mAP (VOC 11-point AP per class at rotated IoU 0.5, 0.75 and
-    0.5:0.95) against the annotations' oriented boxes.
+    instance models add mask mAP (a 'segm' row per backend); for rotated models DOTA-style mAP
+    (VOC 11-point AP per class at rotated IoU 0.5, 0.75 and 0.5:0.95) against the annotations'
+    oriented boxes.
 
     MODEL: a registry name (with --checkpoint; the default is the bundled model), a .onnx or an
     .engine file. With several backends, a table and each one's AP difference to the first.
@@ -198,8 +204,9 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
         click.echo(f'{result.backend} {nms_line(runner.metadata)}')
     if json_path:
         write_json(json_path, {'model': model, 'ann': str(ann_file), 'results': [
-            {'backend': r.backend, 'metrics': r.metrics, 'images': r.num_images,
-             'detections': r.num_detections, 'seconds': r.seconds,
+            {'backend': r.backend, 'metrics': r.metrics,
+             **({'segm_metrics': r.segm_metrics} if getattr(r, 'segm_metrics', None) else {}),
+             'images': r.num_images, 'detections': r.num_detections, 'seconds': r.seconds,
              **({'ap50_per_class': {c.name: c.ap for c in r.per_class if c.num_gts}}
                 if hasattr(r, 'per_class') else {})} for r in results]},
             overwrite=not no_overwrite)

@@ -141,6 +141,18 @@ def format_report(report) -> list[str]:
                          f'{shown or "-":<30}  {match.status}')
         if any(u.borderline for m in report.images for u in m.unmatched):
             lines.append('  (* borderline: not a failure)')
+        if any(match.min_mask_iou is not None for match in report.images):
+            lines.append(f'masks of matched detections (fail if over '
+                         f'{tol.mask_prob_max_share:.0%} of the probabilities are off by more '
+                         f'than {tol.mask_prob_atol:g}, or the IoU at the original resolution '
+                         f'is below {tol.mask_min_iou:g} on masks of {tol.mask_iou_min_pixels}+ '
+                         'px):')
+            lines.append(f'  {"image":<{width}}  min IoU  max prob err  failed')
+            for match in report.images:
+                if match.min_mask_iou is not None:
+                    lines.append(f'  {Path(match.source).name:<{width}}  '
+                                 f'{match.min_mask_iou:>7.4f}  '
+                                 f'{match.max_mask_prob_error:>12.2e}  {match.failed_masks:>6}')
         for match in report.images:
             if match.too_many_borderline:
                 lines.append(f'  {Path(match.source).name}: {len(match.unmatched)} unmatched near '
