@@ -39,7 +39,8 @@ from detdeploy.core.tasks import DETECT, NMS_MODES, has_schema, output_names
 from detdeploy.models import LoadedDetector
 
 from .graph import DetectorGraph, PostprocessGraph
-from .onnx_nms import TRT_PLUGIN_DOMAINS, batched_nms_to_onnx, efficient_nms_translation
+from .onnx_nms import (TRT_PLUGIN_DOMAINS, batched_nms_index_to_onnx, batched_nms_to_onnx,
+                       efficient_nms_translation)
 from .simplify import simplify
 
 INPUT_NAME = 'images'
@@ -82,7 +83,9 @@ def validate_options(options: ExportOptions, input_hw: tuple[int, int], task: st
     if options.nms_mode not in NMS_MODES:
         raise DetdeployError(f"unknown NMS mode '{options.nms_mode}': use {', '.join(NMS_MODES)}")
     if not has_schema(task, options.nms_mode):
-        raise DetdeployError(f"--nms {options.nms_mode} is not available for {task} models")
+        modes = [mode for mode in NMS_MODES if has_schema(task, mode)]
+        raise DetdeployError(f"--nms {options.nms_mode} is not available for {task} models: "
+                             f"use --nms {' or '.join(modes)}")
     check_input_size(tuple(input_hw), size_divisor, 'input size')
     if options.batch < 1:
         raise DetdeployError(f'batch must be at least 1, got {options.batch}')
@@ -126,6 +129,7 @@ def _dynamo_export(module: torch.nn.Module, args: tuple, input_names: list[str],
     """`torch.onnx.export(dynamo=True)` with detdeploy's NMS ops translated, quietly."""
     table = {
         torch.ops.detdeploy.batched_nms.default: batched_nms_to_onnx,
+        torch.ops.detdeploy.batched_nms_index.default: batched_nms_index_to_onnx,
         torch.ops.detdeploy.efficient_nms.default: efficient_nms_translation(trt_plugin_domain),
     }
     # The exporter reports progress on stdout and warns about its own internals; keep the
@@ -195,6 +199,8 @@ def export_onnx(detector: LoadedDetector, output_path: str | Path,
             options = dataclasses.replace(options, dynamic_shape=True)
         input_hw = tuple(max(side, MIN_DIVISOR_TRACE_BLOCKS * model_module.size_divisor)
                          for side in processing.canvas_size(scale_hw))
+    if options.nms_mode in NMS_MODES:
+        model_module.check_nms_mode(options.nms_mode)
     validate_options(options, input_hw, model_module.task, model_module.size_divisor)
     processing = processing.with_input_size(scale_hw)
     if options.nms_mode == 'trt' and options.nms.score_thr < TRT_SLOW_SCORE_THR:

@@ -1,9 +1,10 @@
 """ONNX translations of detdeploy's NMS custom ops, written with onnxscript.
 
 `batched_nms_to_onnx` builds the standard-op graph (ONNX `NonMaxSuppression`) for
-`detdeploy::batched_nms`; `efficient_nms_to_trt` emits TensorRT's `EfficientNMS_TRT` plugin
-node for `detdeploy::efficient_nms`. Eager semantics of both ops live in
-`detdeploy.models.postprocess`.
+`detdeploy::batched_nms` (`batched_nms_index_to_onnx`: the same graph, which also outputs the
+kept candidates' indices, for `detdeploy::batched_nms_index`); `efficient_nms_to_trt` emits
+TensorRT's `EfficientNMS_TRT` plugin node for `detdeploy::efficient_nms`. Eager semantics of the
+ops live in `detdeploy.models.nms`.
 """
 from __future__ import annotations
 
@@ -20,6 +21,21 @@ MINUS_ONE_INT32 = onnx.helper.make_tensor('minus_one', onnx.TensorProto.INT32, [
 
 def batched_nms_to_onnx(boxes: FLOAT, scores: FLOAT, labels: INT64, score_thr: float,
                         iou_thr: float, max_det: int, class_agnostic: bool = False):
+    """`detdeploy::batched_nms`: the four padded outputs of `_nms_graph`."""
+    return _nms_graph(boxes, scores, labels, score_thr, iou_thr, max_det, class_agnostic)[:4]
+
+
+def batched_nms_index_to_onnx(boxes: FLOAT, scores: FLOAT, labels: INT64, score_thr: float,
+                              iou_thr: float, max_det: int, class_agnostic: bool = False):
+    """`detdeploy::batched_nms_index`: the four padded outputs and each row's candidate index
+    [B, K] (padding rows: some valid candidate index)."""
+    *outputs, candidate = _nms_graph(boxes, scores, labels, score_thr, iou_thr, max_det,
+                                     class_agnostic)
+    return (*outputs, op.Squeeze(candidate, [2]))
+
+
+def _nms_graph(boxes, scores, labels, score_thr: float, iou_thr: float, max_det: int,
+               class_agnostic: bool):
     """Per-class NMS over candidates [B, M], then the best `max_det` per image, padded
     (`class_agnostic`: the same without the class offsets).
 
@@ -29,6 +45,7 @@ def batched_nms_to_onnx(boxes: FLOAT, scores: FLOAT, labels: INT64, score_thr: f
     and stops after `max_det` boxes. The selected scores are scattered into a dense
     [B, M + max_det] matrix of -1 (the extra columns keep TopK valid when M < max_det) and the
     best `max_det` per row taken; ties go to the lower candidate index, as in the eager op.
+    Returns the four outputs and each row's candidate index [B, K, 1].
     """
     score_threshold = op.Constant(value_floats=[score_thr])
     if class_agnostic:
@@ -66,7 +83,7 @@ def batched_nms_to_onnx(boxes: FLOAT, scores: FLOAT, labels: INT64, score_thr: f
                           op.Cast(op.GatherND(labels, candidate, batch_dims=1),
                                   to=onnx.TensorProto.INT32),
                           op.Constant(value=MINUS_ONE_INT32))
-    return num_dets, out_boxes, out_scores, out_labels
+    return num_dets, out_boxes, out_scores, out_labels, candidate
 
 
 def _efficient_nms_op(domain: str) -> Op:

@@ -77,6 +77,10 @@ class Detector(nn.Module):
         network-input pixels. Traceable: the exporter exports exactly this."""
         raise NotImplementedError
 
+    def check_nms_mode(self, nms_mode: str) -> None:
+        """Raise a `DetdeployError` (one line, saying what to use) if this model cannot
+        post-process in `nms_mode` although its task has a schema for it; nothing by default."""
+
     def synthetic_head(self) -> tuple[list[nn.Conv2d], list[tuple[nn.Conv2d, str]], float]:
         """For `synthetic_weights`: the head's tower convs, its predictor convs each with its
         kind ('logits', 'box' or 'angle'), and the bias that gives the box predictors a positive

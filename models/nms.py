@@ -2,7 +2,8 @@
 custom ops, and the outputs of each NMS mode.
 
 Batched and traceable, so the exporter turns the same code into the ONNX graph. NMS is the custom
-op `detdeploy::batched_nms` (TensorRT's plugin: `detdeploy::efficient_nms`): this module holds
+op `detdeploy::batched_nms` (with the kept candidates' indices: `detdeploy::batched_nms_index`;
+TensorRT's plugin: `detdeploy::efficient_nms`): this module holds
 their eager implementations; `detdeploy.export` translates them to ONNX. A family decodes its
 head into `DecodedOutputs` (boxes and class scores per anchor); everything after that is here.
 Boxes stay in network-input pixels; rescaling to the original image is the host's job.
@@ -117,18 +118,17 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     return torchvision.ops.nms(boxes + offsets[:, None], scores, iou_thr_float32)
 
 
-@torch.library.custom_op('detdeploy::batched_nms', mutates_args=())
-def batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-                   score_thr: float, iou_thr: float, max_det: int, class_agnostic: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Candidates [B, M, 4], [B, M], [B, M] -> (num_dets, boxes, scores, labels) padded to
-    `max_det`: per image, candidates scoring above `score_thr`, per-class (or class-agnostic)
-    NMS, the best `max_det` by score."""
+def _batched_nms_rows(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                      score_thr: float, iou_thr: float, max_det: int, class_agnostic: bool
+                      ) -> tuple[torch.Tensor, ...]:
+    """The eager NMS of both ops below: the four padded outputs and the candidate index of
+    each row (padding rows: 0)."""
     batch = boxes.shape[0]
     out_boxes = boxes.new_zeros(batch, max_det, 4)
     out_scores = scores.new_zeros(batch, max_det)
     out_labels = torch.full((batch, max_det), -1, dtype=torch.int32, device=boxes.device)
     num_dets = torch.zeros(batch, 1, dtype=torch.int32, device=boxes.device)
+    out_index = torch.zeros(batch, max_det, dtype=torch.int64, device=boxes.device)
     for image in range(batch):
         valid = scores[image] > score_thr
         image_boxes, image_scores = boxes[image][valid], scores[image][valid]
@@ -140,7 +140,19 @@ def batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tens
         out_boxes[image, :count] = image_boxes[keep]
         out_scores[image, :count] = image_scores[keep]
         out_labels[image, :count] = image_labels[keep].to(torch.int32)
-    return num_dets, out_boxes, out_scores, out_labels
+        out_index[image, :count] = valid.nonzero()[:, 0][keep]
+    return num_dets, out_boxes, out_scores, out_labels, out_index
+
+
+@torch.library.custom_op('detdeploy::batched_nms', mutates_args=())
+def batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                   score_thr: float, iou_thr: float, max_det: int, class_agnostic: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidates [B, M, 4], [B, M], [B, M] -> (num_dets, boxes, scores, labels) padded to
+    `max_det`: per image, candidates scoring above `score_thr`, per-class (or class-agnostic)
+    NMS, the best `max_det` by score."""
+    return _batched_nms_rows(boxes, scores, labels, score_thr, iou_thr, max_det,
+                             class_agnostic)[:4]
 
 
 @batched_nms_op.register_fake
@@ -149,6 +161,27 @@ def _batched_nms_shapes(boxes, scores, labels, score_thr, iou_thr, max_det,
     batch = boxes.shape[0]
     return (boxes.new_empty(batch, 1, dtype=torch.int32), boxes.new_empty(batch, max_det, 4),
             scores.new_empty(batch, max_det), boxes.new_empty(batch, max_det, dtype=torch.int32))
+
+
+@torch.library.custom_op('detdeploy::batched_nms_index', mutates_args=())
+def batched_nms_index_op(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                         score_thr: float, iou_thr: float, max_det: int,
+                         class_agnostic: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor]:
+    """`batched_nms_op` plus, per output row, the index [B, K] int64 of the candidate it came
+    from (rows past num_dets: any valid candidate index), for heads that carry more per
+    candidate than a box (RTMDet-Ins: its mask kernel)."""
+    return _batched_nms_rows(boxes, scores, labels, score_thr, iou_thr, max_det,
+                             class_agnostic)
+
+
+@batched_nms_index_op.register_fake
+def _batched_nms_index_shapes(boxes, scores, labels, score_thr, iou_thr, max_det,
+                              class_agnostic=False):
+    batch = boxes.shape[0]
+    return (*_batched_nms_shapes(boxes, scores, labels, score_thr, iou_thr, max_det),
+            boxes.new_empty(batch, max_det, dtype=torch.int64))
 
 
 TRT_MAX_CANDIDATES = 4096

@@ -14,6 +14,7 @@ from .faster_rcnn import SPECS as FASTER_RCNN_SPECS
 from .retinanet import SPECS as RETINANET_SPECS
 from .rotated_rtmdet import SPECS as ROTATED_RTMDET_SPECS
 from .rtmdet import SPECS as RTMDET_SPECS
+from .rtmdet_ins import SPECS as RTMDET_INS_SPECS
 from .yolov3 import SPECS as YOLOV3_SPECS
 
 MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (
@@ -22,6 +23,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     *RETINANET_SPECS,
     *YOLOV3_SPECS,
     *ROTATED_RTMDET_SPECS,
+    *RTMDET_INS_SPECS,
 )}
 ALIASES = {'rtmdet': 'rtmdet-tiny'}
 

@@ -57,7 +57,8 @@ def pytorch_model_options(command):
     return click.option('--model', 'model_name', help=(
         'Registry name: rtmdet (= rtmdet-tiny, the default), rtmdet-s, -m, -l, -x, '
         'retinanet-r50, faster-rcnn-r50, faster-rcnn-r101, yolov3-mobilenetv2-320, -416, '
-        'rotated-rtmdet-tiny, -s, -m, -l.'))(command)
+        'rotated-rtmdet-tiny, -s, -m, -l, rtmdet-ins-tiny, -s, -m, -l, -x (instance '
+        'masks).'))(command)
 
 
 def weight_inputs(checkpoint: str | None, class_names: str | None) -> list[tuple[str, str]]:
