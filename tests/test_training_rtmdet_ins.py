@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -18,18 +17,11 @@ import torch
 from conftest import DATA_DIR
 from detdeploy.core.preprocessing import PreprocessConfig
 from detdeploy.models.losses import dice_loss
-from detdeploy.models.rtmdet_ins.loss import RTMDetInsLoss, mask_logits_at_points
+from detdeploy.models.rtmdet_ins import RawOutputs, dynamic_mask_logits
+from detdeploy.models.rtmdet_ins.loss import RTMDetInsLoss
 from detdeploy.training.data import AugmentConfig, CocoDetectionDataset, collate, read_coco
 
 LOSS_RTOL = 1e-4
-
-
-class Raw(NamedTuple):
-    """The structure of RTMDet-Ins's forward output (MMDetection's)."""
-    cls_scores: tuple[torch.Tensor, ...]
-    bbox_preds: tuple[torch.Tensor, ...]
-    kernel_preds: tuple[torch.Tensor, ...]
-    mask_feat: torch.Tensor
 
 
 @pytest.fixture(scope='module')
@@ -61,7 +53,7 @@ def reference_inputs(reference, case):
         width = cls_scores[level].shape[-1]
         kernels[level][entry['image'], :, point // width, point % width] = torch.tensor(
             entry['values'])
-    raw = Raw(cls_scores, bbox_preds, tuple(kernels), _tensor(case['mask_feat']))
+    raw = RawOutputs(cls_scores, bbox_preds, tuple(kernels), _tensor(case['mask_feat']))
     boxes = [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in case['gt_boxes']]
     labels = [torch.tensor(lab, dtype=torch.long) for lab in case['gt_labels']]
     masks = [_unpack_masks(entry, size) for entry in case['gt_masks']]
@@ -110,13 +102,15 @@ def test_dice_loss_by_hand():
 
 
 def test_mask_logits_equal_grouped_convolutions_written_out():
-    """The dynamic 1x1 convs as MMDetection writes them (grouped conv2d over all instances)."""
+    """The model's dynamic 1x1 convs (which the loss uses) as MMDetection writes them: a
+    grouped conv2d over all instances."""
     generator = torch.Generator().manual_seed(0)
     feat = torch.randn(8, 6, 5, generator=generator)
     kernels = torch.randn(3, 169, generator=generator) * 0.5
     points = torch.tensor([[8.0, 16.0], [24.0, 0.0], [32.0, 32.0]])
     strides = torch.tensor([8.0, 16.0, 32.0])
-    got = mask_logits_at_points(feat, kernels, points, strides)
+    got = dynamic_mask_logits(feat[None], kernels[None], points[None], strides[None], 8,
+                              [80, 64, 8], [8, 8, 1])[0]
     ys, xs = torch.meshgrid(torch.arange(6) * 8.0, torch.arange(5) * 8.0, indexing='ij')
     grid = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1)
     relative = ((points[:, None] - grid[None]).permute(0, 2, 1)
@@ -133,7 +127,7 @@ def test_mask_logits_equal_grouped_convolutions_written_out():
 
 def test_no_positive_gives_zero_mask_loss_attached_to_the_mask_branch(reference):
     raw, _, _, _ = reference_inputs(reference, reference['cases'][0])
-    raw = Raw(raw.cls_scores, raw.bbox_preds,
+    raw = RawOutputs(raw.cls_scores, raw.bbox_preds,
               tuple(k.clone().requires_grad_() for k in raw.kernel_preds),
               raw.mask_feat.clone().requires_grad_())
     empty = [torch.zeros(0, 4)] * 2
@@ -232,13 +226,14 @@ def test_augmented_masks_stay_aligned_with_boxes_and_pixels(tmp_path, mosaic, mi
                 assert ys.min() >= box[1] - 2 and ys.max() + 1 <= box[3] + 2
                 if mixup:
                     continue        # blended pixels: only the geometry is checked
-                # and its interior on pixels of its object's colour (the resize blends edges)
-                interior = _eroded(mask)
+                # and its interior on pixels of its object's colour (the antialiased resize
+                # blends up to two pixels at the edges when it shrinks 4x)
+                interior = _eroded(_eroded(mask))
                 if interior.sum() < 16:
                     continue
                 colour = np.asarray(COLOURS[label], np.float32)
                 close = np.abs(pixels[interior] - colour).max(1) < 60
-                assert close.mean() > 0.9, (epoch, index, label, close.mean())
+                assert close.mean() > 0.95, (epoch, index, label, close.mean())
                 checked += 1
     assert checked > 20 or mixup
 

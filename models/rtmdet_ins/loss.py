@@ -2,8 +2,9 @@
 box losses (`models/rtmdet/loss.py`, same assignment) plus the dice loss of the positives' masks.
 
 The assigner's centre prior uses each mask's centre of mass instead of its box centre (as
-MMDetection's does when the ground truth has masks). Every positive anchor point (no cap on their number) turns its predicted kernel into a mask over
-the stride-8 prototype (`mask_logits_at_points`); those logits are upsampled 2x (bilinear) to
+MMDetection's does when the ground truth has masks). Every positive anchor point (no cap on
+their number) turns its predicted kernel into a mask over the stride-8 prototypes (the model's
+`dynamic_mask_logits`, as at inference); those logits are upsampled 2x (bilinear) to
 `mask_loss_stride` 4, and the ground-truth mask of its assigned box is sampled at the centre of
 every 4x4 cell ([2::4, 2::4], as MMDetection), then dice (eps 5e-6, weight 2) is averaged over the
 positives of the batch (averaged across processes under DDP, at least 1).
@@ -15,53 +16,10 @@ import torch.nn.functional as F
 
 from ..losses import dice_loss
 from ..rtmdet.loss import RTMDetLoss, mean_over_processes
+from .model import dynamic_conv_sizes, dynamic_mask_logits
 
-NUM_PROTOTYPES, DYCONV_CHANNELS, NUM_DYCONVS = 8, 8, 3
 # float32 machine epsilon: MMDetection's `weight_reduce_loss` adds it to the average factor
 AVG_EPS = torch.finfo(torch.float32).eps
-
-
-def kernel_layout(num_prototypes: int = NUM_PROTOTYPES, channels: int = DYCONV_CHANNELS,
-                  num_layers: int = NUM_DYCONVS) -> tuple[list[int], list[int]]:
-    """Sizes of each dynamic layer's weights and biases within a kernel vector (MMDetection's
-    `weight_nums`, `bias_nums`): the first layer sees the prototypes plus 2 relative coordinates,
-    the last outputs one channel."""
-    weights, biases = [], []
-    for layer in range(num_layers):
-        fan_in = num_prototypes + 2 if layer == 0 else channels
-        fan_out = 1 if layer == num_layers - 1 else channels
-        weights.append(fan_in * fan_out)
-        biases.append(fan_out)
-    return weights, biases
-
-
-def mask_logits_at_points(mask_feat: torch.Tensor, kernels: torch.Tensor, points: torch.Tensor,
-                          point_strides: torch.Tensor, mask_stride: int = 8,
-                          channels: int = DYCONV_CHANNELS) -> torch.Tensor:
-    """Mask logits [N, h, w] of N instances over one image's prototypes `mask_feat` [P, h, w]
-    (stride `mask_stride`): each instance's kernel [N, params] parameterises 1x1 convs (ReLU
-    between) over the prototypes and the coordinates relative to its point [N, 2] (x, y),
-    divided by 8 x its level's stride `point_strides` [N]."""
-    num, (prototypes, height, width) = kernels.shape[0], mask_feat.shape
-    if num == 0:
-        return mask_feat.new_zeros((0, height, width))
-    ys = torch.arange(height, device=mask_feat.device, dtype=mask_feat.dtype) * mask_stride
-    xs = torch.arange(width, device=mask_feat.device, dtype=mask_feat.dtype) * mask_stride
-    scale = (point_strides.to(mask_feat.dtype) * 8)[:, None, None]
-    relative = torch.stack([(points[:, 0, None, None] - xs[None, None, :]).expand(num, height, width),
-                            (points[:, 1, None, None] - ys[None, :, None]).expand(num, height, width)],
-                           1) / scale[:, None]
-    x = torch.cat([relative, mask_feat[None].expand(num, -1, -1, -1)], 1)     # [N, P + 2, h, w]
-    weight_sizes, bias_sizes = kernel_layout(prototypes, channels)
-    parts = torch.split(kernels, weight_sizes + bias_sizes, dim=1)
-    weights, biases = parts[:len(weight_sizes)], parts[len(weight_sizes):]
-    for layer, (weight, bias) in enumerate(zip(weights, biases)):
-        fan_out = bias.shape[1]
-        x = torch.einsum('noi,nihw->nohw', weight.reshape(num, fan_out, -1), x) \
-            + bias[:, :, None, None]
-        if layer < len(weights) - 1:
-            x = F.relu(x)
-    return x[:, 0]
 
 
 def centre_of_mass(masks: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -82,6 +40,7 @@ class RTMDetInsLoss(RTMDetLoss):
         self.mask_weight = mask_weight
         self.mask_loss_stride = mask_loss_stride
         self.dice_eps = dice_eps
+        self.kernel_layout = dynamic_conv_sizes()       # 8 prototypes, 3 layers of 8 channels
 
     def __call__(self, raw, gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor],
                  gt_masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -102,17 +61,21 @@ class RTMDetInsLoss(RTMDetLoss):
         logits, wanted = [], []
         for index, assignment in enumerate(targets.assignments):
             positive = (assignment.gt_index >= 0).nonzero().squeeze(1)
+            if len(positive) == 0:
+                continue
             priors = targets.priors[positive]
-            logits.append(mask_logits_at_points(raw.mask_feat[index], kernels[index, positive],
-                                                priors[:, :2], priors[:, 2], mask_stride))
+            logits.append(dynamic_mask_logits(
+                raw.mask_feat[index:index + 1], kernels[index:index + 1, positive],
+                priors[None, :, :2], priors[None, :, 2], mask_stride, *self.kernel_layout)[0])
             wanted.append(gt_masks[index][assignment.gt_index[positive]])
-        logits, wanted = torch.cat(logits), torch.cat(wanted)
+        count = sum(len(image_logits) for image_logits in logits)
         num_positive = float(mean_over_processes(
-            raw.mask_feat.new_tensor([len(logits)])).clamp(min=1))
+            raw.mask_feat.new_tensor([count])).clamp(min=1))
         # keeps every mask-branch parameter in the graph when there is nothing to learn (DDP)
         untouched = (raw.mask_feat.sum() + kernels.sum()) * 0
-        if len(logits) == 0:
+        if count == 0:
             return untouched
+        logits, wanted = torch.cat(logits), torch.cat(wanted)
         step = self.mask_loss_stride
         logits = F.interpolate(logits[None], scale_factor=mask_stride // step, mode='bilinear',
                                align_corners=False)[0]
