@@ -261,3 +261,83 @@ def test_read_coco_with_masks_refuses_a_missing_segmentation(tmp_path):
     read_coco(ann, tmp_path / 'images')                  # boxes only: fine
     with pytest.raises(DetdeployError, match=r'annotations\[0\]: no segmentation'):
         read_coco(ann, tmp_path / 'images', with_masks=True)
+
+
+# --- the trainer ----------------------------------------------------------------------------------
+
+SIZE = 64
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory) -> Path:
+    from detdeploy.training.shapes import make_shapes_dataset
+    out = tmp_path_factory.mktemp('shapes_ins')
+    make_shapes_dataset(out, train=8, val=3, size=SIZE, seed=3)
+    return out
+
+
+def _config(shapes: Path, out: Path, **changes):
+    from detdeploy.training.trainer import TrainConfig
+    values = dict(model='rtmdet-ins-tiny', train_ann=str(shapes / 'annotations/instances_train.json'),
+                  train_images=str(shapes / 'train'), out=str(out), epochs=1, batch=2,
+                  img_size=SIZE, lr=0.002, warmup_iters=1, log_interval=1, seed=1,
+                  max_iters_per_epoch=2)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def test_init_from_rtmdet_takes_its_weights_and_leaves_the_mask_branches(tmp_path):
+    """RTMDet weights into RTMDet-Ins: backbone, neck, class and box predictors are RTMDet's;
+    the tower that RTMDet-Ins shares between classes and boxes (`reg_convs` is `cls_convs`)
+    takes RTMDet's box tower; the kernel and prototype branches keep their initialisation."""
+    from detdeploy.models import build_model, get_spec, save_checkpoint
+    from detdeploy.training.trainer import _load_init
+    torch.manual_seed(0)
+    rtmdet = build_model('rtmdet-tiny', num_classes=6)
+    with torch.no_grad():
+        for value in rtmdet.state_dict().values():
+            if value.is_floating_point():
+                value.add_(torch.rand_like(value))          # tell every tensor apart
+    path = tmp_path / 'rtmdet.pth'
+    save_checkpoint(path, rtmdet, get_spec('rtmdet-tiny'), tuple('abcdef'))
+    source = rtmdet.state_dict()
+
+    torch.manual_seed(1)
+    model = build_model('rtmdet-ins-tiny', num_classes=6)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    skipped = _load_init(model, str(path))
+    loaded = model.state_dict()
+    head = 'bbox_head.'
+    for key, value in loaded.items():
+        if key.startswith(('backbone.', 'neck.', head + 'rtm_cls.', head + 'rtm_reg.')):
+            assert torch.equal(value, source[key]), key
+        elif key.startswith((head + 'cls_convs.', head + 'reg_convs.')):
+            assert torch.equal(value, source[key.replace('cls_convs', 'reg_convs')]), key
+        else:
+            assert key.startswith((head + 'kernel_convs.', head + 'rtm_kernel.',
+                                   head + 'mask_head.')), key
+            assert torch.equal(value, fresh[key]), key
+            assert key in skipped
+    assert all(k.startswith((head + 'kernel_convs.', head + 'rtm_kernel.', head + 'mask_head.'))
+               for k in skipped)
+
+
+def test_instance_training_steps_validation_checkpoint_and_resume(shapes, tmp_path):
+    from detdeploy.models import load_detector
+    from detdeploy.training.trainer import LAST, Trainer
+    val = dict(val_ann=str(shapes / 'annotations/instances_val.json'),
+               val_images=str(shapes / 'val'))
+    trainer = Trainer(_config(shapes, tmp_path, **val), show_progress=False)
+    assert trainer.instance and trainer.dataset.with_masks
+    summary = trainer.fit()
+    assert summary['loss_mask'] > 0 and np.isfinite(summary['loss'])
+    assert summary['loss'] == pytest.approx(
+        summary['loss_cls'] + summary['loss_bbox'] + summary['loss_mask'], rel=1e-5)
+    assert {'AP', 'segm_AP', 'segm_AP50'} <= set(summary['val'])
+    assert trainer.best_ap == summary['val']['segm_AP']      # best.pth follows segm AP
+    detector = load_detector('rtmdet-ins-tiny', tmp_path / LAST)        # strict load
+    assert detector.model.mask_config.stride == 8
+    resumed = Trainer(_config(shapes, tmp_path, epochs=2, **val), resume=True,
+                      show_progress=False)
+    assert (resumed.epoch, resumed.iteration) == (1, 2)
+    assert resumed.fit()['epoch'] == 2

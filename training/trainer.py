@@ -98,13 +98,33 @@ def _load_init(model: torch.nn.Module, path: str) -> list[str]:
         raise CheckpointError(f'--checkpoint {path}: {mistyped[0]} is '
                               f'{str(state_dict[mistyped[0]].dtype).split(".")[-1]}, not floating '
                               f'point ({len(mistyped)} such tensors)')
-    usable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    aliases = shared_names(own)
+    usable = {k: v for k, v in state_dict.items()
+              if k in own and own[k].shape == v.shape and k not in aliases}
     if not usable:
         raise CheckpointError(f'--checkpoint {path}: none of its {len(state_dict)} tensors fits '
                               f'{type(model).__name__} (e.g. {next(iter(state_dict))})')
-    skipped = sorted(set(own) - set(usable))
+    skipped = sorted(set(own) - set(usable) - aliases)
     model.load_state_dict(usable, strict=False)
     return skipped
+
+
+def shared_names(state_dict: dict[str, torch.Tensor]) -> set[str]:
+    """Keys naming a tensor that a later key names too, so that the last name's checkpoint
+    value is the one taken, on purpose rather than by load order. RTMDet-Ins's `reg_convs` are
+    its `cls_convs`: from an RTMDet checkpoint the shared tower takes the box tower's weights
+    (measured on the shapes set: first-step cls/box losses 2.6/0.81 against 20.4/1.37 with the
+    class tower's)."""
+    last: dict[tuple, str] = {}
+    earlier = set()
+    for key, value in state_dict.items():
+        if value.numel() == 0:
+            continue
+        identity = (value.data_ptr(), value.dtype, tuple(value.shape))
+        if identity in last:
+            earlier.add(last[identity])
+        last[identity] = key
+    return earlier
 
 
 class Trainer:
@@ -135,7 +155,7 @@ class Trainer:
             skipped = _load_init(self.model, config.init_checkpoint)
             if skipped and self.dist.is_main:
                 self.echo(f'note: {len(skipped)} tensors not taken from {config.init_checkpoint} '
-                          f'(shape differs), e.g. {skipped[0]}')
+                          f'(absent or shape differs), e.g. {skipped[0]}')
         # channels-last convolutions are about twice as fast on CPU for this network
         self.model.to(self.dist.device, memory_format=torch.channels_last)
         self.ema = ExpMomentumEMA(self.model, momentum=config.ema_momentum)

@@ -62,7 +62,8 @@ def _check_inputs(out_dir: str, train_ann: str, val_ann: str | None,
 
 @click.command()
 @click.option('--model', 'model_name', default='rtmdet-tiny', show_default=True,
-              help='Registry name: rtmdet-tiny, -s, -m, -l, -x.')
+              help='Registry name: rtmdet-tiny, -s, -m, -l, -x; rtmdet-ins-tiny .. -x (instance '
+              'masks: the annotation file needs segmentation).')
 @click.option('--train-ann', required=True, type=click.Path(dir_okay=False),
               help='COCO instances JSON of the training set (class names come from it).')
 @click.option('--train-images', required=True, type=click.Path(file_okay=False),
@@ -111,7 +112,8 @@ def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batc
           scale_range, mosaic_prob, mixup_prob, workers, seed, max_iters_per_epoch) -> None:
     """Train a detector the way MMDetection trains RTMDet: dynamic soft-label assignment,
     quality focal + GIoU losses, AdamW with warm-up and flat-then-cosine decay, EMA weights for
-    evaluation and checkpoints."""
+    evaluation and checkpoints. RTMDet-Ins adds MMDetection's dice mask loss and validates
+    with segm AP too."""
     from detdeploy.models.registry import get_spec
     from detdeploy.training.trainer import TrainConfig, Trainer
 
@@ -136,6 +138,7 @@ def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batc
                    f'epoch {trainer.epoch + 1} of {epochs}, {trainer.iters_per_epoch} steps each')
     summary = trainer.fit()
     if trainer.dist.is_main:
-        best = f', best val AP {trainer.best_ap:.3f}' if trainer.best_ap >= 0 else ''
+        kind = 'segm AP' if trainer.instance else 'AP'
+        best = f', best val {kind} {trainer.best_ap:.3f}' if trainer.best_ap >= 0 else ''
         click.echo(f'done: {out_dir}/last.pth and best.pth{best}')
     return summary
