@@ -43,8 +43,8 @@ class TorchBackend(Backend):
             torch.cuda.synchronize(self.device)
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """The four NMS outputs (num_dets, boxes, scores, labels); boxes in network-input
-        pixels, clamped to the input's extent."""
+        """The task's `onnx`-mode outputs (num_dets, boxes, scores, labels; instance models:
+        and masks); boxes in network-input pixels, clamped to the input's extent."""
         images = torch.from_numpy(batch).to(self.device)
         outputs = self.model.predict_outputs(images, self.nms)
         return [tensor.cpu().numpy() for tensor in outputs]

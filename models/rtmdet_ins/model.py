@@ -270,12 +270,18 @@ class RTMDetIns(Detector):
         return towers, predictors, 2.0
 
     def adjust_synthetic_weights(self, generator: torch.Generator) -> None:
-        """Kernel parameters and prototypes of unit spread (`randomize_detector` scales
-        predictors other than logits to 0.2), so that mask logits reach well past 0 both ways
-        and the masks have edges, not probabilities all near 0.5."""
+        """Masks with edges, not probabilities all near 0.5 nor masks all 0 or all 1
+        (`randomize_detector` scales predictors other than logits to a spread of 0.2): the
+        kernel predictor to a spread of 0.6, its rows that give the dynamic convs' biases to
+        0.06, so that a mask's shape comes from the prototypes (spread 1) and the relative
+        coordinates. Larger kernels make logits of hundreds, whose float32 rounding in another
+        runtime moves the probabilities by more than 1e-4."""
         head = self.bbox_head
-        for conv in (*head.rtm_kernel, head.mask_head.projection):
-            conv.weight.mul_(5.0)
+        first_bias = sum(head.weight_nums)
+        for conv in head.rtm_kernel:
+            conv.weight.mul_(3.0)
+            conv.weight[first_bias:].mul_(0.1)
+        head.mask_head.projection.weight.mul_(5.0)
 
 
 def check_nms_mode(nms_mode: str) -> None:
