@@ -278,7 +278,8 @@ def shapes(tmp_path_factory) -> Path:
 
 def _config(shapes: Path, out: Path, **changes):
     from detdeploy.training.trainer import TrainConfig
-    values = dict(model='rtmdet-ins-tiny', train_ann=str(shapes / 'annotations/instances_train.json'),
+    values = dict(model='rtmdet-ins-tiny',
+                  train_ann=str(shapes / 'annotations/instances_train.json'),
                   train_images=str(shapes / 'train'), out=str(out), epochs=1, batch=2,
                   img_size=SIZE, lr=0.002, warmup_iters=1, log_interval=1, seed=1,
                   max_iters_per_epoch=1)
