@@ -343,3 +343,26 @@ def test_instance_training_steps_validation_checkpoint_and_resume(shapes, tmp_pa
     resumed = Trainer(_config(shapes, tmp_path, epochs=2), resume=True, show_progress=False)
     assert (resumed.epoch, resumed.iteration) == (1, 1)
     assert resumed.fit()['epoch'] == 2
+
+
+# --- the bundled rtmdet-ins model ------------------------------------------------------------------
+
+def test_bundled_rtmdet_ins_file_alias_and_card():
+    """`rtmdet-ins` without a checkpoint is the shipped rtmdet-ins-tiny shapes model: small fp16,
+    safe to load, strict, with its card (its AP is in the README card, measured on 300 images)."""
+    from detdeploy.models import load_detector
+    from detdeploy.models.bundled import INSTANCE_FILE, bundled_checkpoint, bundled_description
+    from detdeploy.training.shapes import SHAPE_CLASSES
+    assert bundled_checkpoint('rtmdet-ins') == INSTANCE_FILE
+    assert bundled_checkpoint('rtmdet-ins-tiny') is None          # sizes stay architectures
+    assert 'rtmdet-ins-tiny' in bundled_description('rtmdet-ins')
+    assert INSTANCE_FILE.stat().st_size <= 20 * 1024 * 1024
+    checkpoint = torch.load(INSTANCE_FILE, map_location='cpu', weights_only=True)
+    floats = [v for v in checkpoint['state_dict'].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    assert 'train_state' not in checkpoint
+    card = checkpoint['meta']['detdeploy_model_card']
+    assert card['train_config']['model'] == 'rtmdet-ins-tiny' and card['best_ap'] >= 0.55
+    detector = load_detector('rtmdet-ins', INSTANCE_FILE)
+    assert detector.spec.name == 'rtmdet-ins-tiny' and detector.class_names == SHAPE_CLASSES
+    assert detector.spec.preprocessing.input_size == (256, 256)
