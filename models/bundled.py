@@ -1,9 +1,11 @@
-"""The bundled default model: rtmdet-tiny trained by `detdeploy train` on the synthetic shapes
-dataset (`detdeploy make-dataset shapes`), shipped as package data in fp16.
+"""The bundled models, trained by `detdeploy train` on the synthetic shapes dataset
+(`detdeploy make-dataset shapes`) and shipped as package data in fp16: `rtmdet` (rtmdet-tiny,
+boxes) and `rtmdet-ins` (rtmdet-ins-tiny, instance masks).
 
-`rtmdet` without `--checkpoint` (and without `--class-names`) means this model; the sized names
-(`rtmdet-tiny` ... `-x`) stay architectures with random weights unless given a checkpoint.
-`write_bundled` turns a training checkpoint into the shipped file.
+`rtmdet` (the default) and `rtmdet-ins` without `--checkpoint` (and without `--class-names`)
+mean these models; the sized names (`rtmdet-tiny` ... `-x`, `rtmdet-ins-tiny` ...) stay
+architectures with random weights unless given a checkpoint. `write_bundled` turns a training
+checkpoint into a shipped file.
 """
 from __future__ import annotations
 
@@ -13,16 +15,28 @@ import torch
 
 from detdeploy.core.fileio import atomic_write
 
+WEIGHTS = Path(__file__).parent / 'weights'
 BUNDLED_ALIAS = 'rtmdet'
-BUNDLED_FILE = Path(__file__).parent / 'weights' / 'rtmdet_tiny_shapes.pth'
+BUNDLED_FILE = WEIGHTS / 'rtmdet_tiny_shapes.pth'
 DESCRIPTION = 'the bundled rtmdet-tiny shapes model (6 classes, 256x256)'
+INSTANCE_ALIAS = 'rtmdet-ins'
+INSTANCE_FILE = WEIGHTS / 'rtmdet_ins_tiny_shapes.pth'
+# alias -> (file, what the commands' note calls it)
+BUNDLED = {
+    BUNDLED_ALIAS: (BUNDLED_FILE, DESCRIPTION),
+    INSTANCE_ALIAS: (INSTANCE_FILE,
+                     'the bundled rtmdet-ins-tiny shapes model (6 classes, 256x256, masks)'),
+}
 
 
 def bundled_checkpoint(name: str | None) -> Path | None:
-    """The shipped checkpoint if `name` selects it (the default model or its alias)."""
-    if (name is None or name.lower() == BUNDLED_ALIAS) and BUNDLED_FILE.is_file():
-        return BUNDLED_FILE
-    return None
+    """The shipped checkpoint if `name` selects one (the default model or an alias)."""
+    file, _ = BUNDLED.get((name or BUNDLED_ALIAS).lower(), (None, None))
+    return file if file is not None and file.is_file() else None
+
+
+def bundled_description(name: str | None) -> str:
+    return BUNDLED[(name or BUNDLED_ALIAS).lower()][1]
 
 
 def write_bundled(source: str | Path, target: str | Path = BUNDLED_FILE,

@@ -1,7 +1,9 @@
-"""RTMDet's training losses: Quality Focal Loss for classification, GIoU loss for boxes.
+"""RTMDet's training losses: Quality Focal Loss for classification, GIoU loss for boxes, dice
+loss for instance masks (RTMDet-Ins).
 
-Element-wise (unreduced) forms of MMDetection's `QualityFocalLoss` (sigmoid, beta 2) and
-`GIoULoss`; the caller weights, sums and divides by the average factors as RTMDet's head does.
+Element-wise (unreduced) forms of MMDetection's `QualityFocalLoss` (sigmoid, beta 2),
+`GIoULoss` and `DiceLoss`; the caller weights, sums and divides by the average factors as
+RTMDet's head does.
 """
 from __future__ import annotations
 
@@ -47,3 +49,14 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                   ).clamp(min=0)
     enclose = (enclose_wh[:, 0] * enclose_wh[:, 1]).clamp(min=GIOU_EPS)
     return 1 - (ious - (enclose - union) / enclose)
+
+
+def dice_loss(mask_logits: torch.Tensor, targets: torch.Tensor, eps: float = 5e-6
+              ) -> torch.Tensor:
+    """Per-mask V-Net dice loss [N] of sigmoid(logits) against 0/1 targets, both [N, ...]:
+    1 - 2 sum(p t) / (sum(p^2) + eps + sum(t^2) + eps) (MMDetection's `DiceLoss`, not naive;
+    RTMDet-Ins uses eps 5e-6)."""
+    probs = mask_logits.sigmoid().flatten(1)
+    targets = targets.flatten(1).to(probs.dtype)
+    overlap = (probs * targets).sum(1)
+    return 1 - 2 * overlap / ((probs * probs).sum(1) + eps + (targets * targets).sum(1) + eps)

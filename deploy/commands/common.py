@@ -58,8 +58,8 @@ def pytorch_model_options(command):
         'Registry name: rtmdet (= rtmdet-tiny, the default), rtmdet-s, -m, -l, -x, '
         'retinanet-r50, faster-rcnn-r50, faster-rcnn-r101, mask-rcnn-r50 (instance masks), '
         'yolov3-mobilenetv2-320, -416, '
-        'rotated-rtmdet-tiny, -s, -m, -l, rtmdet-ins-tiny, -s, -m, -l, -x (instance '
-        'masks).'))(command)
+        'rotated-rtmdet-tiny, -s, -m, -l, rtmdet-ins (= rtmdet-ins-tiny, the bundled shapes '
+        'model), rtmdet-ins-s, -m, -l, -x (instance masks).'))(command)
 
 
 def weight_inputs(checkpoint: str | None, class_names: str | None) -> list[tuple[str, str]]:
@@ -93,7 +93,7 @@ def load_model(model_name: str, checkpoint: str | None, class_names: str | None,
     """The detector. Without a checkpoint, `rtmdet` (the default) is the bundled shapes model and
     the sized names have random weights; either way one line says which."""
     from detdeploy.models import load_detector
-    from detdeploy.models.bundled import DESCRIPTION, bundled_checkpoint
+    from detdeploy.models.bundled import bundled_checkpoint, bundled_description
     from detdeploy.models.named_checkpoints import is_checkpoint_name
     if is_checkpoint_name(checkpoint):
         model_name, checkpoint = _named_checkpoint(model_name, checkpoint)
@@ -101,7 +101,8 @@ def load_model(model_name: str, checkpoint: str | None, class_names: str | None,
     detector = load_detector(model_name or DEFAULT_MODEL, checkpoint or bundled,
                              parse_class_names(class_names), trust=trust_checkpoint)
     if bundled is not None:
-        click.echo(f'note: no --checkpoint given, using {DESCRIPTION}', err=True)
+        click.echo(f'note: no --checkpoint given, using {bundled_description(model_name)}',
+                   err=True)
     elif checkpoint is None:
         click.echo(f'note: no --checkpoint given, {detector.spec.name} {purpose}', err=True)
     return detector

@@ -62,7 +62,8 @@ def _check_inputs(out_dir: str, train_ann: str, val_ann: str | None,
 
 @click.command()
 @click.option('--model', 'model_name', default='rtmdet-tiny', show_default=True,
-              help='Registry name: rtmdet-tiny, -s, -m, -l, -x; rotated-rtmdet-tiny, -s, -m, -l '
+              help='Registry name: rtmdet-tiny, -s, -m, -l, -x; rtmdet-ins-tiny .. -x (instance '
+              'masks: the annotation file needs segmentation); rotated-rtmdet-tiny, -s, -m, -l '
               '(on oriented boxes: make-dataset shapes --rotated).')
 @click.option('--train-ann', required=True, type=click.Path(dir_okay=False),
               help='COCO instances JSON of the training set (class names come from it).')
@@ -112,7 +113,8 @@ def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batc
           scale_range, mosaic_prob, mixup_prob, workers, seed, max_iters_per_epoch) -> None:
     """Train a detector the way MMDetection trains RTMDet: dynamic soft-label assignment,
     quality focal + GIoU losses, AdamW with warm-up and flat-then-cosine decay, EMA weights for
-    evaluation and checkpoints. Rotated models train as MMRotate does (rotated IoU in the
+    evaluation and checkpoints. RTMDet-Ins adds MMDetection's dice mask loss and validates
+    with segm AP too. Rotated models train as MMRotate does (rotated IoU in the
     assigner, rotated IoU loss, le90 angles) on annotations with oriented boxes (`rbox`), and
     are evaluated with DOTA-style rotated mAP."""
     from detdeploy.models.registry import get_spec
@@ -139,6 +141,7 @@ def train(model_name, train_ann, train_images, val_ann, val_images, epochs, batc
                    f'epoch {trainer.epoch + 1} of {epochs}, {trainer.iters_per_epoch} steps each')
     summary = trainer.fit()
     if trainer.dist.is_main:
-        best = f', best val AP {trainer.best_ap:.3f}' if trainer.best_ap >= 0 else ''
+        kind = 'segm AP' if trainer.instance else 'AP'
+        best = f', best val {kind} {trainer.best_ap:.3f}' if trainer.best_ap >= 0 else ''
         click.echo(f'done: {out_dir}/last.pth and best.pth{best}')
     return summary

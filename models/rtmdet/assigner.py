@@ -3,7 +3,8 @@
 As MMDetection 3.x's `DynamicSoftLabelAssigner` (topk 13, soft centre radius 3, IoU weight 3):
 candidates are points inside a box; each (point, box) pair costs a soft classification cost
 (BCE against the IoU-valued soft label, scaled by the squared gap) + -3 log IoU + a soft centre
-prior 10^(d/stride - 3); every box takes the k cheapest points, k = sum of its top-13 IoUs
+prior 10^(d/stride - 3), d the distance to the box centre (or, for instance masks, to the
+mask's centre of mass, as MMDetection does when the ground truth has masks); every box takes the k cheapest points, k = sum of its top-13 IoUs
 (at least 1); a point claimed by several boxes keeps the cheapest.
 """
 from __future__ import annotations
@@ -32,10 +33,11 @@ class DynamicSoftLabelAssigner:
 
     @torch.no_grad()
     def assign(self, cls_logits: torch.Tensor, pred_boxes: torch.Tensor, priors: torch.Tensor,
-               gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> Assignment:
+               gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
+               gt_centres: torch.Tensor | None = None) -> Assignment:
         """One image. cls_logits [N, C], pred_boxes [N, 4] xyxy, priors [N, 4] (x, y, stride_x,
         stride_y), gt_boxes [G, 4] xyxy, gt_labels [G] (boxes as the geometry methods below
-        take them)."""
+        take them); gt_centres [G, 2] (x, y) for the centre prior instead of the box centres."""
         num_points, num_gt = priors.shape[0], gt_boxes.shape[0]
         gt_index = priors.new_full((num_points,), -1, dtype=torch.long)
         labels = priors.new_full((num_points,), -1, dtype=torch.long)
@@ -50,7 +52,8 @@ class DynamicSoftLabelAssigner:
 
         valid_logits, valid_boxes, valid_priors = cls_logits[valid], pred_boxes[valid], priors[valid]
         num_valid = valid_logits.shape[0]
-        gt_centres = self.box_centres(gt_boxes)
+        if gt_centres is None:
+            gt_centres = self.box_centres(gt_boxes)
         distance = ((valid_priors[:, None, :2] - gt_centres[None]).pow(2).sum(-1).sqrt()
                     / valid_priors[:, 2:3])
         soft_center_prior = torch.pow(10, distance - self.soft_center_radius)
