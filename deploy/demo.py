@@ -3,7 +3,9 @@
 Steps, each a real `detdeploy` command: generate shapes images (held-out val images of the
 bundled model's dataset, and a few samples), export the bundled model to ONNX, run the ONNX file
 with ONNX Runtime writing labelled PNGs, check parity against PyTorch, a short benchmark, and
-COCO mAP on PyTorch and ONNX Runtime. Any failing step stops the demo with its exit code.
+COCO mAP on PyTorch and ONNX Runtime; then the bundled instance model (`rtmdet-ins`) exported
+with its masks in the graph, its masks drawn by ONNX Runtime, and its box and mask mAP. Any
+failing step stops the demo with its exit code.
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ SHAPES, SAMPLES = DEMO_DIR / 'shapes', DEMO_DIR / 'samples'
 ONNX_FILE, INFER_DIR = DEMO_DIR / 'rtmdet.onnx', DEMO_DIR / 'infer'
 PARITY_JSON, EVAL_JSON = DEMO_DIR / 'parity.json', DEMO_DIR / 'eval.json'
 BENCH_JSON, BENCH_PNG = DEMO_DIR / 'bench.json', DEMO_DIR / 'bench.png'
-WRITTEN = (SHAPES, SAMPLES, ONNX_FILE, INFER_DIR, PARITY_JSON, BENCH_JSON, BENCH_PNG, EVAL_JSON)
+INS_ONNX_FILE, INS_INFER_DIR = DEMO_DIR / 'rtmdet-ins.onnx', DEMO_DIR / 'infer-ins'
+INS_EVAL_JSON = DEMO_DIR / 'eval-ins.json'
+WRITTEN = (SHAPES, SAMPLES, ONNX_FILE, INFER_DIR, PARITY_JSON, BENCH_JSON, BENCH_PNG, EVAL_JSON,
+           INS_ONNX_FILE, INS_INFER_DIR, INS_EVAL_JSON)
 """Everything the demo writes (folders with their contents); the README's examples use these."""
 
 
@@ -53,12 +58,19 @@ def main() -> None:
               str(bench_png)])
     run_step(['eval', 'rtmdet', '--backend', 'torch,ort', '--ann', str(ann), '--images',
               str(shapes / 'val'), '--json', str(eval_json)])
+    run_step(['export', '--model', 'rtmdet-ins', '-o', str(INS_ONNX_FILE)])
+    run_step(['infer', str(INS_ONNX_FILE), str(samples / 'val'), '--out', str(INS_INFER_DIR)])
+    run_step(['eval', str(INS_ONNX_FILE), '--ann', str(ann), '--images', str(shapes / 'val'),
+              '--json', str(INS_EVAL_JSON)])
     print(f'\ndemo: done in {time.perf_counter() - start:.0f} s. Everything is in {DEMO_DIR}/:\n'
           f'  {onnx_file}  the bundled model as ONNX (NMS in the graph)\n'
           f'  {results}/  detections per image (JSON), drawn boxes (PNG), coco_results.json\n'
           f'  {parity_json}  PyTorch vs ONNX Runtime parity report\n'
           f'  {bench_json}, {bench_png}  latency samples and plot\n'
           f'  {eval_json}  COCO mAP on {VAL_IMAGES} held-out images, PyTorch and ONNX Runtime\n'
+          f'  {INS_ONNX_FILE}  the bundled instance model as ONNX (NMS and masks in the graph)\n'
+          f'  {INS_INFER_DIR}/  its detections with masks (RLE in JSON, overlays in PNG)\n'
+          f'  {INS_EVAL_JSON}  its box and mask mAP (ONNX Runtime)\n'
           f'  {shapes}/, {samples}/  the generated images and annotations')
 
 

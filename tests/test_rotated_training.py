@@ -181,7 +181,7 @@ def test_flip_and_resize_move_rotated_boxes_with_the_image(rotated_set):
     assert data.boxes[0].shape[1] == 5
     augment = AugmentConfig(img_size=256, scale_range=(1.0, 1.0), flip_prob=1.0)
     dataset = RotatedDetectionDataset(data, augment, PreprocessConfig(input_size=(256, 256)))
-    _, boxes, labels = dataset._augmented(0, np.random.default_rng(0))
+    _, boxes, labels, _ = dataset._augmented(0, np.random.default_rng(0))
     original = data.boxes[0]
     assert len(boxes) == len(original) and (labels == data.labels[0]).all()
     for before, after in zip(original, boxes):

@@ -64,7 +64,7 @@ class RotatedDetectionDataset(CocoDetectionDataset):
 
     def _augmented(self, index: int, rng: np.random.Generator, allow_mixup: bool = True):
         cfg = self.augment
-        image, boxes, labels = self._load(index)
+        image, boxes, labels, _ = self._load(index)       # no masks in rotated training
         scale = cfg.img_size / max(image.shape[:2]) * rng.uniform(*cfg.scale_range)
         height, width = image.shape[:2]
         new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
@@ -89,4 +89,4 @@ class RotatedDetectionDataset(CocoDetectionDataset):
             boxes[:, 4] = _norm_le90(-boxes[:, 4])
         canvas = np.full((size, size, 3), int(self.preprocess.pad_value), np.uint8)
         canvas[:image.shape[0], :image.shape[1]] = image
-        return canvas, boxes.astype(np.float32), labels
+        return canvas, boxes.astype(np.float32), labels, None

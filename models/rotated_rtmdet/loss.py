@@ -24,7 +24,7 @@ import torch
 from ..losses import quality_focal_loss
 from ..rotated_nms import rotated_iou_matrix, rotated_iou_pairs
 from ..rtmdet.assigner import DynamicSoftLabelAssigner
-from ..rtmdet.loss import RTMDetLoss, _mean_over_processes
+from ..rtmdet.loss import RTMDetLoss, mean_over_processes
 from .model import RawOutputs, distance_angle_to_rotated
 
 IOU_LOSS_EPS = 1e-6         # RotatedIoULoss: IoU clamped from below before 1 - IoU
@@ -124,6 +124,6 @@ class RotatedRTMDetLoss(RTMDetLoss):
                          * quality[positive]).sum()
         else:
             loss_bbox = flat_boxes.sum() * 0
-        average = _mean_over_processes(quality.sum().detach()).clamp(min=1)
+        average = mean_over_processes(quality.sum().detach()).clamp(min=1)
         return {'loss_cls': self.cls_weight * loss_cls / average,
                 'loss_bbox': self.box_weight * loss_bbox / average}
