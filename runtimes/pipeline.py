@@ -19,8 +19,8 @@ from detdeploy.core.preprocessing import PreprocessConfig
 from detdeploy.core.tasks import DETECT, INSTANCE, ROTATED
 
 from .backend import Backend
-from .preprocess import (DEFAULT_MAX_PIXELS, ImageMeta, batch_canvas_size, preprocess, read_image,
-                         rescale_boxes, rescale_rotated_boxes)
+from .preprocess import (DEFAULT_MAX_PIXELS, ImageMeta, batch_canvas_size, preprocess_into,
+                         read_image, rescale_boxes, rescale_rotated_boxes)
 
 
 def require_detections(backend: Backend) -> None:
@@ -44,8 +44,9 @@ def prepare_batch(images_rgb: list[np.ndarray], config: PreprocessConfig
                   ) -> tuple[np.ndarray, list[ImageMeta]]:
     """Stage 1: RGB images -> one [B, 3, H, W] float32 network batch and each image's geometry."""
     canvas_hw = batch_canvas_size(images_rgb, config)
-    prepared = [preprocess(image, config, canvas_hw) for image in images_rgb]
-    return np.stack([tensor for tensor, _ in prepared]), [meta for _, meta in prepared]
+    batch = np.empty((len(images_rgb), 3, *canvas_hw), dtype=np.float32)
+    metas = [preprocess_into(image, config, slot) for image, slot in zip(images_rgb, batch)]
+    return batch, metas
 
 
 def to_detections(outputs: tuple[np.ndarray, ...], names: list[str], metas: list[ImageMeta],

@@ -170,26 +170,44 @@ def _linear_taps(src_len: int, dst_len: int, edge_weights: bool
 def resize_bilinear(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a uint8 HxWxC image as OpenCV's `cv2.resize(INTER_LINEAR)` does it:
     same pixel mapping, 11-bit weights, and the rounding of its vectorised vertical pass."""
-    src_h, src_w = image.shape[:2]
-    if (src_h, src_w) == tuple(size_hw):
+    if tuple(image.shape[:2]) == tuple(size_hw):
         return image.copy()
+    return _resize_rounded(image, size_hw).astype(np.uint8)
+
+
+def _resize_rounded(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """`resize_bilinear`'s values as int32 (0..255), computing the horizontal pass only for
+    the source rows the vertical pass reads. int32 holds every intermediate: a row value is at
+    most 255 * 2048, and (that >> 4) * 2048 < 2**31."""
+    src_h, src_w = image.shape[:2]
+    channels = int(np.prod(image.shape[2:], dtype=np.int64))
     top, bottom, wy = _linear_taps(src_h, size_hw[0], edge_weights=False)
     left, right, wx = _linear_taps(src_w, size_hw[1], edge_weights=True)
-    pixels = image.astype(np.int64)
-    rows = pixels[:, left] * wx[0][None, :, None] + pixels[:, right] * wx[1][None, :, None]
+    needed, inverse = np.unique(np.concatenate([top, bottom]), return_inverse=True)
+    # Rows flattened to W*C values: a gather along a 2-D row is far faster than along the
+    # middle axis of a 3-D array.
+    source = image[needed].reshape(len(needed), src_w * channels)
+    offsets = np.arange(channels)
+
+    def horizontal_tap(index: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        taken = np.take(source, (index[:, None] * channels + offsets).ravel(), axis=1)
+        return taken.astype(np.int32) * np.repeat(weight.astype(np.int32), channels)
+
+    rows = horizontal_tap(left, wx[0])
+    rows += horizontal_tap(right, wx[1])
+    rows >>= 4
     # (b0 * (S0 >> 4)) >> 16 + (b1 * (S1 >> 4)) >> 16, then round off 2 more bits: 22 in all
-    upper = ((rows[top] >> 4) * wy[0][:, None, None]) >> 16
-    lower = ((rows[bottom] >> 4) * wy[1][:, None, None]) >> 16
-    return ((upper + lower + 2) >> 2).clip(0, 255).astype(np.uint8)
-
-
-def _normalize(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Scale, subtract the mean and divide by the std in place (float32 HWC); returns it."""
-    if config.pixel_scale != 1.0:
-        pixels *= np.float32(config.pixel_scale)
-    pixels -= np.asarray(config.mean, dtype=np.float32)
-    pixels /= np.asarray(config.std, dtype=np.float32)
-    return pixels
+    upper = rows[inverse[:len(top)]]
+    upper *= wy[0].astype(np.int32)[:, None]
+    upper >>= 16
+    lower = rows[inverse[len(top):]]
+    lower *= wy[1].astype(np.int32)[:, None]
+    lower >>= 16
+    upper += lower
+    upper += 2
+    upper >>= 2
+    np.clip(upper, 0, 255, out=upper)
+    return upper.reshape(*size_hw, *image.shape[2:])
 
 
 def preprocess(image_rgb: np.ndarray, config: PreprocessConfig,
@@ -198,22 +216,55 @@ def preprocess(image_rgb: np.ndarray, config: PreprocessConfig,
 
     The image is resized as `config` says and padded bottom/right to `canvas_hw` (default: the
     config's canvas for this image; a batch passes its largest)."""
+    canvas_hw = canvas_hw or config.canvas_size(config.resized_size(image_rgb.shape[:2]))
+    out = np.empty((3, *canvas_hw), dtype=np.float32)
+    return out, preprocess_into(image_rgb, config, out)
+
+
+def preprocess_into(image_rgb: np.ndarray, config: PreprocessConfig, out: np.ndarray
+                    ) -> ImageMeta:
+    """`preprocess` writing straight into `out`, a [3, H, W] float32 array (e.g. one slot of
+    a batch), with no intermediate canvas: the resized pixels go to the top-left of each
+    channel plane and the padding gets the value a padded pixel normalises to, computed with
+    the same float32 operations, so the values equal MMDetection's pad-then-normalise."""
     original_hw = image_rgb.shape[:2]
     resized_hw = config.resized_size(original_hw)
-    canvas_hw = canvas_hw or config.canvas_size(resized_hw)
-    resized = resize_bilinear(image_rgb, resized_hw)
-    if config.channel_order == 'bgr':
-        resized = resized[:, :, ::-1]
-    if config.pad_fill == 'mean':   # MMDetection's DetDataPreprocessor: 0 after normalising
-        canvas = np.zeros((*canvas_hw, 3), dtype=np.float32)
-        canvas[:resized_hw[0], :resized_hw[1]] = _normalize(resized.astype(np.float32), config)
-    else:                           # the raw pixel value pad_value (MMDetection's Pad)
-        canvas = np.full((*canvas_hw, 3), config.pad_value, dtype=np.float32)
-        canvas[:resized_hw[0], :resized_hw[1]] = resized
-        _normalize(canvas, config)
+    canvas_hw = out.shape[1:]
+    if resized_hw[0] > canvas_hw[0] or resized_hw[1] > canvas_hw[1]:
+        raise ValueError(f'resized image {resized_hw} does not fit the canvas {canvas_hw}')
+    if tuple(original_hw) == tuple(resized_hw):
+        resized = image_rgb
+    else:
+        resized = _resize_rounded(image_rgb, resized_hw)
+    order = (2, 1, 0) if config.channel_order == 'bgr' else (0, 1, 2)
+    mean = np.asarray(config.mean, dtype=np.float32)
+    std = np.asarray(config.std, dtype=np.float32)
+    scale = np.float32(config.pixel_scale)
+    height, width = resized_hw
+    for channel, source in enumerate(order):
+        plane = out[channel]
+        if config.pad_fill == 'mean':   # MMDetection's DetDataPreprocessor: 0 after normalising
+            fill = np.float32(0.0)
+        else:                           # the raw pixel value pad_value (MMDetection's Pad)
+            fill = _normalized(np.float32(config.pad_value), scale, mean[channel], std[channel])
+        plane[height:, :] = fill
+        plane[:height, width:] = fill
+        pixels = plane[:height, :width]
+        pixels[...] = resized[:, :, source]
+        if scale != 1.0:
+            pixels *= scale
+        pixels -= mean[channel]
+        pixels /= std[channel]
     scale_wh = (resized_hw[1] / original_hw[1], resized_hw[0] / original_hw[0])
-    return np.ascontiguousarray(canvas.transpose(2, 0, 1)), ImageMeta(
-        tuple(original_hw), resized_hw, scale_wh)
+    return ImageMeta(tuple(original_hw), resized_hw, scale_wh)
+
+
+def _normalized(value: np.float32, scale: np.float32, mean: np.float32, std: np.float32
+                ) -> np.float32:
+    """One float32 pixel value through `preprocess_into`'s normalisation."""
+    if scale != 1.0:
+        value = np.float32(value * scale)
+    return np.float32(np.float32(value - mean) / std)
 
 
 def batch_canvas_size(images_rgb: list[np.ndarray], config: PreprocessConfig

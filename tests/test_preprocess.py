@@ -150,3 +150,54 @@ def test_bilinear_matches_opencv_bit_for_bit():
             0, 256, (*case['input_hw'], 3), dtype=np.uint8)
         np.testing.assert_array_equal(resize_bilinear(image, tuple(case['output_hw'])),
                                       np.array(case['output'], dtype=np.uint8))
+
+
+def _pad_then_normalise(image, config, canvas_hw):
+    """MMDetection's order written plainly (resize, channel order, pad an HWC canvas, then
+    scale, subtract and divide in float32 over the whole canvas), the reference for the
+    batch path that writes each channel plane in place."""
+    resized_hw = config.resized_size(image.shape[:2])
+    resized = resize_bilinear(image, resized_hw).astype(np.float32)
+    if config.channel_order == 'bgr':
+        resized = resized[:, :, ::-1]
+    mean, std = np.float32(config.mean), np.float32(config.std)
+    if config.pad_fill == 'mean':
+        canvas = np.zeros((*canvas_hw, 3), np.float32)
+        normalised = resized * np.float32(config.pixel_scale) if config.pixel_scale != 1 else resized
+        canvas[:resized_hw[0], :resized_hw[1]] = (normalised - mean) / std
+    else:
+        canvas = np.full((*canvas_hw, 3), config.pad_value, np.float32)
+        canvas[:resized_hw[0], :resized_hw[1]] = resized
+        if config.pixel_scale != 1:
+            canvas = canvas * np.float32(config.pixel_scale)
+        canvas = (canvas - mean) / std
+    return canvas.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize('config', [
+    PreprocessConfig(input_size=(96, 128)),                                   # RTMDet, BGR
+    PreprocessConfig(input_size=(96, 128), channel_order='rgb', pad_value=0.0, pixel_scale=1 / 255,
+                     mean=(0, 0, 0), std=(1, 1, 1)),                          # YOLO-style
+    PreprocessConfig(input_size=(100, 160), channel_order='rgb', resize='scale', pad='divisor',
+                     pad_fill='mean', mean=(123.675, 116.28, 103.53),
+                     std=(58.395, 57.12, 57.375)),                            # RetinaNet-style
+])
+def test_batch_written_in_place_equals_pad_then_normalise(config):
+    """prepare_batch writes each image straight into its slot of the batch (no canvas, no
+    stack); every value must equal the plain pad-then-normalise order, bit for bit."""
+    from detdeploy.runtimes.pipeline import prepare_batch
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, size=shape, dtype=np.uint8)
+              for shape in [(37, 211, 3), (96, 128, 3), (150, 90, 3), (1, 1, 3)]]
+    batch, metas = prepare_batch(images, config)
+    canvas_hw = batch.shape[2:]
+    for image, tensor, meta in zip(images, batch, metas):
+        np.testing.assert_array_equal(tensor, _pad_then_normalise(image, config, canvas_hw))
+        assert meta.resized_hw == config.resized_size(image.shape[:2])
+
+
+def test_bilinear_resize_of_a_single_channel_image():
+    image = np.arange(30, dtype=np.uint8).reshape(5, 6)
+    rgb = np.repeat(image[:, :, None], 3, axis=2)
+    np.testing.assert_array_equal(resize_bilinear(image, (3, 9)),
+                                  resize_bilinear(rgb, (3, 9))[:, :, 0])
