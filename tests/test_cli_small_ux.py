@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from click.testing import CliRunner
 
 from conftest import fake_metadata
@@ -40,3 +41,19 @@ def test_eval_says_a_deploy_preset_file_is_not_the_eval_preset():
     assert _not_eval_preset('m.onnx', fake_metadata(arch='foreign', nms=NMSConfig())) is None
     agnostic = dataclasses.replace(spec.nms('eval'), class_agnostic=True)
     assert _not_eval_preset('m.onnx', fake_metadata(nms=agnostic)) is not None
+
+
+def test_eval_refuses_a_backend_a_file_cannot_run_on(tmp_path, capsys):
+    """eval has one MODEL: a backend it cannot run on is an error, never silently dropped."""
+    from detdeploy.cli import main
+    model = tmp_path / 'model.onnx'
+    model.write_bytes(b'not read: the backends are checked first')
+    ann = tmp_path / 'ann.json'
+    ann.write_text('{}')
+    with pytest.raises(SystemExit) as exit_info:
+        main(['eval', str(model), '--backend', 'torch,ort', '--ann', str(ann), '--images',
+              str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f'error: --backend torch: {model} is a file and runs on ort only; for PyTorch give the '
+        'registry name (with --checkpoint), or compare both with detdeploy parity']

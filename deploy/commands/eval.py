@@ -154,7 +154,13 @@ def eval_command(model, model_name, checkpoint, class_names, trust_checkpoint, a
     model = model or model_name or DEFAULT_MODEL
     if is_model_file(model):
         check_input_file(model, 'model file')
-    chosen = backends_for(model, parse_backends(backends))
+    requested = parse_backends(backends)
+    chosen = backends_for(model, requested)
+    left_out = [b for b in requested or () if b not in chosen]
+    if left_out:        # bench runs each MODEL on the backends that apply; eval has one MODEL
+        raise DetdeployError(f'--backend {left_out[0]}: {model} is a file and runs on '
+                             f"{','.join(chosen)} only; for PyTorch give the registry name "
+                             '(with --checkpoint), or compare both with detdeploy parity')
     if json_path:
         check_output_file(json_path, overwrite=not no_overwrite, flag='--json')
     overrides = model_overrides(class_names if is_model_file(model) else None, input_size, mean,
