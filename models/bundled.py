@@ -1,8 +1,9 @@
 """The bundled models, trained by `detdeploy train` on the synthetic shapes dataset
 (`detdeploy make-dataset shapes`) and shipped as package data in fp16: `rtmdet` (rtmdet-tiny,
-boxes) and `rtmdet-ins` (rtmdet-ins-tiny, instance masks).
+boxes), `rtmdet-ins` (rtmdet-ins-tiny, instance masks) and `rotated-rtmdet` (rotated-rtmdet-tiny,
+oriented boxes, trained on `make-dataset shapes --rotated`).
 
-`rtmdet` (the default) and `rtmdet-ins` without `--checkpoint` (and without `--class-names`)
+`rtmdet` (the default), `rtmdet-ins` and `rotated-rtmdet` without `--checkpoint` (and without `--class-names`)
 mean these models; the sized names (`rtmdet-tiny` ... `-x`, `rtmdet-ins-tiny` ...) stay
 architectures with random weights unless given a checkpoint. `write_bundled` turns a training
 checkpoint into a shipped file.
@@ -21,11 +22,15 @@ BUNDLED_FILE = WEIGHTS / 'rtmdet_tiny_shapes.pth'
 DESCRIPTION = 'the bundled rtmdet-tiny shapes model (6 classes, 256x256)'
 INSTANCE_ALIAS = 'rtmdet-ins'
 INSTANCE_FILE = WEIGHTS / 'rtmdet_ins_tiny_shapes.pth'
+ROTATED_ALIAS = 'rotated-rtmdet'
+ROTATED_FILE = WEIGHTS / 'rotated_rtmdet_tiny_shapes.pth'
 # alias -> (file, what the commands' note calls it)
 BUNDLED = {
     BUNDLED_ALIAS: (BUNDLED_FILE, DESCRIPTION),
     INSTANCE_ALIAS: (INSTANCE_FILE,
                      'the bundled rtmdet-ins-tiny shapes model (6 classes, 256x256, masks)'),
+    ROTATED_ALIAS: (ROTATED_FILE, 'the bundled rotated-rtmdet-tiny shapes model '
+                                  '(6 classes, 256x256, oriented boxes)'),
 }
 
 

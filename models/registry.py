@@ -27,7 +27,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     *ROTATED_RTMDET_SPECS,
     *RTMDET_INS_SPECS,
 )}
-ALIASES = {'rtmdet': 'rtmdet-tiny', 'rtmdet-ins': 'rtmdet-ins-tiny'}
+ALIASES = {'rtmdet': 'rtmdet-tiny', 'rtmdet-ins': 'rtmdet-ins-tiny',
+           'rotated-rtmdet': 'rotated-rtmdet-tiny'}
 
 
 def model_names() -> list[str]:

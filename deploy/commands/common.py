@@ -58,8 +58,9 @@ def pytorch_model_options(command):
         'Registry name: rtmdet (= rtmdet-tiny, the default), rtmdet-s, -m, -l, -x, '
         'retinanet-r50, faster-rcnn-r50, faster-rcnn-r101, mask-rcnn-r50 (instance masks), '
         'yolov3-mobilenetv2-320, -416, '
-        'rotated-rtmdet-tiny, -s, -m, -l, rtmdet-ins (= rtmdet-ins-tiny, the bundled shapes '
-        'model), rtmdet-ins-s, -m, -l, -x (instance masks).'))(command)
+        'rotated-rtmdet (= rotated-rtmdet-tiny, the bundled rotated shapes model), '
+        'rotated-rtmdet-s, -m, -l (oriented boxes), rtmdet-ins (= rtmdet-ins-tiny, the bundled '
+        'shapes model), rtmdet-ins-s, -m, -l, -x (instance masks).'))(command)
 
 
 def weight_inputs(checkpoint: str | None, class_names: str | None) -> list[tuple[str, str]]:
