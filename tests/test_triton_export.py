@@ -354,3 +354,30 @@ def test_instance_repository_declares_masks_and_answers_infers_rle(frame, tmp_pa
                    for counts in answer['segmentation'][index, :count]]
         assert np.array_equal(np.stack(decoded), detections.masks)
         assert (answer['segmentation'][index, count:] == b'').all()
+
+
+def test_instance_engine_repository_sizes_masks_by_the_mask_frame(tmp_path):
+    """An instance .engine: the masks output's dims come from the metadata's mask frame (28x28
+    per box; input side / stride over the input, -1 where the profile lets the side vary)."""
+    from detdeploy.core.masks import MaskConfig
+    from detdeploy.runtimes.tensorrt_common import (BatchProfile, EngineBuildInfo,
+                                                    EngineSidecar, ShapeProfile, write_sidecar)
+    engine = tmp_path / 'ins.engine'
+    engine.write_bytes(b'plan bytes')
+    names = ('num_dets', 'boxes', 'scores', 'labels', 'masks')
+    for mask, profile, dims in (
+            (MaskConfig('box', size=28), None, [1, 28, 28]),
+            (MaskConfig('input', stride=8), None, [1, 32, 40]),
+            (MaskConfig('input', stride=8), ShapeProfile((256, 32), (256, 320), (256, 640), 32),
+             [1, 32, -1])):
+        metadata = fake_metadata(input_hw=(256, 320), task='instance', mask=mask,
+                                 dynamic_shape=profile is not None)
+        build = EngineBuildInfo('fp16', BatchProfile(1, 2, 4), (256, 320), 'images', names,
+                                '10.9', 'gpu', 'ins.onnx', '0' * 64, None, None, '0.1.0',
+                                shape_profile=profile)
+        write_sidecar(engine, EngineSidecar(metadata, build, '0' * 64))
+        models, _ = plan_repository(engine, 'ins')
+        parsed = {m.name: parse_config(m.config, m.name, model_config_module()) for m in models}
+        assert [(t.name, list(t.dims)) for t in parsed['ins_model'].output][-1] == (
+            'masks', dims)
+        assert [t.name for t in parsed['ins'].output][-1] == 'segmentation'
