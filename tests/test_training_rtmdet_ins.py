@@ -391,7 +391,8 @@ def test_validation_masks_are_mmdetections_not_resampled_probabilities():
         expected = expected.reshape(shape).astype(bool)[:len(probabilities)]
         original_hw = tuple(int(v) for v in stored[f'image{image}/ori_shape'])
         scale_wh = tuple(float(v) for v in stored[f'image{image}/scale_factor'])
-        resized_hw = (round(original_hw[0] * scale_wh[1]), round(original_hw[1] * scale_wh[0]))
+        resized_hw = (round(original_hw[0] * scale_wh[1]),
+                      round(original_hw[1] * scale_wh[0]))
         meta = ImageMeta(original_hw, resized_hw, scale_wh)
         boxes = np.tile([0, 0, original_hw[1], original_hw[0]], (len(probabilities), 1))
         ours = masks_at_image(probabilities, config, boxes.astype(np.float32), meta)

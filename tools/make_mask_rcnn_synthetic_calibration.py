@@ -3,7 +3,8 @@ R50 weights (BN statistics, predictor output spreads: two R50 forwards of 4 imag
 over a minute on the shared machine), so the test replays them instead of running them.
 
 Writes tests/data/mask_rcnn_r50_synthetic_calibration.npz (float32) and checks that the replay
-gives the measured weights bit for bit. Run: .venv/bin/python tools/make_mask_rcnn_synthetic_calibration.py
+gives the measured weights bit for bit.
+Run: .venv/bin/python tools/make_mask_rcnn_synthetic_calibration.py
 """
 from __future__ import annotations
 
