@@ -30,14 +30,21 @@ def calibration_images(seed: int, count: int = 4, size: int = 320) -> torch.Tens
     return (batch - 120.0) / 58.0
 
 
-def randomize_detector(model: Detector, seed: int = 0) -> Detector:
+def randomize_detector(model: Detector, seed: int = 0,
+                       measured: dict[str, torch.Tensor] | None = None,
+                       record: dict[str, torch.Tensor] | None = None) -> Detector:
     """Give a model non-trivial weights, as a trained one has: random BN affine parameters,
     BN statistics measured in eval mode on random images, layer by layer (so features stay
     normalised and keep their spatial variation),
     head towers with He-initialised convs, spread class scores and boxes with positive extent.
-    The result depends only on `seed` and the model's initial weights."""
+    The result depends only on `seed` and the model's initial weights.
+
+    The two calibration passes (BN statistics, the predictors' output spread) are what costs
+    time on a large model: `record` receives what they measured, and `measured` (a `record`
+    of the same model and seed) replays it without running them, giving the same weights."""
     generator = torch.Generator().manual_seed(seed)
     tower_convs, predictor_kinds, box_bias = model.synthetic_head()
+    names = {module: name for name, module in model.named_modules()}
     with torch.no_grad():
         # MMDetection's N(0, 0.01) head init makes head features near constant
         for conv in tower_convs:
@@ -51,26 +58,39 @@ def randomize_detector(model: Detector, seed: int = 0) -> Detector:
         def measure_statistics(bn, args):      # runs just before each BN, in forward order
             bn.running_mean.copy_(args[0].mean((0, 2, 3)))
             bn.running_var.copy_(args[0].var((0, 2, 3)))
-        hooks = [bn.register_forward_pre_hook(measure_statistics) for bn in batch_norms]
         model.eval()
-        model(calibration_images(seed))
-        for hook in hooks:
-            hook.remove()
+        if measured is None:
+            hooks = [bn.register_forward_pre_hook(measure_statistics) for bn in batch_norms]
+            model(calibration_images(seed))
+            for hook in hooks:
+                hook.remove()
+        for bn in batch_norms:
+            for stat in ('running_mean', 'running_var'):
+                key = f'{names[bn]}.{stat}'
+                if measured is not None:
+                    getattr(bn, stat).copy_(measured[key])
+                if record is not None:
+                    record[key] = getattr(bn, stat).clone()
         # Scale the predictors on the features they see, so logits and box terms stay moderate;
         # a predictor shared by the pyramid levels (RetinaNet) is scaled on its widest level.
         predictors = [conv for conv, _ in predictor_kinds]
         features = {}
-        hooks = [p.register_forward_hook(
-                     lambda mod, args, out: features.setdefault(mod, []).append(args[0]))
-                 for p in predictors]
-        model(calibration_images(seed + 1))
-        for hook in hooks:
-            hook.remove()
+        if measured is None:
+            hooks = [p.register_forward_hook(
+                         lambda mod, args, out: features.setdefault(mod, []).append(args[0]))
+                     for p in predictors]
+            model(calibration_images(seed + 1))
+            for hook in hooks:
+                hook.remove()
         for predictor, kind in predictor_kinds:
             predictor.weight.normal_(0, 1, generator=generator)
             project = (torch.nn.functional.linear if predictor.weight.dim() == 2
                        else torch.nn.functional.conv2d)      # fully connected or conv heads
-            spread = max(project(level, predictor.weight).std() for level in features[predictor])
+            key = f'{names[predictor]}.output_spread'
+            spread = (measured[key] if measured is not None else
+                      max(project(level, predictor.weight).std() for level in features[predictor]))
+            if record is not None:
+                record[key] = torch.as_tensor(spread).clone()
             is_logits = kind == 'logits'
             predictor.weight.mul_((1.0 if kind in ('logits', 'angle') else 0.2) / spread)
             if is_logits:

@@ -1,7 +1,7 @@
 """`detdeploy export-triton`: a Triton Inference Server model repository for an exported file: the
 model (onnxruntime_onnx or tensorrt_plan), Python-backend pre- and post-processing models that
 import detdeploy's numpy code, and an ensemble wiring them (encoded image in, detections in
-original-image pixels out).
+original-image pixels out; instance models add each detection's mask as COCO RLE).
 
 Writes text and copies the model file; runs no server. Each config.pbtxt is checked by parsing
 it with Triton's own protobuf (`model_config_pb2`, shipped in tritonclient) when installed.
@@ -22,6 +22,7 @@ from detdeploy.runtimes.open import backend_for_file
 from detdeploy.runtimes.preprocess import DEFAULT_MAX_PIXELS
 
 IMAGE_INPUT = 'IMAGE'                   # the ensemble's input: one encoded image per batch row
+RAW_FIELDS = ('num_dets', 'boxes', 'scores', 'labels', 'masks')   # the network's, in order
 DEFAULT_MAX_BATCH = 8
 DEFAULT_QUEUE_DELAY_US = 2000
 TRITON_TYPES = {'FLOAT': 'TYPE_FP32', 'FLOAT16': 'TYPE_FP16', 'INT32': 'TYPE_INT32',
@@ -35,7 +36,7 @@ TRT_PLUGIN_NOTE = (
 MODEL_PY = '''"""Triton Python backend model written by `detdeploy export-triton`: detdeploy's
 own {what} code, imported (not copied), so Triton gives the answers `detdeploy infer` gives.
 The Python backend's environment needs detdeploy, numpy and Pillow (pip install --no-deps
-detdeploy numpy pillow; no torch or onnxruntime)."""
+detdeploy numpy pillow; instance models: pycocotools too; no torch or onnxruntime)."""
 from detdeploy.serving.triton_python import {cls} as TritonPythonModel  # noqa: F401
 '''
 
@@ -76,6 +77,7 @@ class ModelSignature:
     filename: str                       # model.onnx or model.plan
     input: TensorSpec                   # [3, H, W]
     outputs: tuple[TensorSpec, ...]     # num_dets [1], boxes [K, 4], scores [K], labels [K]
+                                        # (instance models: and masks [K, h, w])
     max_batch_size: int                 # 0 never: a static-batch-1 file gives 1
 
 
@@ -118,7 +120,8 @@ def _engine_signature(path: Path, max_batch: int | None) -> tuple[ModelSignature
     shapes = build.hw_profile          # a side the profile lets vary is -1 for Triton
     height, width = (lo if lo == hi else -1 for lo, hi in zip(shapes.min, shapes.max))
     max_det = metadata.nms.max_det if metadata.nms else -1
-    sizes = {'B': None, 'K': max_det, '1': 1, '4': 4, '5': 5}
+    sizes = {'B': None, 'K': max_det, '1': 1, '4': 4, '5': 5, **_mask_sizes(metadata, height,
+                                                                         width)}
     outputs = tuple(TensorSpec(name, TRITON_TYPES[f.dtype],
                                tuple(sizes.get(d, -1) for d in f.dims[1:]))
                     for name, f in zip(build.output_names,
@@ -127,6 +130,18 @@ def _engine_signature(path: Path, max_batch: int | None) -> tuple[ModelSignature
                                TensorSpec(build.input_name, 'TYPE_FP32', (3, height, width)),
                                outputs, max_batch or profile.max)
     return signature, metadata
+
+
+def _mask_sizes(metadata: ModelMetadata, height: int, width: int) -> dict[str, int]:
+    """The masks output's H and W as its mask frame gives them (-1 where the input side
+    varies): frame 'box' size x size, frame 'input' the input side / stride."""
+    mask = metadata.mask
+    if mask is None:
+        return {}
+    if mask.frame == 'box':
+        return {'H': mask.size, 'W': mask.size}
+    return {'H': height // mask.stride if height > 0 else -1,
+            'W': width // mask.stride if width > 0 else -1}
 
 
 def _max_batch(metadata_batch: int | None, graph_batch: int | None, requested: int | None,
@@ -184,19 +199,27 @@ def plan_repository(model_path: str | Path, name: str, max_batch: int | None = N
         signature, metadata = _engine_signature(path, max_batch)
         _check_servable(metadata, path)
     batch = signature.max_batch_size
-    num_dets, boxes, scores, labels = signature.outputs
+    num_dets, boxes, scores, labels = signature.outputs[:4]
     height, width = signature.input.dims[1:]
     pre, net, post = f'{name}_preprocess', f'{name}_model', f'{name}_postprocess'
     image = TensorSpec(IMAGE_INPUT, 'TYPE_STRING', (1,))
     image_hw = TensorSpec('image_hw', 'TYPE_INT32', (2,))
     scale_wh = TensorSpec('scale_wh', 'TYPE_FP32', (2,))
     pixels = TensorSpec('images', 'TYPE_FP32', (3, height, width))
-    # what the ensemble answers: the model's outputs, boxes mapped to original-image pixels
+    # what the ensemble answers: the model's outputs, boxes mapped to original-image pixels;
+    # instance models: each detection's mask at the original size as COCO RLE counts
     answer = (TensorSpec('num_dets', 'TYPE_INT32', num_dets.dims),
               TensorSpec('boxes', 'TYPE_FP32', boxes.dims),
               TensorSpec('scores', 'TYPE_FP32', scores.dims),
               TensorSpec('labels', 'TYPE_INT32', labels.dims))
+    post_parameters = {'class_names': json.dumps(list(metadata.class_names))}
+    if metadata.mask is not None:
+        answer += (TensorSpec('segmentation', 'TYPE_STRING', scores.dims),)
+        post_parameters['mask'] = json.dumps(metadata.mask.to_dict())
     raw = tuple(TensorSpec(spec.name, spec.data_type, spec.dims) for spec in signature.outputs)
+    # the post-processing model's inputs, by position: raw_num_dets ... (raw_masks)
+    post_inputs = tuple(TensorSpec(f'raw_{field}', spec.data_type, spec.dims)
+                        for field, spec in zip(RAW_FIELDS, raw))
     python_group = f'instance_group [ {{ kind: KIND_CPU count: {python_instances} }} ]\n'
     preprocess_json = json.dumps(metadata.preprocess.to_dict())
     models = [
@@ -215,13 +238,12 @@ def plan_repository(model_path: str | Path, name: str, max_batch: int | None = N
             + _batching(batch, queue_delay_us)), {signature.filename: path}),
         TritonModel(post, (
             f'name: "{post}"\nbackend: "python"\nmax_batch_size: {batch}\n'
-            + _io_block('input', [*(TensorSpec(f'raw_{s.name}', s.data_type, s.dims)
-                                    for s in answer), image_hw, scale_wh])
+            + _io_block('input', [*post_inputs, image_hw, scale_wh])
             + _io_block('output', answer) + _batching(batch, queue_delay_us) + python_group
-            + _parameters({'preprocess': preprocess_json,
-                           'class_names': json.dumps(list(metadata.class_names))})),
-            {'model.py': MODEL_PY.format(what='post-processing (boxes back to image pixels)',
-                                         cls='PostprocessModel')}),
+            + _parameters({'preprocess': preprocess_json, **post_parameters})),
+            {'model.py': MODEL_PY.format(
+                what='post-processing (boxes back to image pixels, masks pasted)',
+                cls='PostprocessModel')}),
     ]
 
     def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
@@ -236,7 +258,7 @@ def plan_repository(model_path: str | Path, name: str, max_batch: int | None = N
              {'images': 'preprocessed', 'image_hw': 'image_hw', 'scale_wh': 'scale_wh'}),
         step(net, {signature.input.name: 'preprocessed'},
              {spec.name: f'net_{spec.name}' for spec in raw}),
-        step(post, {**{f'raw_{a.name}': f'net_{r.name}' for a, r in zip(answer, raw)},
+        step(post, {**{p.name: f'net_{r.name}' for p, r in zip(post_inputs, raw)},
                     'image_hw': 'image_hw', 'scale_wh': 'scale_wh'},
              {spec.name: spec.name for spec in answer}),
     ]
@@ -253,9 +275,9 @@ def _check_servable(metadata: ModelMetadata, path: Path) -> None:
     if not metadata.has_nms:
         raise DetdeployError(f'{path} was exported with --nms none (raw outputs); the Triton '
                              'ensemble needs a file exported with --nms onnx (or an engine)')
-    if metadata.task != 'detect':
+    if metadata.task not in ('detect', 'instance'):
         raise DetdeployError(f"{path}: a Triton repository for '{metadata.task}' models is not "
-                             'implemented yet (boxes only)')
+                             'implemented yet (boxes and instance masks only)')
     if metadata.nms_mode == 'trt' and path.suffix.lower() == '.onnx':
         raise DetdeployError(f'{path} ends in the EfficientNMS_TRT plugin, which ONNX Runtime '
                              f'cannot run: build an engine (detdeploy build-engine {path}) and '

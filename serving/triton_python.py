@@ -1,5 +1,6 @@
 """The Triton Python-backend models of an `export-triton` repository: preprocessing (encoded
-image -> network input, as `infer` does it) and post-processing (boxes back to image pixels).
+image -> network input, as `infer` does it) and post-processing (boxes back to image pixels;
+instance models' masks pasted into the image as `infer` does, answered as COCO RLE).
 
 Each repository's `model.py` imports its class from here, so Triton runs detdeploy's own numpy
 code, not a copy that could drift from it (the resize reproduces OpenCV's fixed-point rounding).
@@ -13,6 +14,7 @@ import json
 import numpy as np
 
 from detdeploy.core.errors import ImageError
+from detdeploy.core.masks import MaskConfig, encode_rle
 from detdeploy.core.preprocessing import PreprocessConfig
 from detdeploy.runtimes.pipeline import prepare_batch, to_detections
 from detdeploy.runtimes.preprocess import ImageMeta, read_image
@@ -60,7 +62,10 @@ class PreprocessModel:
 class PostprocessModel:
     """The network's padded detections (raw_num_dets, raw_boxes, raw_scores, raw_labels) and
     each image's geometry -> the same padded layout with boxes in original-image pixels; boxes
-    lying wholly in the padding are dropped, as `infer` drops them."""
+    lying wholly in the padding are dropped, as `infer` drops them. Instance models (a `mask`
+    parameter) also take raw_masks and answer `segmentation` [B, K]: each detection's mask at
+    its image's original size as COCO RLE counts (pycocotools' compressed string, with size
+    [H, W] of the image sent), b'' on padding rows."""
 
     def initialize(self, args: dict) -> None:
         import triton_python_backend_utils as pb_utils
@@ -68,13 +73,18 @@ class PostprocessModel:
         config = json.loads(args['model_config'])
         self.preprocess = PreprocessConfig.from_dict(json.loads(_parameter(config, 'preprocess')))
         self.class_names = tuple(json.loads(_parameter(config, 'class_names')))
+        mask = config['parameters'].get('mask')
+        self.mask_config = (MaskConfig.from_dict(json.loads(mask['string_value']))
+                            if mask else None)
+        self.raw_names = ('num_dets', 'boxes', 'scores', 'labels') + (
+            ('masks',) if self.mask_config else ())
 
     def execute(self, requests: list) -> list:
         pb_utils = self.pb_utils
         responses = []
         for request in requests:
             raw = [pb_utils.get_input_tensor_by_name(request, f'raw_{name}').as_numpy()
-                   for name in ('num_dets', 'boxes', 'scores', 'labels')]
+                   for name in self.raw_names]
             image_hw = pb_utils.get_input_tensor_by_name(request, 'image_hw').as_numpy()
             scale_wh = pb_utils.get_input_tensor_by_name(request, 'scale_wh').as_numpy()
             metas = []
@@ -82,11 +92,16 @@ class PostprocessModel:
                 original_hw = (int(hw[0]), int(hw[1]))
                 metas.append(ImageMeta(original_hw, self.preprocess.resized_size(original_hw),
                                        (float(scale[0]), float(scale[1]))))
-            found = to_detections(tuple(raw), [''] * len(metas), metas, self.class_names)
+            found = to_detections(tuple(raw), [''] * len(metas), metas, self.class_names,
+                                  mask_config=self.mask_config)
+            answer = pad_detections(found, raw[1].shape[1])
+            names = ('num_dets', 'boxes', 'scores', 'labels')
+            if self.mask_config is not None:
+                answer, names = (*answer, pad_rle(found, raw[1].shape[1])), (*names,
+                                                                             'segmentation')
             responses.append(pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor(name, array)
-                                for name, array in zip(('num_dets', 'boxes', 'scores', 'labels'),
-                                                       pad_detections(found, raw[1].shape[1]))]))
+                                for name, array in zip(names, answer)]))
         return responses
 
     def finalize(self) -> None:
@@ -108,3 +123,13 @@ def pad_detections(found: list, max_det: int) -> tuple[np.ndarray, ...]:
         scores[index, :kept] = detections.scores
         labels[index, :kept] = detections.labels
     return num_dets, boxes, scores, labels
+
+
+def pad_rle(found: list, max_det: int) -> np.ndarray:
+    """Masks per image -> [B, K] object array of COCO RLE counts (bytes) of each detection's
+    mask at its image's size, as `infer` writes them under `segmentation`; b'' past num_dets."""
+    counts = np.full((len(found), max_det), b'', dtype=object)
+    for index, detections in enumerate(found):
+        for row, rle in enumerate(encode_rle(detections.masks)):
+            counts[index, row] = rle['counts'].encode('ascii')
+    return counts

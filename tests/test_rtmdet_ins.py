@@ -299,3 +299,33 @@ def test_backends_return_the_five_instance_outputs(exported):
                                               (1, 100, 16, 20)]
     np.testing.assert_allclose(from_file[4], from_torch[4], atol=1e-4, rtol=0)
 
+
+
+def test_parity_catches_a_perturbed_mask_branch_weight(exported):
+    """`parity` of the exported file against its own weights passes; against weights where one
+    bias of the prototype projection (the mask branch only: boxes and scores do not read it)
+    moved by 1, it fails on the masks, naming them (mask IoU and probability difference), and
+    not on the detections."""
+    import copy
+
+    from detdeploy.models.synthetic_weights import make_image
+    from detdeploy.runtimes.open import open_model_file
+    from detdeploy.verification.parity import run_parity
+
+    detector, path, _ = exported
+    images = [('a', make_image(*EXPORT_HW, 700)), ('b', make_image(96, 200, 701))]
+    backend = open_model_file(path, check_signature=False)
+    same = run_parity(path, backend, detector, images)
+    assert same.passed, same.failures
+    assert all(m.matched > 5 and m.min_mask_iou > 0.95 for m in same.images)
+
+    changed = copy.deepcopy(detector)
+    with torch.no_grad():
+        changed.model.bbox_head.mask_head.projection.bias[0] += 1.0
+    report = run_parity(path, backend, changed, images)
+    assert not report.passed
+    assert not any(f.startswith('detections differ') for f in report.failures), report.failures
+    [masks] = [f for f in report.failures if f.startswith('masks differ')]
+    assert 'lowest mask IoU' in masks and 'largest probability difference' in masks
+    assert any(m.failed_masks for m in report.images)
+    assert any('mask_feat' in f for f in report.failures)       # the raw prototypes too

@@ -90,7 +90,14 @@ def test_model_config_matches_the_onnx_file(configs, tiny_onnx):
 def test_ensemble_wiring_is_closed(configs, tiny_onnx):
     """Each step's tensors exist in the model it calls, every input it reads is the
     ensemble's input or an earlier step's output, and the ensemble's outputs are produced."""
+    assert_wiring_closed(configs, 'rtmdet')
     ensemble = configs['rtmdet']
+    assert tuple(json.loads(ensemble.parameters['class_names'].string_value)) == \
+        read_onnx_metadata(tiny_onnx[0]).class_names
+
+
+def assert_wiring_closed(configs: dict, ensemble_name: str) -> None:
+    ensemble = configs[ensemble_name]
     assert ensemble.platform == 'ensemble'
     available = {t.name for t in ensemble.input}
     for step in ensemble.ensemble_scheduling.step:
@@ -101,8 +108,6 @@ def test_ensemble_wiring_is_closed(configs, tiny_onnx):
         assert set(step.input_map.values()) <= available
         available |= set(step.output_map.values())
     assert {t.name for t in ensemble.output} <= available
-    assert tuple(json.loads(ensemble.parameters['class_names'].string_value)) == \
-        read_onnx_metadata(tiny_onnx[0]).class_names
 
 
 def fake_pb_utils() -> types.ModuleType:
@@ -229,6 +234,8 @@ def test_batch_rules_and_refusals():
         _check_servable(fake_metadata(nms_mode='none'), Path('m.onnx'))
     with pytest.raises(DetdeployError, match='EfficientNMS_TRT'):
         _check_servable(fake_metadata(nms_mode='trt'), Path('m.onnx'))
+    with pytest.raises(DetdeployError, match="'rotated' models is not implemented"):
+        _check_servable(fake_metadata(task='rotated'), Path('m.onnx'))
 
 
 def test_existing_model_folders_are_refused(repository, tiny_onnx):
@@ -283,3 +290,94 @@ def test_engine_with_a_height_width_profile_has_dynamic_dims(tmp_path):
         models, _ = plan_repository(engine, 'y')
         net = parse_config(models[1].config, models[1].name, model_config_module())
         assert list(net.input[0].dims) == dims
+
+
+@pytest.mark.parametrize('frame', ['box', 'input'])
+def test_instance_repository_declares_masks_and_answers_infers_rle(frame, tmp_path,
+                                                                   monkeypatch):
+    """An instance model (a hand-made ONNX file with instance metadata, tests/test_mask_host.py,
+    both mask frames): the network's config declares its masks output with the graph's dims,
+    the ensemble answers `segmentation` [K] strings, and the repository's pipeline gives, per
+    detection, COCO RLE that pycocotools decodes to the masks `infer`'s pipeline pastes."""
+    from pycocotools import mask as mask_utils
+
+    from detdeploy.evaluation.coco_eval import load_coco
+    from detdeploy.runtimes.pipeline import detect
+    from detdeploy.training.shapes import make_shapes_dataset
+    from test_mask_host import FRAMES, MAX_DET, constant_onnx, image_outputs, instance_metadata
+
+    make_shapes_dataset(tmp_path / 'shapes', train=0, val=2, size=64, seed=5)
+    coco = load_coco(tmp_path / 'shapes/annotations/instances_val.json')
+    config = FRAMES[frame]
+    model_file = constant_onnx(tmp_path / 'ins.onnx',
+                               image_outputs(coco, sorted(coco.getImgIds())[0], config),
+                               instance_metadata(config))
+    report = export_triton(model_file, tmp_path / 'repo', name='ins')
+    assert report.validated
+    pb2 = model_config_module()
+    configs = {folder.name: parse_config((folder / 'config.pbtxt').read_text(), folder.name,
+                                         pb2) for folder in (tmp_path / 'repo').iterdir()}
+    assert_wiring_closed(configs, 'ins')
+    mask_hw = [28, 28] if frame == 'box' else [16, 16]          # 64 px input at stride 4
+    assert [(t.name, list(t.dims)) for t in configs['ins_model'].output][-1] == (
+        'masks', [MAX_DET, *mask_hw])
+    [segmentation] = [t for t in configs['ins'].output if t.name == 'segmentation']
+    assert pb2.DataType.Name(segmentation.data_type) == 'TYPE_STRING'
+    assert list(segmentation.dims) == [MAX_DET]
+    post_config = configs['ins_postprocess']
+    assert json.loads(post_config.parameters['mask'].string_value) == config.to_dict()
+
+    pb_utils = fake_pb_utils()
+    monkeypatch.setitem(sys.modules, 'triton_python_backend_utils', pb_utils)
+    pre = load_python_model(tmp_path / 'repo/ins_preprocess', configs['ins_preprocess'],
+                            monkeypatch)
+    post = load_python_model(tmp_path / 'repo/ins_postprocess', post_config, monkeypatch)
+    paths = sorted((tmp_path / 'shapes/val').iterdir())
+    encoded = np.array([[p.read_bytes()] for p in paths], dtype=object)
+    [pre_response] = pre.execute([[pb_utils.Tensor('IMAGE', encoded)]])
+    prepared = {t.name(): t.as_numpy() for t in pre_response.output_tensors()}
+    session = onnxruntime.InferenceSession(str(tmp_path / 'repo/ins_model/1/model.onnx'),
+                                           providers=['CPUExecutionProvider'])
+    raw = session.run(None, {'images': prepared['images']})
+    request = [pb_utils.Tensor(f'raw_{name}', array) for name, array in
+               zip(('num_dets', 'boxes', 'scores', 'labels', 'masks'), raw)]
+    request += [pb_utils.Tensor(name, prepared[name]) for name in ('image_hw', 'scale_wh')]
+    [post_response] = post.execute([request])
+    answer = {t.name(): t.as_numpy() for t in post_response.output_tensors()}
+    assert answer['segmentation'].shape == (2, MAX_DET)
+    expected = [found for found, _ in detect(open_model_file(model_file), paths)]
+    for index, detections in enumerate(expected):
+        count = int(answer['num_dets'][index, 0])
+        assert count == len(detections) > 0 and detections.masks.any()
+        height, width = (int(v) for v in prepared['image_hw'][index])
+        decoded = [mask_utils.decode({'size': [height, width], 'counts': counts}).astype(bool)
+                   for counts in answer['segmentation'][index, :count]]
+        assert np.array_equal(np.stack(decoded), detections.masks)
+        assert (answer['segmentation'][index, count:] == b'').all()
+
+
+def test_instance_engine_repository_sizes_masks_by_the_mask_frame(tmp_path):
+    """An instance .engine: the masks output's dims come from the metadata's mask frame (28x28
+    per box; input side / stride over the input, -1 where the profile lets the side vary)."""
+    from detdeploy.core.masks import MaskConfig
+    from detdeploy.runtimes.tensorrt_common import (BatchProfile, EngineBuildInfo,
+                                                    EngineSidecar, ShapeProfile, write_sidecar)
+    engine = tmp_path / 'ins.engine'
+    engine.write_bytes(b'plan bytes')
+    names = ('num_dets', 'boxes', 'scores', 'labels', 'masks')
+    for mask, profile, dims in (
+            (MaskConfig('box', size=28), None, [1, 28, 28]),
+            (MaskConfig('input', stride=8), None, [1, 32, 40]),
+            (MaskConfig('input', stride=8), ShapeProfile((256, 32), (256, 320), (256, 640), 32),
+             [1, 32, -1])):
+        metadata = fake_metadata(input_hw=(256, 320), task='instance', mask=mask,
+                                 dynamic_shape=profile is not None)
+        build = EngineBuildInfo('fp16', BatchProfile(1, 2, 4), (256, 320), 'images', names,
+                                '10.9', 'gpu', 'ins.onnx', '0' * 64, None, None, '0.1.0',
+                                shape_profile=profile)
+        write_sidecar(engine, EngineSidecar(metadata, build, '0' * 64))
+        models, _ = plan_repository(engine, 'ins')
+        parsed = {m.name: parse_config(m.config, m.name, model_config_module()) for m in models}
+        assert [(t.name, list(t.dims)) for t in parsed['ins_model'].output][-1] == (
+            'masks', dims)
+        assert [t.name for t in parsed['ins'].output][-1] == 'segmentation'

@@ -3,14 +3,17 @@ validation that reports COCO segm AP next to bbox AP (pycocotools).
 
 Validation runs the EMA model in PyTorch through the inference preprocessing and the model's own
 post-processing (NMS, then the masks of the kept detections, probabilities at the prototype's
-stride over the padded input); masks are resampled to each original image as the `input` mask
-frame says (`core.masks`): upsampled bilinearly to the input, cropped to the resized image,
-resized bilinearly to the original size, thresholded. It does not replace `detdeploy eval`.
+stride over the padded input); masks go to each original image by the host code every backend
+uses (`core.masks.paste_masks`: MMDetection's procedure, which resamples logits, not
+probabilities), the same pixels `detdeploy eval` scores for the same detections. It does not
+replace `detdeploy eval`.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+
+from detdeploy.core.masks import MaskConfig, paste_masks
 
 METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
@@ -29,18 +32,12 @@ def selection_metric(metrics: dict[str, float]) -> float:
     return metrics.get('segm_AP', metrics['AP'])
 
 
-def masks_at_image(probabilities: torch.Tensor, stride: int, resized_hw: tuple[int, int],
-                   original_hw: tuple[int, int], threshold: float) -> torch.Tensor:
-    """[K, h, w] probabilities over the padded input at `stride` -> [K, H, W] bool at the
-    original image size."""
-    if probabilities.shape[0] == 0:
-        return torch.zeros((0, *original_hw), dtype=torch.bool)
-    height, width = probabilities.shape[-2:]
-    upsampled = F.interpolate(probabilities[None], size=(height * stride, width * stride),
-                              mode='bilinear', align_corners=False)
-    cropped = upsampled[:, :, :resized_hw[0], :resized_hw[1]]
-    return F.interpolate(cropped, size=original_hw, mode='bilinear',
-                         align_corners=False)[0] > threshold
+def masks_at_image(probabilities: np.ndarray, mask_config: MaskConfig,
+                   boxes_original_px: np.ndarray, meta) -> np.ndarray:
+    """One image's [K, h, w] mask probabilities (the model's `masks` rows) -> [K, H, W] bool at
+    the original image size, as `detdeploy eval` pastes them (`core.masks.paste_masks`)."""
+    return paste_masks(np.asarray(probabilities, np.float32), mask_config, boxes_original_px,
+                       meta.original_hw, meta.scale_wh)
 
 
 def _summary(evaluator) -> dict[str, float]:
@@ -56,7 +53,6 @@ def evaluate_instance(model: torch.nn.Module, spec, ann_file: str, image_dir: st
     import contextlib
     import io
 
-    import numpy as np
     from pycocotools import mask as mask_utils
     from pycocotools.cocoeval import COCOeval
 
@@ -84,9 +80,8 @@ def evaluate_instance(model: torch.nn.Module, spec, ann_file: str, image_dir: st
         for index, (image_id, meta) in enumerate(zip(ids, metas)):
             count = int(num_dets[index, 0])
             image_boxes = rescale_boxes(boxes[index, :count].cpu().numpy(), meta)
-            image_masks = masks_at_image(masks[index, :count].float().cpu(), mask_config.stride,
-                                         meta.resized_hw, meta.original_hw,
-                                         mask_config.threshold).numpy()
+            image_masks = masks_at_image(masks[index, :count].float().cpu().numpy(),
+                                         mask_config, image_boxes, meta)
             image_scores = scores[index, :count].cpu().numpy()
             image_labels = labels[index, :count].cpu().numpy()
             rles = mask_utils.encode(np.asfortranarray(image_masks.transpose(1, 2, 0)
