@@ -4,7 +4,10 @@ Steps, each a real `detdeploy` command: generate shapes images (held-out val ima
 bundled model's dataset, and a few samples), export the bundled model to ONNX, run the ONNX file
 with ONNX Runtime writing labelled PNGs, check parity against PyTorch, a short benchmark, and
 COCO mAP on PyTorch and ONNX Runtime; then the bundled instance model (`rtmdet-ins`) exported
-with its masks in the graph, its masks drawn by ONNX Runtime, and its box and mask mAP. Any
+with its masks in the graph, its masks drawn by ONNX Runtime, and its box and mask mAP; then the
+bundled rotated model (`rotated-rtmdet`) exported with rotated NMS in the graph, its oriented
+boxes drawn by ONNX Runtime, and its DOTA-style mAP on ONNX Runtime and PyTorch (the val images
+carry oriented boxes: `--rotated` adds them to the annotations, the images are the same). Any
 failing step stops the demo with its exit code.
 """
 from __future__ import annotations
@@ -24,8 +27,11 @@ PARITY_JSON, EVAL_JSON = DEMO_DIR / 'parity.json', DEMO_DIR / 'eval.json'
 BENCH_JSON, BENCH_PNG = DEMO_DIR / 'bench.json', DEMO_DIR / 'bench.png'
 INS_ONNX_FILE, INS_INFER_DIR = DEMO_DIR / 'rtmdet-ins.onnx', DEMO_DIR / 'infer-ins'
 INS_EVAL_JSON = DEMO_DIR / 'eval-ins.json'
+ROT_ONNX_FILE, ROT_INFER_DIR = DEMO_DIR / 'rotated-rtmdet.onnx', DEMO_DIR / 'infer-rot'
+ROT_EVAL_JSON = DEMO_DIR / 'eval-rot.json'
 WRITTEN = (SHAPES, SAMPLES, ONNX_FILE, INFER_DIR, PARITY_JSON, BENCH_JSON, BENCH_PNG, EVAL_JSON,
-           INS_ONNX_FILE, INS_INFER_DIR, INS_EVAL_JSON)
+           INS_ONNX_FILE, INS_INFER_DIR, INS_EVAL_JSON, ROT_ONNX_FILE, ROT_INFER_DIR,
+           ROT_EVAL_JSON)
 """Everything the demo writes (folders with their contents); the README's examples use these."""
 
 
@@ -46,7 +52,7 @@ def main() -> None:
     parity_json, bench_json, bench_png, eval_json = PARITY_JSON, BENCH_JSON, BENCH_PNG, EVAL_JSON
     ann = shapes / 'annotations' / 'instances_val.json'
     run_step(['make-dataset', 'shapes', '--out', str(shapes), '--train', '0', '--val',
-              str(VAL_IMAGES), '--size', '256', '--seed', '0'])
+              str(VAL_IMAGES), '--size', '256', '--seed', '0', '--rotated'])
     run_step(['make-dataset', 'shapes', '--out', str(samples), '--train', '0', '--val',
               str(SAMPLE_IMAGES), '--size', '256', '--seed', '1'])
     run_step(['export', '--model', 'rtmdet', '-o', str(onnx_file)])
@@ -62,6 +68,14 @@ def main() -> None:
     run_step(['infer', str(INS_ONNX_FILE), str(samples / 'val'), '--out', str(INS_INFER_DIR)])
     run_step(['eval', str(INS_ONNX_FILE), '--ann', str(ann), '--images', str(shapes / 'val'),
               '--json', str(INS_EVAL_JSON)])
+    # One export at the eval preset serves the drawings (above --show-thr) and the mAP, which
+    # PyTorch then scores with the same preset.
+    run_step(['export', '--model', 'rotated-rtmdet', '--nms-preset', 'eval', '-o',
+              str(ROT_ONNX_FILE)])
+    run_step(['infer', str(ROT_ONNX_FILE), str(samples / 'val'), '--out', str(ROT_INFER_DIR)])
+    run_step(['eval', str(ROT_ONNX_FILE), '--ann', str(ann), '--images', str(shapes / 'val'),
+              '--json', str(ROT_EVAL_JSON)])
+    run_step(['eval', 'rotated-rtmdet', '--ann', str(ann), '--images', str(shapes / 'val')])
     print(f'\ndemo: done in {time.perf_counter() - start:.0f} s. Everything is in {DEMO_DIR}/:\n'
           f'  {onnx_file}  the bundled model as ONNX (NMS in the graph)\n'
           f'  {results}/  detections per image (JSON), drawn boxes (PNG), coco_results.json\n'
@@ -71,6 +85,9 @@ def main() -> None:
           f'  {INS_ONNX_FILE}  the bundled instance model as ONNX (NMS and masks in the graph)\n'
           f'  {INS_INFER_DIR}/  its detections with masks (RLE in JSON, overlays in PNG)\n'
           f'  {INS_EVAL_JSON}  its box and mask mAP (ONNX Runtime)\n'
+          f'  {ROT_ONNX_FILE}  the bundled rotated model as ONNX (rotated NMS in the graph)\n'
+          f'  {ROT_INFER_DIR}/  its oriented boxes (5 parameters and corners in JSON, PNG)\n'
+          f'  {ROT_EVAL_JSON}  its DOTA-style mAP (ONNX Runtime; PyTorch printed above)\n'
           f'  {shapes}/, {samples}/  the generated images and annotations')
 
 
