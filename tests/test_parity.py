@@ -274,7 +274,8 @@ def test_rows_after_an_nms_pair_by_box_within_a_budget_of_ties():
     got[[10, 11]] = got[[11, 10]] + 0.01                       # a near tie reordered
     got[20] = want[20] + [0, 0, 0.9, 0]                          # kept its neighbour (IoU 0.9)
     pairing = pair_rows(got, want, nms_iou=0.7, max_rows=1000, key='proposals')
-    assert (pairing.torch_rows, pairing.backend_rows, pairing.paired) == (300, 300, 299)
+    assert (pairing.torch_rows, pairing.backend_rows, pairing.paired, pairing.reordered) == \
+        (300, 300, 299, 2)
     assert (pairing.unpaired_torch, pairing.unpaired_backend, pairing.unexplained) == (1, 1, 0)
     assert pairing.passed and pairing.budget == 3
     assert list(pairing.torch_index[:12][-2:]) == [10, 11] and \

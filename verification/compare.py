@@ -201,6 +201,7 @@ class RowPairing:
     torch_rows: int
     backend_rows: int
     paired: int
+    reordered: int            # paired rows at another position on the two sides
     unpaired_torch: int
     unpaired_backend: int
     unexplained: int
@@ -216,6 +217,7 @@ class RowPairing:
     def to_dict(self) -> dict:
         return {'key': self.key, 'image': self.image, 'torch_rows': self.torch_rows,
                 'backend_rows': self.backend_rows, 'paired': self.paired,
+                'reordered': self.reordered,
                 'unpaired_torch': self.unpaired_torch, 'unpaired_backend': self.unpaired_backend,
                 'unexplained': self.unexplained, 'budget': self.budget, 'passed': self.passed}
 
@@ -273,7 +275,7 @@ def pair_rows(got_boxes: np.ndarray, want_boxes: np.ndarray, nms_iou: float, max
     unexplained = explained(want_unpaired, at_tie.any(1), len(want_valid), len(got_valid)) + \
         explained(got_unpaired, at_tie.any(0), len(got_valid), len(want_valid))
     return RowPairing(key, image, len(want_valid), len(got_valid), len(pairs),
-                      len(want_unpaired), len(got_unpaired), unexplained, budget, torch_index,
+                      sum(i != j for i, j in pairs), len(want_unpaired), len(got_unpaired), unexplained, budget, torch_index,
                       backend_index)
 
 
