@@ -9,7 +9,7 @@ preprocessing and NMS presets.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -18,6 +18,19 @@ from detdeploy.core.nms import NMSConfig
 from detdeploy.core.preprocessing import PreprocessConfig
 
 from .nms import DetectionOutputs, Detections, split_detections
+
+
+class RawRowGroup(NamedTuple):
+    """Raw outputs whose rows (the first axis of one image's tensor) come out of an NMS inside
+    the network, so another runtime may keep near-tied rows in another order or keep a
+    neighbour instead: `parity` pairs their rows by `key`'s boxes (xyxy px; rows without a
+    positive extent are padding) and compares `key` and `follow` row by row
+    (`verification.compare.pair_rows`). `nms_iou` is that NMS's IoU threshold (which rows a tie
+    can swap); `max_rows` the NMS's row cap (which rows a tie can push below the cut)."""
+    key: str
+    follow: tuple[str, ...]
+    nms_iou: float
+    max_rows: int
 
 
 class Detector(nn.Module):
@@ -64,11 +77,17 @@ class Detector(nn.Module):
     def named_raw_outputs(self, raw) -> dict[str, torch.Tensor]:
         return dict(zip(self.raw_output_names, self.raw_tensors(raw), strict=True))
 
+    @property
+    def raw_row_groups(self) -> tuple[RawRowGroup, ...]:
+        """Raw outputs whose rows follow an NMS in the network (a two-stage RoI head), which
+        `parity` pairs by box before comparing; none by default."""
+        return ()
+
     def paired_raw_outputs(self, got: dict, want: dict) -> tuple[dict, dict, str | None]:
         """One image's raw outputs from a runtime (`got`) and from PyTorch (`want`), numpy
-        arrays by name, arranged for element-wise comparison, and a note on what was left out.
-        As they are by default; a family whose raw outputs follow an NMS (a two-stage RoI head)
-        pairs their rows here."""
+        arrays by name, after `parity` paired the `raw_row_groups`, arranged for element-wise
+        comparison, and a note on what was left out. As they are by default (prefer declaring
+        `raw_row_groups`: `parity` then counts the unpaired rows against its budget)."""
         return got, want, None
 
     def forward_for(self, images: torch.Tensor, nms: NMSConfig, nms_mode: str):

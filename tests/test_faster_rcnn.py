@@ -29,6 +29,7 @@ from detdeploy.training.shapes import SHAPE_CLASSES, make_shapes_dataset
 
 EXPORT_HW = (128, 160)
 PERTURBED_WEIGHT = 'model.roi_head.bbox_head.shared_fcs.1.weight'
+PERTURBED_RPN_WEIGHT = 'model.rpn_head.rpn_reg.weight'
 
 
 def spec_keys(file_name: str) -> dict[str, tuple]:
@@ -339,7 +340,7 @@ def test_parity_passes_and_catches_a_perturbed_weight(exported, tmp_path, capsys
     for name in ('rpn_cls_scores.0', 'rpn_bbox_preds.4', 'proposals', 'cls_scores',
                  'bbox_preds'):
         assert name in out
-    assert 'proposals both sides kept' in out
+    assert 'proposals rows paired by box' in out
     model = onnx.load(str(path))
     [weight] = [i for i in model.graph.initializer if i.name == PERTURBED_WEIGHT]
     values = onnx.numpy_helper.to_array(weight).copy()
@@ -367,19 +368,49 @@ def test_eval_runs_on_the_shapes_val_set(exported, tmp_path, capsys):
     assert 0 <= result['metrics']['AP'] < 0.05          # synthetic weights detect nothing
 
 
+def test_parity_on_flat_images_passes_and_a_perturbed_rpn_weight_fails(exported, tmp_path,
+                                                                         capsys):
+    """A shapes image (flat colour areas: many near-tied RPN scores, which the two runtimes'
+    RPN NMS order differently) passes: the rows are paired by proposal box, padding with
+    padding, and any unpaired ones must be NMS ties within the budget. It false-alarmed before
+    (the old pairing collapsed the padding rows and compared the rows unpaired: `proposals` off
+    by 106 px). A perturbed RPN weight still fails: its maps differ and the proposal rows find
+    no partner."""
+    _, checkpoint, path, _ = exported
+    make_shapes_dataset(tmp_path, train=0, val=1, size=96, seed=3)
+    report = tmp_path / 'parity.json'
+    code, out, err = _run_cli(capsys, 'parity', path, tmp_path / 'val', '--model',
+                              'faster-rcnn-r50', '--checkpoint', checkpoint, '--json', report)
+    assert code == 0 and f'PASS: {path} agrees with PyTorch on 1 image' in out, out + err
+    pairings = json.loads(report.read_text())['raw_row_pairing']
+    assert [p['key'] for p in pairings] == ['proposals']
+    for pairing in pairings:
+        assert pairing['passed'] and pairing['unexplained'] == 0
+        assert pairing['paired'] >= 0.98 * pairing['torch_rows'] > 0
+        assert max(pairing['unpaired_torch'], pairing['unpaired_backend']) <= pairing['budget']
+    model = onnx.load(str(path))
+    [weight] = [i for i in model.graph.initializer if i.name == PERTURBED_RPN_WEIGHT]
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values *= 1.5
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    perturbed = tmp_path / 'perturbed.onnx'
+    onnx.save(model, str(perturbed))
+    code, out, _ = _run_cli(capsys, 'parity', perturbed, tmp_path / 'val', '--model',
+                            'faster-rcnn-r50', '--checkpoint', checkpoint)
+    assert code == 1
+    assert 'FAIL: ' in out and 'raw outputs differ: rpn_bbox_preds.0' in out
+    assert 'raw rows unpaired: proposals on 1 of 1 images' in out
+
+
 def test_the_exported_file_needs_no_flags_in_parity_infer_and_eval(exported, tmp_path, capsys):
     """`parity FILE`, `infer FILE IMAGES` and `eval FILE --ann --images`: no --model,
-    --checkpoint or size flags; parity finds the weights the file records (sha256 checked).
-
-    Parity runs on a generated image: on the shapes images (flat colour areas, many near-tied
-    RPN scores) the detections agree but ~0.5 % of the proposal rows find no partner within
-    0.1 px and the raw comparison fails (a known limit of the row pairing, in the README)."""
+    --checkpoint or size flags; parity finds the weights the file records (sha256 checked)."""
     path = exported[2]
     make_shapes_dataset(tmp_path, train=0, val=2, size=96, seed=3)
     val = tmp_path / 'val'
     code, out, err = _run_cli(capsys, 'parity', path, '--random', '1')
     assert code == 0 and f'PASS: {path} agrees with PyTorch on 1 image' in out, out + err
-    assert 'no --checkpoint given, using the one' in err and 'proposals both sides kept' in out
+    assert 'no --checkpoint given, using the one' in err and 'proposals rows paired' in out
     code, out, err = _run_cli(capsys, 'infer', path, val)
     assert code == 0 and out.startswith('nms: score > 0.05'), out + err
     code, out, err = _run_cli(capsys, 'eval', path, '--ann',

@@ -10,7 +10,7 @@ import pytest
 
 from detdeploy.cli import main
 from detdeploy.verification.compare import (TOLERANCE_PRESETS, DetectionSet, compare_arrays,
-                                      match_detections, tolerances_for)
+                                      match_detections, pair_rows, tolerances_for)
 
 PERTURBED_WEIGHT = 'model.backbone.stage2.1.main_conv.conv.weight'
 TOL = TOLERANCE_PRESETS['fp32']
@@ -256,6 +256,46 @@ def test_borderline_at_score_threshold_and_max_det_cut():
     got = _dets([(i, 50, i + 5, 55, 1.0, 0) for i in range(0, 40, 10)])
     match = match_detections(want, got, TOL, score_thr, max_det=4)
     assert match.status == 'FAIL' and match.too_many_borderline and match.matched == 0
+
+
+def _grid_boxes(count: int) -> np.ndarray:
+    """`count` disjoint 8x8 boxes (no two overlap), 10 px apart."""
+    x, y = np.arange(count) % 40 * 10.0, np.arange(count) // 40 * 10.0
+    return np.stack([x, y, x + 8, y + 8], 1)
+
+
+def test_rows_after_an_nms_pair_by_box_within_a_budget_of_ties():
+    """`pair_rows`, the rule `parity` applies to rows that come out of an NMS (Faster R-CNN's
+    proposals): reordered rows and padding pair; a row swapped for its neighbour at the NMS's
+    IoU threshold (0.7) or pushed below the row cap is excused up to 1 % of the rows (at least
+    2); a row with no such explanation, or too many, fails."""
+    want = np.concatenate([_grid_boxes(300), np.zeros((4, 4))])
+    got = want.copy()
+    got[[10, 11]] = got[[11, 10]] + 0.01                       # a near tie reordered
+    got[20] = want[20] + [0, 0, 0.9, 0]                          # kept its neighbour (IoU 0.9)
+    pairing = pair_rows(got, want, nms_iou=0.7, max_rows=1000, key='proposals')
+    assert (pairing.torch_rows, pairing.backend_rows, pairing.paired, pairing.reordered) == \
+        (300, 300, 299, 2)
+    assert (pairing.unpaired_torch, pairing.unpaired_backend, pairing.unexplained) == (1, 1, 0)
+    assert pairing.passed and pairing.budget == 3
+    assert list(pairing.torch_index[:12][-2:]) == [10, 11] and \
+        list(pairing.backend_index[:12][-2:]) == [11, 10]
+    assert len(pairing.torch_index) == 299 + 4                  # padding pairs with padding
+    far = got.copy()
+    far[20] = [500, 500, 508, 508]                               # a box no NMS tie explains
+    pairing = pair_rows(far, want, 0.7, 1000)
+    assert (pairing.unpaired_torch, pairing.unexplained, pairing.passed) == (1, 2, False)
+    many = got.copy()
+    many[30:34] += [0, 0, 0.9, 0]                                # 5 ties > budget 3
+    pairing = pair_rows(many, want, 0.7, 1000)
+    assert (pairing.unpaired_torch, pairing.unexplained, pairing.passed) == (5, 0, False)
+    # both sides at the row cap (300): the last row on each side differs, pushed below the cut
+    cut = want[:300].copy()
+    cut[-1] = [500, 500, 508, 508]
+    pairing = pair_rows(cut, want[:300], 0.7, max_rows=300)
+    assert (pairing.unpaired_torch, pairing.unexplained, pairing.passed) == (1, 0, True)
+    pairing = pair_rows(cut, want[:300], 0.7, max_rows=1000)     # no cut reached: unexplained
+    assert (pairing.unexplained, pairing.passed) == (2, False)
 
 
 def test_tolerance_presets_by_precision():

@@ -173,6 +173,112 @@ def merge_comparisons(first: ArrayComparison | None, second: ArrayComparison,
                            first.total + second.total, first.passed and second.passed)
 
 
+# ---- rows that come out of an NMS ---------------------------------------------------------
+
+ROW_PAIRING_PX = 0.1
+MAX_UNPAIRED_ROW_SHARE = 0.01
+MIN_EXCUSED_UNPAIRED_ROWS = 2
+TIE_IOU_SLACK = 1e-3
+"""`pair_rows`: rows pair when every box coordinate agrees within `ROW_PAIRING_PX`. A side may
+have up to `MAX_UNPAIRED_ROW_SHARE` of its rows (at least `MIN_EXCUSED_UNPAIRED_ROWS`) without a
+partner, each explained by a tie of the NMS the rows come out of; more, or one unexplained,
+fails the raw check. Measured with synthetic faster-rcnn-r50 at 128x160, ONNX Runtime vs
+PyTorch: 0.4 % of the proposals unpaired on generated images, up to 0.5 % on flat shapes
+images; a perturbed RPN weight unpairs most of them (and fails the RPN maps)."""
+
+
+@dataclass
+class RowPairing:
+    """One image's rows of a `RawRowGroup` (`models.base`), paired by box between the backend
+    and PyTorch. Rows of both sides count when their box has a positive extent (the rest is
+    padding). An unpaired row is explained by a tie if its box overlaps a box of the other side
+    by at least the NMS's IoU threshold (the two runtimes' NMS decided a near tie differently:
+    one kept it, the other kept its neighbour, or a box that neighbour suppressed), or if it is
+    among the last `budget` rows of its side while the other side reached the NMS's row cap (a
+    tie at the cut pushed it below the other side's kept range)."""
+    key: str
+    image: str
+    torch_rows: int
+    backend_rows: int
+    paired: int
+    reordered: int            # paired rows at another position on the two sides
+    unpaired_torch: int
+    unpaired_backend: int
+    unexplained: int
+    budget: int
+    torch_index: np.ndarray = field(repr=False)     # rows compared, in pairs (padding too)
+    backend_index: np.ndarray = field(repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return not self.unexplained and max(self.unpaired_torch, self.unpaired_backend) <= \
+            self.budget
+
+    def to_dict(self) -> dict:
+        return {'key': self.key, 'image': self.image, 'torch_rows': self.torch_rows,
+                'backend_rows': self.backend_rows, 'paired': self.paired,
+                'reordered': self.reordered,
+                'unpaired_torch': self.unpaired_torch, 'unpaired_backend': self.unpaired_backend,
+                'unexplained': self.unexplained, 'budget': self.budget, 'passed': self.passed}
+
+
+def _box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """IoU of xyxy boxes [N, 4] x [M, 4] in float64 (numpy: this room has no torch)."""
+    a, b = np.asarray(boxes_a, np.float64), np.asarray(boxes_b, np.float64)
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(bottom_right - top_left, 0, None).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return np.nan_to_num(inter / (area_a[:, None] + area_b[None, :] - inter))
+
+
+def pair_rows(got_boxes: np.ndarray, want_boxes: np.ndarray, nms_iou: float, max_rows: int,
+              key: str = '', image: str = '', pairing_px: float = ROW_PAIRING_PX,
+              max_unpaired_share: float = MAX_UNPAIRED_ROW_SHARE) -> RowPairing:
+    """Pair the backend's rows (`got_boxes` [N, 4] xyxy) with PyTorch's (`want_boxes`):
+    one to one, closest first, boxes within `pairing_px` in every coordinate; padding rows
+    (no positive extent) pair in order as far as both sides have them. See `RowPairing`."""
+    got_boxes = np.nan_to_num(np.asarray(got_boxes, np.float64), nan=np.inf)
+    want_boxes = np.asarray(want_boxes, np.float64)
+    got_valid = np.flatnonzero((got_boxes[:, 2:] > got_boxes[:, :2]).all(1))
+    want_valid = np.flatnonzero((want_boxes[:, 2:] > want_boxes[:, :2]).all(1))
+    distance = np.abs(want_boxes[want_valid, None, :] - got_boxes[None, got_valid, :]).max(-1)
+    close_want, close_got = np.nonzero(distance <= pairing_px)
+    order = np.argsort(distance[close_want, close_got], kind='stable')
+    want_taken = np.zeros(len(want_valid), bool)
+    got_taken = np.zeros(len(got_valid), bool)
+    pairs = []
+    for i, j in zip(close_want[order], close_got[order]):
+        if not want_taken[i] and not got_taken[j]:
+            want_taken[i] = got_taken[j] = True
+            pairs.append((int(want_valid[i]), int(got_valid[j])))
+    pairs.sort()
+    want_padding = np.setdiff1d(np.arange(len(want_boxes)), want_valid)
+    got_padding = np.setdiff1d(np.arange(len(got_boxes)), got_valid)
+    padding = min(len(want_padding), len(got_padding))
+    torch_index = np.array([i for i, _ in pairs] + list(want_padding[:padding]), np.int64)
+    backend_index = np.array([j for _, j in pairs] + list(got_padding[:padding]), np.int64)
+
+    budget = max(MIN_EXCUSED_UNPAIRED_ROWS,
+                 int(max_unpaired_share * max(len(want_valid), len(got_valid))))
+    iou = _box_iou(want_boxes[want_valid], got_boxes[got_valid]) if len(want_valid) and \
+        len(got_valid) else np.zeros((len(want_valid), len(got_valid)))
+    at_tie = iou >= nms_iou - TIE_IOU_SLACK
+
+    def explained(unpaired: np.ndarray, overlaps: np.ndarray, own: int, other: int) -> int:
+        near_cut = (np.arange(own) >= own - budget) & (other >= max_rows)
+        return int(np.count_nonzero(~(overlaps | near_cut)[unpaired]))
+
+    want_unpaired, got_unpaired = np.flatnonzero(~want_taken), np.flatnonzero(~got_taken)
+    unexplained = explained(want_unpaired, at_tie.any(1), len(want_valid), len(got_valid)) + \
+        explained(got_unpaired, at_tie.any(0), len(got_valid), len(want_valid))
+    return RowPairing(key, image, len(want_valid), len(got_valid), len(pairs),
+                      sum(i != j for i, j in pairs), len(want_unpaired), len(got_unpaired), unexplained, budget, torch_index,
+                      backend_index)
+
+
 # ---- detections ---------------------------------------------------------------------------
 
 MIN_EXCUSED_BORDERLINE = 2        # borderline detections per side always excused, however few

@@ -28,8 +28,9 @@ from detdeploy.runtimes.backend import INTERMEDIATE_TENSORS, Backend
 from detdeploy.runtimes.pipeline import prepare_batch
 from detdeploy.runtimes.preprocess import ImageMeta, read_image, rescale_boxes
 
-from .compare import (ArrayComparison, DetectionSet, ImageMatch, Tolerances, compare_arrays,
-                      match_detections, merge_comparisons, tolerances_for)
+from .compare import (ArrayComparison, DetectionSet, ImageMatch, RowPairing, Tolerances,
+                      compare_arrays, match_detections, merge_comparisons, pair_rows,
+                      tolerances_for)
 from .layer_search import LayerDivergence, find_first_divergence
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class ParityReport:
     images: list[ImageMatch] = field(default_factory=list)
     raw_by_image: list[dict[str, ArrayComparison]] = field(default_factory=list)
     raw: dict[str, ArrayComparison] = field(default_factory=dict)     # over all images
+    row_pairings: list[RowPairing] = field(default_factory=list)      # per image and group
     notes: list[str] = field(default_factory=list)
     layer: LayerDivergence | None = None
 
@@ -98,6 +100,17 @@ class ParityReport:
             reasons.append(f'raw outputs differ: {", ".join(bad_raw)} (up to '
                            f'{100 * worst.failing_share:.3g} % of elements out of tolerance, '
                            f'max abs error {worst.max_abs_error:.3g})')
+        unpaired = [p for p in self.row_pairings if not p.passed]
+        if unpaired:
+            worst = max(unpaired, key=lambda p: (p.unexplained,
+                                                 max(p.unpaired_torch, p.unpaired_backend)))
+            reasons.append(
+                f'raw rows unpaired: {", ".join(dict.fromkeys(p.key for p in unpaired))} on '
+                f'{len(unpaired)} of {len(self.row_pairings)} images (worst '
+                f'{Path(worst.image).name}: {worst.unpaired_torch} of {worst.torch_rows} '
+                f'torch rows, {worst.unpaired_backend} of {worst.backend_rows} '
+                f'{self.backend} rows without a partner, {worst.unexplained} not at an NMS '
+                f'tie; budget {worst.budget} per side)')
         if self.layer:
             found = self.layer.found
             reasons.append(f'first diverging layer: {found.node} ({found.op_type}) -> '
@@ -120,6 +133,7 @@ class ParityReport:
             'raw_outputs': {name: c.to_dict() for name, c in self.raw.items()},
             'raw_outputs_by_image': [{n: c.to_dict() for n, c in per.items()}
                                      for per in self.raw_by_image],
+            'raw_row_pairing': [p.to_dict() for p in self.row_pairings],
             'per_layer': self.layer.to_dict() if self.layer else None,
             'notes': self.notes,
         }
@@ -308,6 +322,25 @@ def _detection_set(outputs, names: tuple[str, ...], index: int,
     return detections
 
 
+def _paired_rows(groups, got: dict, want: dict, image: str, pairings: list[RowPairing]
+                 ) -> tuple[dict, dict]:
+    """One image's raw outputs with the rows of each `RawRowGroup` (`Detector.raw_row_groups`)
+    paired by box (`compare.pair_rows`; the pairing appended to `pairings`): only paired rows
+    are compared element-wise, the unpaired ones are counted against the budget."""
+    for group in groups:
+        if group.key not in got or group.key not in want:
+            continue
+        pairing = pair_rows(got[group.key], want[group.key], group.nms_iou, group.max_rows,
+                            group.key, image)
+        pairings.append(pairing)
+        rows = {group.key, *group.follow}
+        got = {name: value[pairing.backend_index] if name in rows else value
+               for name, value in got.items()}
+        want = {name: value[pairing.torch_index] if name in rows else value
+                for name, value in want.items()}
+    return got, want
+
+
 def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetector,
                images: list[tuple[str, np.ndarray]],
                options: ParityOptions = ParityOptions()) -> ParityReport:
@@ -419,9 +452,13 @@ def run_parity(model_file: str | Path, backend: Backend, detector: LoadedDetecto
                 raw_names = [name for name in raw_names if name in want_raw]
             for index in range(len(chunk)):
                 per_image = {}
-                got_image, want_image, pairing = detector.model.paired_raw_outputs(
+                got_image, want_image = _paired_rows(
+                    detector.model.raw_row_groups,
                     {name: got_raw[name][index] for name in raw_names},
-                    {name: want_raw[name][index].cpu().numpy() for name in raw_names})
+                    {name: want_raw[name][index].cpu().numpy() for name in raw_names},
+                    chunk[index][0], report.row_pairings)
+                got_image, want_image, pairing = detector.model.paired_raw_outputs(
+                    got_image, want_image)
                 if pairing:
                     report.notes.append(f'{chunk[index][0]}: {pairing}')
                 for name in raw_names:

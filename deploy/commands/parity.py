@@ -110,6 +110,8 @@ def parity(model_file, image_args, recursive, model_name, checkpoint, class_name
 
 def format_report(report) -> list[str]:
     """The report as text: header, metadata, a table per image, raw outputs, layer, verdict."""
+    from detdeploy.verification.compare import (MAX_UNPAIRED_ROW_SHARE,
+                                                MIN_EXCUSED_UNPAIRED_ROWS, ROW_PAIRING_PX)
     tol = report.tolerances
     providers = f' ({", ".join(report.providers)})' if report.providers else ''
     lines = [f'parity: {report.model_file} on {report.backend}{providers} vs PyTorch '
@@ -170,6 +172,20 @@ def format_report(report) -> list[str]:
                          f'{100 * comparison.failing_share:>6.2f} %  '
                          f'{str(tuple(comparison.worst_index)):<20}  '
                          f'{comparison.worst_got:.6g} / {comparison.worst_want:.6g}')
+    for key in dict.fromkeys(p.key for p in report.row_pairings):
+        pairings = [p for p in report.row_pairings if p.key == key]
+        worst = max(pairings, key=lambda p: max(p.unpaired_torch, p.unpaired_backend))
+        lines.append(
+            f'  {key} rows paired by box (within {ROW_PAIRING_PX:g} px): '
+            f'{sum(p.paired for p in pairings)} of {sum(p.torch_rows for p in pairings)} torch '
+            f'/ {sum(p.backend_rows for p in pairings)} {report.backend} rows on '
+            f'{len(pairings)} images ({sum(p.reordered for p in pairings)} in another '
+            f'order); unpaired {sum(p.unpaired_torch for p in pairings)} torch '
+            f'/ {sum(p.unpaired_backend for p in pairings)} {report.backend}, '
+            f'{sum(p.unexplained for p in pairings)} not at an NMS tie (budget per image and '
+            f'side: {MAX_UNPAIRED_ROW_SHARE:.0%} of the rows, at least '
+            f'{MIN_EXCUSED_UNPAIRED_ROWS}; worst {Path(worst.image).name}: '
+            f'{worst.unpaired_torch} / {worst.unpaired_backend} of budget {worst.budget})')
     if report.layer:
         layer = report.layer
         found = layer.found

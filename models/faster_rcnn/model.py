@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -18,7 +17,7 @@ from detdeploy.core.nms import NMSConfig
 from detdeploy.core.tasks import NMS_MODES
 
 from ..anchors import AnchorGenerator
-from ..base import Detector
+from ..base import Detector, RawRowGroup
 from ..box_coders import delta2bbox
 from ..fpn import FPN
 from ..nms import _top_k_lower_index_first, batched_nms_op, efficient_nms_op
@@ -32,8 +31,9 @@ BOX_STDS = (0.1, 0.1, 0.2, 0.2)
 """The R-CNN box coder's target stds (the RPN's are 1)."""
 PROPOSAL_PAIRING_PX = 0.1
 MIN_PAIRED_PROPOSALS = 0.95
-"""`paired_raw_outputs`: proposals pair when their coordinates agree within 0.1 px; below 95 %
-of PyTorch's proposals paired, the rows are compared unpaired (and fail)."""
+"""Mask R-CNN's `paired_raw_outputs` (its mask rows): rows pair when their boxes agree within
+0.1 px; below 95 % paired, they are compared unpaired (and fail). Faster R-CNN's own rows are
+paired by `parity` (`raw_row_groups`)."""
 
 
 class RawOutputs(NamedTuple):
@@ -141,29 +141,14 @@ class FasterRCNN(Detector):
         return (*raw.rpn_cls_scores, *raw.rpn_bbox_preds, raw.proposals, raw.cls_scores,
                 raw.bbox_preds)
 
-    def paired_raw_outputs(self, got: dict, want: dict) -> tuple[dict, dict, str | None]:
-        """The RoI head's rows paired by proposal box. Proposals come out of an NMS, where float
+    @property
+    def raw_row_groups(self) -> tuple[RawRowGroup, ...]:
+        """The RoI head's rows follow the proposals, which come out of the RPN's NMS: float
         differences of ~1e-4 between runtimes reorder near-tied proposals or swap one for its
-        neighbour (0.4 % of the rows on synthetic weights): rows are compared for the
-        proposals both sides kept (boxes within `PROPOSAL_PAIRING_PX`), unless fewer than
-        `MIN_PAIRED_PROPOSALS` of PyTorch's pair, which is left to fail element-wise."""
-        if 'proposals' not in want or 'proposals' not in got:
-            return got, want, None
-        want_boxes, got_boxes = want['proposals'], got['proposals']
-        distance = np.abs(want_boxes[:, None, :] - got_boxes[None, :, :]).max(-1)
-        nearest = distance.argmin(1)
-        is_paired = distance[np.arange(len(want_boxes)), nearest] <= PROPOSAL_PAIRING_PX
-        want_rows = np.nonzero(is_paired)[0]
-        got_rows, first = np.unique(nearest[want_rows], return_index=True)
-        want_rows = want_rows[first]
-        if len(want_rows) < MIN_PAIRED_PROPOSALS * len(want_boxes):
-            return got, want, None
-        rows = {'proposals', 'cls_scores', 'bbox_preds'}
-        got = {name: value[got_rows] if name in rows else value for name, value in got.items()}
-        want = {name: value[want_rows] if name in rows else value
-                for name, value in want.items()}
-        return got, want, (f'RoI head rows compared for the {len(want_rows)} of '
-                           f'{len(want_boxes)} proposals both sides kept')
+        neighbour (0.4 % of the rows on synthetic weights, up to 0.5 % on flat images), so
+        `parity` pairs them by proposal box."""
+        return (RawRowGroup('proposals', ('cls_scores', 'bbox_preds'), self.rpn_iou_thr,
+                            self.num_proposals),)
 
     def postprocess(self, raw: RawOutputs, input_hw: tuple[int, int], nms: NMSConfig,
                     nms_mode: str) -> tuple[torch.Tensor, ...]:
