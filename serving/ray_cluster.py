@@ -21,7 +21,7 @@ class ModelToOpen:
     """What a Ray worker needs to open the model itself (a path and options, not a session:
     sessions do not pickle, and each replica or actor owns its own)."""
     path: str
-    backend: str = 'auto'               # auto, ort or trt (open.py's rules)
+    backend: str = 'auto'               # auto, ort, trt or openvino[-f32|-bf16] (open.py's rules)
     device: str = 'cpu'
     device_id: int = 0
     threads: int | None = None          # ONNX Runtime intra-op threads per worker

@@ -43,8 +43,16 @@ def test_overlapping_labels_show_the_best_score(order):
     box = (30.0, 40.0, 80.0, 90.0)
     rows = [(box, 0.80, 0), (box, 0.33, 1)][::order]
     canvas = draw_detections(np.full((100, 120, 3), 255, np.uint8), detections(rows))
-    _, colour = label_pixels(canvas, box)
+    placed, colour = label_pixels(canvas, box)
     assert colour == class_colour(0) != class_colour(1)
+    # the text itself: the best label's rectangle holds exactly the pixels of 'square 0.80'
+    # drawn alone, not those of 'triangle 0.33'
+    def label_region(image):
+        return np.asarray(image)[placed[1]:placed[3], placed[0]:placed[2]]
+    alone = [draw_detections(np.full((100, 120, 3), 255, np.uint8), detections([row]))
+             for row in sorted(rows, key=lambda row: -row[1])]
+    assert np.array_equal(label_region(canvas), label_region(alone[0]))
+    assert not np.array_equal(label_region(canvas), label_region(alone[1]))
 
 
 @pytest.mark.parametrize('box', [(110.0, 50.0, 120.0, 70.0),    # at the right edge

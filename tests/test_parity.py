@@ -97,6 +97,7 @@ def test_correct_export_passes_on_a_mixed_batch(files, tiny_checkpoint, image_di
     code, out, err = run_cli(capsys, files['good'], '--checkpoint', tiny_checkpoint,
                              '--images', image_dir, '--batch', '3', '--json', report_path)
     assert code == 0, out + err
+    assert 'parity: done 3/3 img (' in err          # progress off a terminal (issue 20)
     lines = out.splitlines()
     assert lines[-2] == f'report: {report_path}'
     assert lines[-1].startswith(f"PASS: {files['good']} agrees with PyTorch on 3 images")

@@ -154,6 +154,29 @@ def test_service_answers_as_infer_does_for_any_batch(tiny_onnx, image_dir, infer
     assert caught.value.status == 413
 
 
+def test_workers_open_any_backend_the_file_takes(tiny_onnx, image_dir, tmp_path):
+    """serve/batch-infer --backend openvino-f32: what each worker opens is OpenVINO, and its
+    answers are `infer --backend openvino-f32`'s."""
+    pytest.importorskip('openvino')
+    from detdeploy.cli import cli
+    from detdeploy.serving.ray_cluster import ModelToOpen
+    for name in ('serve', 'batch-infer'):
+        [option] = [p for p in cli.commands[name].params if p.name == 'backend']
+        assert {'ort', 'trt', 'openvino', 'openvino-f32'} <= set(option.type.choices)
+    backend = ModelToOpen(str(tiny_onnx[0]), 'openvino-f32', threads=1).open()
+    assert backend.name == 'openvino-f32'
+    paths = sorted(image_dir.iterdir())
+    report = run_infer(open_model_file(tiny_onnx[0], 'openvino-f32', threads=1),
+                       collect_images([image_dir]), tmp_path)
+    expected = {Path(image.source).name: json.loads(image.json_path.read_text())
+                for image in report.images}
+    service = DetectionService(backend)
+    uploads = [Upload(p.name, p.read_bytes()) for p in paths]
+    answers = service.detect([u.name for u in uploads], [service.decode(u) for u in uploads])
+    for path, answer in zip(paths, answers):
+        assert answer['detections'] == expected[path.name]['detections']
+
+
 def test_batches_are_grouped_by_padded_size():
     """With divisor padding (a --dynamic-shape file), images padded to different sizes run in
     separate forward passes, so each is padded as it would be alone; answers keep their order."""

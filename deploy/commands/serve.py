@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from detdeploy.runtimes.open import FILE_BACKENDS
+
 from .common import (FiniteFloat, apply_max_pixels, foreign_model_options, max_pixels_option,
                      model_overrides)
 
@@ -10,15 +12,18 @@ from .common import (FiniteFloat, apply_max_pixels, foreign_model_options, max_p
 def model_file_options(command):
     """--backend, --device, --device-id, --threads: how each Ray worker opens the file."""
     command = click.option('--threads', type=click.IntRange(min=1), help=(
-        'ort: intra-op threads per worker [default: the CPUs reserved per worker, '
+        'ort and openvino: threads per worker [default: the CPUs reserved per worker, '
         'rounded up].'))(command)
     command = click.option('--device-id', type=click.IntRange(min=0), default=0,
                            show_default=True, help='ort (cuda) and trt: CUDA device.')(command)
     command = click.option('--device', type=click.Choice(['cpu', 'cuda', 'tensorrt']),
                            default='cpu', show_default=True, help='ort: execution provider '
                            '(a .engine always runs on CUDA).')(command)
-    command = click.option('--backend', type=click.Choice(['auto', 'ort', 'trt']), default='auto',
-                           show_default=True, help='auto: ort for .onnx, trt for .engine.')(command)
+    command = click.option('--backend', type=click.Choice(FILE_BACKENDS),
+                           default='auto', show_default=True, help=(
+                               'auto: ort for .onnx, trt for .engine; openvino (-f32, -bf16: '
+                               'its precision hint) runs an .onnx file with OpenVINO on the '
+                               'CPU.'))(command)
     command = click.option('--class-names', help=(
         'Class names, comma-separated or a text file with one per line (files from other '
         "tools; renames a detdeploy file's classes)."))(command)
@@ -80,8 +85,9 @@ def model_to_open(model, backend, device, device_id, threads, cpus, class_names,
 def serve(model, host, port, replicas, cpus_per_replica, max_batch, batch_wait_ms, max_bytes,
           score_thr, address, gpus_per_worker, class_names, input_size, backend, device,
           device_id, threads, mean, std, channel_order, pad_value, max_pixels) -> None:
-    """Serve an exported MODEL (.onnx, or .engine where TensorRT is installed) over HTTP on
-    Ray Serve, until Ctrl-C or SIGTERM (then requests in flight finish and it exits 0).
+    """Serve an exported MODEL (.onnx on ONNX Runtime or OpenVINO, or .engine where TensorRT
+    is installed) over HTTP on Ray Serve, until Ctrl-C or SIGTERM (then requests in flight
+    finish and it exits 0).
 
     POST /detect with the image as the body (image/* or application/octet-stream) or as the
     'image' file of a multipart form: the answer is the JSON `infer` writes per image. GET
