@@ -15,8 +15,9 @@ Run by hand:  OMP_NUM_THREADS=1 .venv/bin/python bench/rotated_nms_bench.py
 2. With --end-to-end, exports rotated-rtmdet-tiny (synthetic weights) at 1024x1024 with
    `--nms onnx` (--preset eval: score 0.05, pre-top-k 2000 per level, IoU 0.1, max 2000;
    deploy: score 0.1, pre-top-k 1000, max 300) and
-   `--nms none` (with --compare-dense, also `--nms onnx` with the dense screen), times them in ONNX Runtime in alternating rounds, and prints the difference (the
-   NMS and candidate selection) and its share of the `onnx` run.
+   `--nms none` (with --compare-dense, also `--nms onnx` with the dense screen), times them in
+   ONNX Runtime in alternating rounds, and prints the difference (the NMS and candidate
+   selection) and its share of the `onnx` run.
 """
 from __future__ import annotations
 

@@ -74,9 +74,13 @@ def _clip_by_half_plane(polygon: torch.Tensor, start: torch.Tensor, direction: t
     emitted = torch.stack([emit_vertex, crossing], 2).reshape(-1, 2 * slots).long()
     rank = emitted.cumsum(1)
     wanted = torch.minimum(torch.arange(slots, device=polygon.device)[None],
-                           rank[:, -1:] - 1)
-    # the slot of the (wanted + 1)-th emitted point: how many candidates come before it
-    source = (rank[:, None, :] <= wanted[:, :, None]).sum(-1)
+                           rank[:, -1:] - 1).clamp(min=0)
+    # the candidate index of the (wanted + 1)-th emitted point (candidate 0 if none is): each
+    # emitted candidate writes its index at its rank, the rest into a spare slot
+    destination = torch.where((emitted > 0) & (rank <= slots), rank - 1, slots)
+    emitted_index = torch.zeros_like(rank[:, :slots + 1]).scatter(
+        1, destination, torch.arange(2 * slots, device=polygon.device).expand_as(destination))
+    source = emitted_index.gather(1, wanted)
     return torch.stack([candidates[..., 0].gather(1, source),
                         candidates[..., 1].gather(1, source)], -1)
 
