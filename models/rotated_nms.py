@@ -23,6 +23,9 @@ MIN_BOX_AREA = 1e-14
 SCREEN_MARGIN = 1e-3
 """Relative slack of the cheap upper-bound screen, so that it never drops a pair whose exact
 float32 IoU would exceed the threshold."""
+SWEEP_LIMIT = 1e6
+"""The pair sweep clamps x to +-this (px) in its sort keys and gives each (image, label) group a
+key span of 4 * SWEEP_LIMIT, all in float64."""
 
 
 def rotated_box_corners(boxes: torch.Tensor) -> torch.Tensor:
@@ -71,9 +74,13 @@ def _clip_by_half_plane(polygon: torch.Tensor, start: torch.Tensor, direction: t
     emitted = torch.stack([emit_vertex, crossing], 2).reshape(-1, 2 * slots).long()
     rank = emitted.cumsum(1)
     wanted = torch.minimum(torch.arange(slots, device=polygon.device)[None],
-                           rank[:, -1:] - 1)
-    # the slot of the (wanted + 1)-th emitted point: how many candidates come before it
-    source = (rank[:, None, :] <= wanted[:, :, None]).sum(-1)
+                           rank[:, -1:] - 1).clamp(min=0)
+    # the candidate index of the (wanted + 1)-th emitted point (candidate 0 if none is): each
+    # emitted candidate writes its index at its rank, the rest into a spare slot
+    destination = torch.where((emitted > 0) & (rank <= slots), rank - 1, slots)
+    emitted_index = torch.zeros_like(rank[:, :slots + 1]).scatter(
+        1, destination, torch.arange(2 * slots, device=polygon.device).expand_as(destination))
+    source = emitted_index.gather(1, wanted)
     return torch.stack([candidates[..., 0].gather(1, source),
                         candidates[..., 1].gather(1, source)], -1)
 
@@ -124,32 +131,90 @@ def _enclosing_half_extents(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([cos * width + sin * height, sin * width + cos * height], -1) * 0.5
 
 
+def _ascending_order(values: torch.Tensor) -> torch.Tensor:
+    """Indices that sort a 1-D tensor ascending, equal values in index order (a stable sort)."""
+    return _top_k_lower_index_first(-values, values.shape[0])[1]
+
+
+def _sweep_candidates(left: torch.Tensor, right: torch.Tensor, group: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M] x intervals and group ids -> (a, b) [T + 1] index pairs, a != b: every pair of one
+    group whose intervals overlap (`left_b <= right_a` after sorting by left), plus one spare
+    pair at the end (to be masked) that keeps the list non-empty. Cost O(M log M + T).
+
+    Entries are sorted by the key (group, left) and each one's window holds the entries after it
+    whose left is at most its right, found by one merged sort of all lefts and rights; the
+    variable-length windows are laid end to end and each pair finds its row by a cumulative
+    count (a scatter of row starts), so nothing of size M x M or M x window is ever built.
+    """
+    entries = left.shape[0]
+    # One float64 key per group: the clamp and the rounding are monotone, so a pair that
+    # overlaps keeps `key_left_b <= key_right_a` (a superset: the caller screens it exactly).
+    base = group.to(torch.float64) * (4 * SWEEP_LIMIT)
+    key_left = base + left.clamp(-SWEEP_LIMIT, SWEEP_LIMIT).to(torch.float64)
+    key_right = base + right.clamp(-SWEEP_LIMIT, SWEEP_LIMIT).to(torch.float64)
+    order = _ascending_order(key_left)
+    # lefts before rights at equal keys, so a window includes a left equal to its right
+    events = _ascending_order(torch.cat([key_left[order], key_right[order]]))
+    lefts_so_far = (events < entries).long().cumsum(0)
+    window_end = torch.zeros_like(lefts_so_far).scatter(0, events, lefts_so_far)[entries:]
+    position = torch.arange(entries, device=left.device)
+    window = (window_end - position - 1).clamp(min=0)
+    starts = window.cumsum(0) - window
+    total = window.sum().item()
+    torch._check(total >= 0)
+    row_starts_so_far = torch.zeros(total + 1, dtype=torch.long, device=left.device).index_add(
+        0, starts, torch.ones_like(starts)).cumsum(0)
+    row = row_starts_so_far - 1
+    partner = (row + 1 + torch.arange(total + 1, device=left.device) - starts[row]).clamp(
+        max=entries - 1)
+    return order[row], order[partner]
+
+
 def candidate_pairs(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                     iou_thr: float) -> torch.Tensor:
     """[B, N] boxes sorted best first -> [P, 3] (image, i, j), i < j: the pairs of valid boxes of
-    one label whose IoU may exceed `iou_thr`.
+    one label whose IoU may exceed `iou_thr`, in no particular order.
 
     The screen bounds the intersection by that of the enclosing axis-aligned boxes (slightly
-    enlarged) and by the smaller area; pairs it drops cannot reach the threshold.
+    enlarged) and by the smaller area; pairs it drops cannot reach the threshold. It is applied
+    only to the pairs of one image and label whose enclosing boxes overlap along x, found by a
+    sort and sweep (`_sweep_candidates`), not to all N x N pairs.
     """
-    count = boxes.shape[1]
+    batch, count = boxes.shape[:2]
     half = _enclosing_half_extents(boxes) * (1 + SCREEN_MARGIN)
+    left, right = boxes[..., 0] - half[..., 0], boxes[..., 0] + half[..., 0]
+    # one spare entry (never in a window) keeps every list below non-empty
+    def flat(values: torch.Tensor, spare: float | int = 0) -> torch.Tensor:
+        values = values.reshape(batch * count, *values.shape[2:])
+        return torch.cat([values, values.new_full((1, *values.shape[1:]), spare)])
+    in_sweep = flat(valid & ~(left.isnan() | right.isnan()), False)
+    flat_labels = flat(labels)
+    label_offset = flat_labels - flat_labels.min()
+    labels_per_image = label_offset.max() + 1
+    image = flat(torch.arange(batch, device=boxes.device)[:, None].expand(batch, count))
+    index = flat(torch.arange(count, device=boxes.device)[None].expand(batch, count))
+    # left of everything else of its (last) group, right below its left: an empty window
+    group = torch.where(in_sweep, image * labels_per_image + label_offset,
+                        batch * labels_per_image)
+    left = torch.where(in_sweep, flat(left), torch.full_like(flat(left), 1.5 * SWEEP_LIMIT))
+    right = torch.where(in_sweep, flat(right), torch.full_like(flat(right), -1.5 * SWEEP_LIMIT))
+    a, b = _sweep_candidates(left, right, group)
+    is_pair = torch.arange(a.shape[0], device=boxes.device) < a.shape[0] - 1
+
+    flat_boxes, flat_half = flat(boxes), flat(half)
 
     def overlap(axis: int) -> torch.Tensor:
-        # per axis on [B, N, N]: broadcasting [B, N, N, 2] tensors is several times slower in
-        # ONNX Runtime (a 2-element innermost axis)
-        centre, extent = boxes[..., axis], half[..., axis]
-        return (extent[:, :, None] + extent[:, None, :]
-                - (centre[:, :, None] - centre[:, None, :]).abs()).clamp(min=0)
-    area = boxes[..., 2] * boxes[..., 3]
-    smaller = torch.minimum(area[:, :, None], area[:, None, :])
-    bound = torch.minimum(overlap(0) * overlap(1), smaller)
-    union = area[:, :, None] + area[:, None, :] - bound
-    may_suppress = bound > union * (iou_thr * (1 - SCREEN_MARGIN))
-    later = torch.ones(count, count, dtype=torch.bool, device=boxes.device).triu(1)
-    same_label = labels[:, :, None] == labels[:, None, :]
-    both_valid = valid[:, :, None] & valid[:, None, :]
-    return (may_suppress & same_label & both_valid & later).nonzero()
+        extent = flat_half[:, axis]
+        centre = flat_boxes[:, axis]
+        return (extent[a] + extent[b] - (centre[a] - centre[b]).abs()).clamp(min=0)
+    area = flat_boxes[:, 2] * flat_boxes[:, 3]
+    bound = torch.minimum(overlap(0) * overlap(1), torch.minimum(area[a], area[b]))
+    union = area[a] + area[b] - bound
+    may_suppress = (bound > union * (iou_thr * (1 - SCREEN_MARGIN))) & is_pair
+    a, b = a[may_suppress], b[may_suppress]
+    return torch.stack([image[a], torch.minimum(index[a], index[b]),
+                        torch.maximum(index[a], index[b])], 1)
 
 
 def greedy_keep(num_boxes: int, suppressor: torch.Tensor, suppressed: torch.Tensor
