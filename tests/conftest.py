@@ -155,3 +155,29 @@ def bundled_onnx_256(tmp_path_factory):
     path = tmp_path_factory.mktemp('bundled256') / 'rtmdet256.onnx'
     export_onnx(detector, path, ExportOptions(input_hw=(256, 256)))
     return path
+
+
+def load_bundled_file(path: Path) -> dict:
+    """A shipped checkpoint, checked as every bundled model must be: small (<= 20 MB), float
+    weights in fp16, no training state, a model card; returns the loaded checkpoint."""
+    assert path.stat().st_size <= 20 * 1024 * 1024
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    floats = [v for v in checkpoint['state_dict'].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    assert 'train_state' not in checkpoint
+    assert 'detdeploy_model_card' in checkpoint['meta']
+    return checkpoint
+
+
+def rtmdet_ins_reference_images():
+    """MMDetection 3.3.0's RTMDet-Ins tiny reference (tools/make_mmdet_reference_rtmdet_ins.py):
+    per image, its stride-8 probabilities, its original-size masks, original size and scale."""
+    stored = np.load(DATA_DIR / 'mmdet_rtmdet_ins_tiny_reference.npz')
+    for image in range(2):
+        probabilities = stored[f'image{image}/probabilities']
+        shape = tuple(int(v) for v in stored[f'image{image}/masks_shape'])
+        expected = np.unpackbits(stored[f'image{image}/masks_packed'])[:np.prod(shape)]
+        expected = expected.reshape(shape).astype(bool)[:len(probabilities)]
+        original_hw = tuple(int(v) for v in stored[f'image{image}/ori_shape'])
+        scale_wh = tuple(float(v) for v in stored[f'image{image}/scale_factor'])
+        yield probabilities, expected, original_hw, scale_wh

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import assert_detections_agree
+from conftest import assert_detections_agree, load_bundled_file
 from detdeploy.evaluation.coco_eval import evaluate, load_coco
 from detdeploy.models import load_detector
 from detdeploy.models.bundled import BUNDLED_FILE, bundled_checkpoint
@@ -45,11 +44,7 @@ def torch_result(detector, val_set):
 
 
 def test_bundled_file_is_small_fp16_and_loads_safely():
-    assert BUNDLED_FILE.stat().st_size <= 20 * 1024 * 1024
-    checkpoint = torch.load(BUNDLED_FILE, map_location='cpu', weights_only=True)
-    floats = [v for v in checkpoint['state_dict'].values() if v.is_floating_point()]
-    assert floats and all(v.dtype == torch.float16 for v in floats)
-    assert 'train_state' not in checkpoint
+    checkpoint = load_bundled_file(BUNDLED_FILE)
     card = checkpoint['meta']['detdeploy_model_card']
     assert card['train_config']['img_size'] == 256
     assert tuple(checkpoint['meta']['dataset_meta']['classes']) == SHAPE_CLASSES

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
+from conftest import load_bundled_file
 from detdeploy.evaluation.rotated_eval import evaluate_rotated
 from detdeploy.models import load_detector
 from detdeploy.models.bundled import ROTATED_FILE, bundled_checkpoint, bundled_description
@@ -45,12 +45,7 @@ def test_bundled_rotated_file_alias_and_card(detector):
     assert bundled_checkpoint('rotated-rtmdet') == ROTATED_FILE
     assert bundled_checkpoint('rotated-rtmdet-tiny') is None       # sizes stay architectures
     assert 'rotated-rtmdet-tiny' in bundled_description('rotated-rtmdet')
-    assert ROTATED_FILE.stat().st_size <= 20 * 1024 * 1024
-    checkpoint = torch.load(ROTATED_FILE, map_location='cpu', weights_only=True)
-    floats = [v for v in checkpoint['state_dict'].values() if v.is_floating_point()]
-    assert floats and all(v.dtype == torch.float16 for v in floats)
-    assert 'train_state' not in checkpoint
-    card = checkpoint['meta']['detdeploy_model_card']
+    card = load_bundled_file(ROTATED_FILE)['meta']['detdeploy_model_card']
     assert card['train_config']['model'] == 'rotated-rtmdet-tiny'
     assert card['val_metrics_fp32_ema']['AP50'] >= AP50_FLOOR
     assert detector.spec.name == 'rotated-rtmdet-tiny' and detector.class_names == SHAPE_CLASSES

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import rtmdet_ins_reference_images
 from detdeploy.core.masks import paste_box_frame, paste_input_frame
 from detdeploy.core.preprocessing import PreprocessConfig
 
@@ -150,14 +151,6 @@ def test_input_frame_reproduces_mmdetections_stored_rtmdet_ins_masks():
     """MMDetection 3.3.0's own original-size masks (tools/make_mmdet_reference_rtmdet_ins.py:
     RTMDet-Ins tiny, synthetic weights, 128x160 input from 100x125 and 150x90 images) from its
     stride-8 probabilities: every pixel equal."""
-    from pathlib import Path
-    stored = np.load(Path(__file__).parent / 'data' / 'mmdet_rtmdet_ins_tiny_reference.npz')
-    for image in range(2):
-        probabilities = stored[f'image{image}/probabilities']
-        shape = tuple(int(v) for v in stored[f'image{image}/masks_shape'])
-        expected = np.unpackbits(stored[f'image{image}/masks_packed'])[:np.prod(shape)]
-        expected = expected.reshape(shape).astype(bool)[:len(probabilities)]
-        original_hw = tuple(int(v) for v in stored[f'image{image}/ori_shape'])
-        scale_wh = tuple(float(v) for v in stored[f'image{image}/scale_factor'])
+    for probabilities, expected, original_hw, scale_wh in rtmdet_ins_reference_images():
         ours = paste_input_frame(probabilities, 8, original_hw, scale_wh, 0.5)
         assert expected.any() and np.array_equal(ours, expected)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, load_bundled_file, rtmdet_ins_reference_images
 from detdeploy.core.preprocessing import PreprocessConfig
 from detdeploy.models.losses import dice_loss
 from detdeploy.models.rtmdet_ins import RawOutputs, dynamic_mask_logits
@@ -356,11 +356,7 @@ def test_bundled_rtmdet_ins_file_alias_and_card():
     assert bundled_checkpoint('rtmdet-ins') == INSTANCE_FILE
     assert bundled_checkpoint('rtmdet-ins-tiny') is None          # sizes stay architectures
     assert 'rtmdet-ins-tiny' in bundled_description('rtmdet-ins')
-    assert INSTANCE_FILE.stat().st_size <= 20 * 1024 * 1024
-    checkpoint = torch.load(INSTANCE_FILE, map_location='cpu', weights_only=True)
-    floats = [v for v in checkpoint['state_dict'].values() if v.is_floating_point()]
-    assert floats and all(v.dtype == torch.float16 for v in floats)
-    assert 'train_state' not in checkpoint
+    checkpoint = load_bundled_file(INSTANCE_FILE)
     card = checkpoint['meta']['detdeploy_model_card']
     assert card['train_config']['model'] == 'rtmdet-ins-tiny' and card['best_ap'] >= 0.55
     detector = load_detector('rtmdet-ins', INSTANCE_FILE)
@@ -381,16 +377,9 @@ def test_validation_masks_are_mmdetections_not_resampled_probabilities():
     from detdeploy.runtimes.preprocess import ImageMeta
     from detdeploy.training.instance import masks_at_image
 
-    stored = np.load(DATA_DIR / 'mmdet_rtmdet_ins_tiny_reference.npz')
     config = MaskConfig('input', stride=8, threshold=0.5)
     ious = []
-    for image in range(2):
-        probabilities = stored[f'image{image}/probabilities']
-        shape = tuple(int(v) for v in stored[f'image{image}/masks_shape'])
-        expected = np.unpackbits(stored[f'image{image}/masks_packed'])[:np.prod(shape)]
-        expected = expected.reshape(shape).astype(bool)[:len(probabilities)]
-        original_hw = tuple(int(v) for v in stored[f'image{image}/ori_shape'])
-        scale_wh = tuple(float(v) for v in stored[f'image{image}/scale_factor'])
+    for probabilities, expected, original_hw, scale_wh in rtmdet_ins_reference_images():
         resized_hw = (round(original_hw[0] * scale_wh[1]),
                       round(original_hw[1] * scale_wh[0]))
         meta = ImageMeta(original_hw, resized_hw, scale_wh)
