@@ -58,14 +58,14 @@ def test_agrees_with_mmrotate(reference_detector, one_torch_thread):
     with torch.no_grad():
         raw = model.named_raw_outputs(model(images))
         outputs = DetectionOutputs(*model.predict_outputs(images, EVAL_NMS))
-    worst = 0.0
     for level in reference['raw']:
         tensor = raw[level['name']]
         assert list(tensor.shape) == level['shape']
         values = tensor.flatten()[level['index']].double().numpy()
-        worst = max(worst, float(np.abs(values - level['values']).max()))
+        # 1e-4, relative for the box distances of tens of pixels: float32 sums in another
+        # order (another CPU) move a distance of 38.85 by 1.07e-4 (2.7e-6 relative)
+        np.testing.assert_allclose(values, level['values'], rtol=1e-5, atol=1e-4)
         assert tensor.double().sum().item() == pytest.approx(level['sum'], rel=1e-5, abs=1e-2)
-    assert worst < 1e-4
 
     count = int(outputs.num_dets[0, 0])
     got = canonical_rows(outputs.boxes[0, :count].numpy(), outputs.scores[0, :count].numpy(),
