@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -132,14 +133,21 @@ def _dynamo_export(module: torch.nn.Module, args: tuple, input_names: list[str],
         torch.ops.detdeploy.batched_nms_index.default: batched_nms_index_to_onnx,
         torch.ops.detdeploy.efficient_nms.default: efficient_nms_translation(trt_plugin_domain),
     }
-    # The exporter reports progress on stdout and warns about its own internals; keep the
-    # command's output to our summary.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter('ignore')
-        program = torch.onnx.export(
-            module, args, dynamo=True, custom_translation_table=table,
-            dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
-            opset_version=opset, verbose=False)
+    # The exporter reports progress on stdout and warns about its own internals (onnx_ir logs
+    # one for an empty attribute list in the rotated NMS graph); keep the command's output to
+    # our summary.
+    ir_logger = logging.getLogger('onnx_ir')
+    level = ir_logger.level
+    ir_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter('ignore')
+            program = torch.onnx.export(
+                module, args, dynamo=True, custom_translation_table=table,
+                dynamic_shapes=dynamic_shapes, input_names=input_names,
+                output_names=output_names, opset_version=opset, verbose=False)
+    finally:
+        ir_logger.setLevel(level)
     return program.model_proto
 
 
