@@ -68,6 +68,38 @@ def coco_metrics(coco, results: list[dict], iou_type: str = 'bbox') -> dict[str,
     return {name: max(float(value), 0.0) for name, value in zip(METRIC_NAMES, evaluator.stats)}
 
 
+def check_dataset_for_model(coco, backend, ann_file: str | Path, image_dir: str | Path
+                            ) -> tuple[list[int], list[str]]:
+    """What every scorer (COCO boxes and masks, rotated) checks before running a model: the
+    image folder exists, the categories are as many as the model's classes, there is ground
+    truth. Returns the sorted category ids and warnings (names that differ: matched by index)."""
+    if not Path(image_dir).is_dir():
+        raise DetdeployError(f'image directory {Path(image_dir)} does not exist')
+    category_ids = sorted(coco.getCatIds())
+    if len(category_ids) != len(backend.class_names):
+        raise DetdeployError(f'{ann_file} has {len(category_ids)} categories but the model has '
+                             f'{len(backend.class_names)} classes')
+    warnings = []
+    names = [coco.cats[i]['name'] for i in category_ids]
+    if list(names) != list(backend.class_names):
+        warnings.append(f"class names differ from the annotation file's ({names[:3]}... vs "
+                        f'{list(backend.class_names)[:3]}...); matching by index')
+    if not coco.dataset['annotations']:
+        raise DetdeployError(f'{ann_file} has no annotations (no ground truth): there is nothing '
+                             'to score')
+    return category_ids, warnings
+
+
+def annotated_files(coco, image_ids: list[int], image_dir: str | Path) -> list[Path]:
+    """The image file of each id, all of which must exist (a mAP over fewer images misleads)."""
+    from detdeploy.core.coco import image_path
+    files = [image_path(Path(image_dir), coco.imgs[i]['file_name']) for i in image_ids]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DetdeployError(f'{len(missing)} annotated images are missing, e.g. {missing[0]}')
+    return files
+
+
 def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: int = 1,
              show_progress: bool = False, coco=None, max_pixels: int | None = None,
              progress: Callable[[int], None] | None = None) -> EvalResult:
@@ -77,10 +109,8 @@ def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: i
     (`show_progress`: a tqdm bar instead)."""
     from tqdm import tqdm
 
-    from detdeploy.core.coco import image_path
-    from detdeploy.runtimes.pipeline import detect
-
     from detdeploy.core.masks import encode_rle
+    from detdeploy.runtimes.pipeline import detect
 
     if backend.metadata.task not in ('detect', 'instance'):
         raise DetdeployError(
@@ -94,26 +124,9 @@ def evaluate(backend, ann_file: str | Path, image_dir: str | Path, batch_size: i
         if unmasked:
             raise DetdeployError(f'{ann_file}: {unmasked} annotations have no segmentation; mask '
                                  'AP of an instance model needs every ground-truth mask')
-    image_root = Path(image_dir)
-    if not image_root.is_dir():
-        raise DetdeployError(f'image directory {image_root} does not exist')
-    category_ids = sorted(coco.getCatIds())
-    if len(category_ids) != len(backend.class_names):
-        raise DetdeployError(f'{ann_file} has {len(category_ids)} categories but the model has '
-                             f'{len(backend.class_names)} classes')
-    warnings = []
-    names = [coco.cats[i]['name'] for i in category_ids]
-    if list(names) != list(backend.class_names):
-        warnings.append(f"class names differ from the annotation file's ({names[:3]}... vs "
-                        f'{list(backend.class_names)[:3]}...); matching by index')
-    if not coco.dataset['annotations']:
-        raise DetdeployError(f'{ann_file} has no annotations (no ground truth): there is nothing '
-                             'to score')
+    category_ids, warnings = check_dataset_for_model(coco, backend, ann_file, image_dir)
     image_ids = sorted(coco.getImgIds())
-    files = [image_path(image_root, coco.imgs[i]['file_name']) for i in image_ids]
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise DetdeployError(f'{len(missing)} annotated images are missing, e.g. {missing[0]}')
+    files = annotated_files(coco, image_ids, image_dir)
     results = []
     start = time.perf_counter()
     stream = detect(backend, files, batch_size=batch_size, max_pixels=max_pixels)

@@ -195,35 +195,18 @@ def evaluate_rotated(backend, ann_file: str | Path, image_dir: str | Path, batch
                      progress: Callable[[int], None] | None = None) -> RotatedEvalResult:
     """Run a rotated model's `backend` over every image of a rotated annotation file and score
     its oriented detections DOTA-style (VOC 11-point AP per class, as MMRotate's DOTAMetric)."""
-    from detdeploy.core.coco import image_path
     from detdeploy.core.errors import DetdeployError
-    from detdeploy.evaluation.coco_eval import load_coco
+    from detdeploy.evaluation.coco_eval import annotated_files, check_dataset_for_model, load_coco
     from detdeploy.runtimes.pipeline import detect
 
     if backend.metadata.task != 'rotated':
         raise DetdeployError(f"{backend.source}: rotated evaluation needs a rotated model, its "
                              f"task is '{backend.metadata.task}'")
     coco = coco or load_coco(ann_file)
-    image_root = Path(image_dir)
-    if not image_root.is_dir():
-        raise DetdeployError(f'image directory {image_root} does not exist')
-    category_ids = sorted(coco.getCatIds())
-    if len(category_ids) != len(backend.class_names):
-        raise DetdeployError(f'{ann_file} has {len(category_ids)} categories but the model has '
-                             f'{len(backend.class_names)} classes')
-    warnings = []
+    category_ids, warnings = check_dataset_for_model(coco, backend, ann_file, image_dir)
     names = [coco.cats[i]['name'] for i in category_ids]
-    if list(names) != list(backend.class_names):
-        warnings.append(f"class names differ from the annotation file's ({names[:3]}... vs "
-                        f'{list(backend.class_names)[:3]}...); matching by index')
-    if not coco.dataset['annotations']:
-        raise DetdeployError(f'{ann_file} has no annotations (no ground truth): there is nothing '
-                             'to score')
     image_ids, truth = ground_truth(coco, ann_file)
-    files = [image_path(image_root, coco.imgs[i]['file_name']) for i in image_ids]
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise DetdeployError(f'{len(missing)} annotated images are missing, e.g. {missing[0]}')
+    files = annotated_files(coco, image_ids, image_dir)
     found = []
     start = time.perf_counter()
     for detections, _ in detect(backend, files, batch_size=batch_size, max_pixels=max_pixels):
